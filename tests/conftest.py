@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny randomly initialised models of every family, built from configs here (nothing is
+downloaded), with the embedded model's real tokenizer, cached once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ["llama", "internlm", "bloom", "chatglm", "moss", "qwen2"]
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+
+
+def tiny_config(model_type: str, vocab_size: int, pad_token_id: int):
+    import transformers
+
+    from unift.models import get_model_spec
+
+    spec = get_model_spec(model_type)
+    config_cls = getattr(transformers, spec.config_class)
+    common = {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "tie_word_embeddings": False}
+    if spec.config_class == "BloomConfig":
+        return config_cls(hidden_size=64, n_layer=2, n_head=4, **common)
+    if spec.config_class == "CodeGenConfig":
+        return config_cls(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_ctx=512, rotary_dim=8, **common)
+    extra = {"num_key_value_heads": 2, "max_position_embeddings": 512, "head_dim": 16}
+    config = config_cls(**SMALL, **extra, **common)
+    for key, value in spec.config_overrides:
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from unift.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, embedded_dir):
+    """tiny_model(model_type) -> folder with a random tiny model of that family and a real tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unift.models import load_tokenizer
+
+    built: dict[str, Path] = {}
+
+    def build(model_type: str) -> Path:
+        if model_type in built:
+            return built[model_type]
+        tokenizer = load_tokenizer(str(embedded_dir))
+        torch.manual_seed(0)
+        config = tiny_config(model_type, len(tokenizer), tokenizer.pad_token_id)
+        model = AutoModelForCausalLM.from_config(config)
+        folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        built[model_type] = folder
+        return folder
+
+    return build
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(rows: list[dict], name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    return write
+
+
+def memorisation_rows(n: int = 8) -> list[dict]:
+    return [{"instruction": f"What is the code word number {i}?", "input": "", "output": f"The word is w{i * 7}."}
+            for i in range(n)]

@@ -1,0 +1,184 @@
+"""Typed run arguments. One dataclass per command; argparse flags and YAML keys come from the fields,
+so the CLI, the --config file and the run card can never disagree about names or defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unift.errors import UniftError
+
+
+def opt(default: Any = None, help: str = "", *, group: str = "general", aliases: tuple[str, ...] = (),
+        choices: Any = None, nargs: str | None = None, const: Any = None, check: Any = None) -> Any:
+    """A dataclass field that knows its flag. `check` validates a value and raises UniftError."""
+    meta = {"help": help, "group": group, "aliases": aliases, "choices": choices, "nargs": nargs,
+            "const": const, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_model_type(value: str) -> str:
+    from unift.models import get_model_spec
+
+    return get_model_spec(value).name
+
+
+def _check_peft_type(value: str) -> str:
+    from unift.peft import get_method
+
+    return get_method(value).name
+
+
+@dataclass
+class TrainArgs:
+    # model
+    model_type: str = opt("llama", "model family", group="model", check=_check_model_type)
+    model_name_or_path: str | None = opt(
+        None, "folder or hub id of the base model (default: the embedded SmolLM2-135M-Instruct)", group="model")
+    size: str | None = opt(None, "model size label, informational (the original toolkit's --size)", group="model")
+    template: str | None = opt(None, "prompt template (default: the family's; 'auto' = tokenizer's)", group="model")
+    trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
+    quantization_bit: int | None = opt(None, "load the base in 4 or 8 bits (bitsandbytes)", group="model",
+                                       choices=(4, 8))
+    compute_dtype: str = opt("auto", "compute dtype: auto (bf16 where the CPU/GPU supports it), fp32, bf16, fp16",
+                             group="model", choices=("auto", "fp32", "bf16", "fp16"))
+    # method
+    peft_type: str = opt("lora", "PEFT method", group="method", check=_check_peft_type)
+    lora_r: int = opt(8, "LoRA rank", group="lora")
+    lora_alpha: int = opt(16, "LoRA scaling alpha", group="lora")
+    lora_dropout: float = opt(0.05, "LoRA dropout", group="lora")
+    lora_target_modules: list[str] | None = opt(
+        None, "modules to adapt (default: every linear layer of the family)", group="lora", nargs="+")
+    # data
+    data: list[str] = opt(["arith"], "dataset names from data/dataset_info.json or file paths, merged",
+                          group="data", nargs="+", aliases=("--dataset",))
+    dataset_dir: str | None = opt(None, "folder with dataset_info.json (default: ./data, else the bundled one)",
+                                  group="data")
+    cutoff_len: int = opt(512, "maximum tokens per example (longer ones are truncated)", group="data")
+    val_set_size: float = opt(0, "held-out examples for evaluation (a count, or a fraction < 1)", group="data")
+    max_samples: int | None = opt(None, "use at most this many examples", group="data")
+    train_on_prompt: bool = opt(False, "also compute the loss on prompt tokens", group="data")
+    # training
+    output_dir: str | None = opt(None, "run folder (default: saved_models/<model_type>_<data>/<peft_type>)",
+                                 group="training")
+    epochs: float = opt(3.0, "training epochs", group="training", aliases=("--num_train_epochs",))
+    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs)", group="training")
+    per_gpu_train_batch_size: int = opt(4, "batch size per device", group="training",
+                                        aliases=("--per_device_train_batch_size",))
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step", group="training")
+    learning_rate: float = opt(3e-4, "peak learning rate", group="training")
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule", group="training")
+    warmup_ratio: float = opt(0.03, "fraction of steps for warm-up", group="training")
+    weight_decay: float = opt(0.0, "weight decay", group="training")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory", group="training")
+    logging_steps: int = opt(10, "log every N steps", group="training")
+    save_steps: int | None = opt(None, "checkpoint every N steps (default: once per epoch)", group="training")
+    save_total_limit: int = opt(2, "checkpoints to keep", group="training")
+    seed: int = opt(42, "random seed", group="training")
+    report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training")
+    resume_from_checkpoint: str | None = opt(
+        None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
+        nargs="?", const="latest")
+    local_rank: int = opt(-1, "set by the distributed launcher", group="training", aliases=("--local-rank",))
+
+
+def _flag_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) from an annotation such as `int | None` or `list[str] | None`."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__ import annotations`
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _wrap_check(scalar: Any, check: Any) -> Any:
+    def convert(text: str) -> Any:
+        value = scalar(text)
+        if check is not None:
+            try:
+                return check(value)
+            except UniftError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    convert.__name__ = getattr(scalar, "__name__", "value")
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        group = groups.get(meta.get("group", "general"))
+        if group is None:
+            group = groups[meta["group"]] = parser.add_argument_group(f"{meta['group']} options")
+        scalar, is_list = _flag_type(f.type)
+        names = [f"--{f.name}", *meta.get("aliases", ())]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = meta.get("help", "") + (f" (default: {default})" if default not in (None, [], False) else "")
+        if scalar is bool and not is_list:
+            group.add_argument(*names, dest=f.name, nargs="?", const=True, default=default,
+                               type=_parse_bool, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text,
+                                  "type": _wrap_check(scalar, meta.get("check"))}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if is_list:
+            kwargs["nargs"] = "+"
+        elif meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
+            kwargs["const"] = meta.get("const")
+        group.add_argument(*names, **kwargs)
+
+
+def load_yaml_defaults(path: str, cls: type, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Values from a YAML --config file; unknown keys are rejected. CLI flags override them."""
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise UniftError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UniftError(f"--config {path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UniftError(f"--config {path}: expected a mapping of option names to values")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UniftError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    checked = {}
+    for key, value in values.items():
+        check = known[key].metadata.get("check")
+        checked[key] = check(value) if (check and value is not None) else value
+    return checked
+
+
+def parse_into(cls: type, parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> Any:
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    return cls(**values)
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)

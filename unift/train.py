@@ -1,0 +1,229 @@
+"""Training: build tokenizer, data, model and PEFT wrapper from TrainArgs, run transformers' Trainer,
+and leave a self-describing run folder (adapter, tokenizer, unift_run.json, metrics.json)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unift.args import TrainArgs, command_line
+from unift.data import load_conversations, resolve_template, tokenize_conversations
+from unift.errors import UniftError
+from unift.models import get_model_spec, load_model, load_tokenizer
+from unift.models.loading import resolve_model_path
+from unift.peft import get_method, wrap_model
+from unift.runcard import METRICS, RunCard
+from unift.runtime import (
+    is_main_process,
+    library_versions,
+    peak_rss_mib,
+    resolve_compute_dtype,
+    torch_dtype,
+    world_size,
+    write_json_atomic,
+)
+
+log = logging.getLogger("unift")
+
+
+def default_output_dir(args: TrainArgs) -> str:
+    data = "+".join(Path(d).stem for d in args.data)
+    return str(Path("saved_models") / f"{args.model_type}_{data}" / args.peft_type)
+
+
+class PaddingCollator:
+    """Pads input_ids with the pad token and labels with -100; counts the real tokens it has seen."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.tokens_seen = 0
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            mask[i, :n] = 1
+        self.tokens_seen += int(mask.sum())
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def split_rows(rows: list[dict], val_set_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_val = int(round(val_set_size * len(rows))) if 0 < val_set_size < 1 else int(val_set_size)
+    if n_val >= len(rows):
+        raise UniftError(f"--val_set_size {val_set_size} leaves no training examples (there are {len(rows)})")
+    return rows[n_val:], rows[:n_val]
+
+
+def prepare(args: TrainArgs) -> dict[str, Any]:
+    """Everything before the model: validates data first so bad input fails before any weights load."""
+    spec = get_model_spec(args.model_type)
+    method = get_method(args.peft_type)
+    method.check_model_type(spec.name)
+    conversations = load_conversations(args.data, Path(args.dataset_dir) if args.dataset_dir else None)
+    if args.max_samples:
+        conversations = conversations[: args.max_samples]
+    path = resolve_model_path(args.model_name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+    template = resolve_template(args.template, spec.template, tokenizer)
+    rows, stats = tokenize_conversations(conversations, template, tokenizer, args.cutoff_len, args.train_on_prompt)
+    train_rows, val_rows = split_rows(rows, args.val_set_size, args.seed)
+    return {"spec": spec, "method": method, "path": path, "tokenizer": tokenizer, "template": template,
+            "train": train_rows, "val": val_rows, "stats": stats}
+
+
+def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: PaddingCollator):
+    from transformers import Trainer, TrainingArguments
+
+    dtype = resolve_compute_dtype(args.compute_dtype)
+    on_gpu = torch.cuda.is_available()
+    save_strategy = "steps" if args.save_steps else "epoch"
+    has_val = len(ready["val"]) > 0
+    targs = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_gpu_train_batch_size,
+        per_device_eval_batch_size=args.per_gpu_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=args.weight_decay,
+        logging_steps=max(1, args.logging_steps),
+        save_strategy=save_strategy,
+        save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
+        eval_strategy=save_strategy if has_val else "no",
+        eval_steps=args.save_steps if has_val and args.save_steps else None,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu=not on_gpu,
+        seed=args.seed,
+        report_to=[r for r in args.report_to.split(",") if r and r != "none"] or "none",
+        gradient_checkpointing=args.gradient_checkpointing,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        logging_first_step=True,
+    )
+    method = ready["method"]
+
+    class UniftTrainer(Trainer):
+        # The method's after_optimizer_step runs right after optimizer.step(), before gradients are
+        # zeroed (AdaLoRA reallocates its rank budget there; a TrainerCallback runs too late).
+        def create_optimizer(self, *a, **kw):
+            optimizer = super().create_optimizer(*a, **kw)
+            if method.after_optimizer_step is not None and not getattr(optimizer, "_unift_hooked", False):
+                trainer = self
+
+                def hook(_opt, _args, _kwargs):
+                    method.after_optimizer_step(trainer.model_wrapped, trainer.state.global_step)
+
+                optimizer.register_step_post_hook(hook)
+                optimizer._unift_hooked = True
+            return optimizer
+
+    return UniftTrainer(
+        model=model, args=targs, train_dataset=ready["train"], eval_dataset=ready["val"] or None,
+        data_collator=collator,
+    )
+
+
+def resolve_resume(args: TrainArgs) -> str | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        if not Path(args.resume_from_checkpoint).is_dir():
+            raise UniftError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder")
+        return args.resume_from_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last is None:
+        raise UniftError(f"--resume_from_checkpoint: no checkpoint-* folder in {args.output_dir}")
+    return last
+
+
+def train(args: TrainArgs) -> Path:
+    """Fine-tune and return the run folder."""
+    from transformers import set_seed
+
+    args.output_dir = args.output_dir or default_output_dir(args)
+    set_seed(args.seed)
+    resume = resolve_resume(args)
+    ready = prepare(args)
+    spec, method = ready["spec"], ready["method"]
+    dtype = resolve_compute_dtype(args.compute_dtype)
+    bits = method.quantization_bit or args.quantization_bit
+    ready["quantization_bit"] = bits
+    model = load_model(
+        ready["path"], spec, quantization_bit=bits, compute_dtype=torch_dtype(dtype),
+        trust_remote_code=args.trust_remote_code,
+    )
+    model.config.use_cache = False
+    model = wrap_model(model, method, args, spec)
+    trainable, total = model.get_nb_trainable_parameters()
+    stats = ready["stats"]
+    if is_main_process():
+        log.info(
+            "%s (%s) + %s: %s trainable of %s parameters (%.3f%%); %d train / %d val examples "
+            "(%d truncated to %d tokens); template %s; compute %s",
+            ready["path"], spec.name, method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+            len(ready["train"]), len(ready["val"]), stats["truncated"], args.cutoff_len,
+            ready["template"].name, dtype,
+        )
+    collator = PaddingCollator(ready["tokenizer"].pad_token_id)
+    trainer = build_trainer(args, ready, model, collator)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - started
+    out = Path(args.output_dir)
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out)
+        ready["tokenizer"].save_pretrained(out)
+        card = RunCard(
+            model_type=spec.name, peft_type=method.name, template=ready["template"].name,
+            base_model=None if args.model_name_or_path is None else ready["path"],
+            trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
+            versions=library_versions(), arguments=asdict(args), command=command_line(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        card.save(out)
+        tokens = collator.tokens_seen * world_size()
+        history = trainer.state.log_history
+        metrics = {
+            "train_loss": result.training_loss,
+            "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+            "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+            "global_steps": trainer.state.global_step,
+            "train_examples": len(ready["train"]),
+            "tokens_seen": tokens,
+            "tokens_per_second": tokens / wall if wall > 0 else math.nan,
+            "wall_seconds": wall,
+            "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "world_size": world_size(),
+            "compute_dtype": dtype,
+        }
+        write_json_atomic(out / METRICS, metrics)
+        log.info("saved the adapter and run card to %s (%.0f tokens/s, %.0f s, peak RSS %.0f MiB)",
+                 out, metrics["tokens_per_second"], wall, metrics["peak_rss_mib"])
+    return out
