@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -145,6 +146,13 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: Paddi
     )
 
 
+def total_optimizer_steps(args: TrainArgs, n_train: int) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world_size()
+    return max(1, math.ceil(math.ceil(n_train / per_step) * args.epochs))
+
+
 def resolve_resume(args: TrainArgs) -> str | None:
     if not args.resume_from_checkpoint:
         return None
@@ -177,7 +185,9 @@ def train(args: TrainArgs) -> Path:
         trust_remote_code=args.trust_remote_code,
     )
     model.config.use_cache = False
-    model = wrap_model(model, method, args, spec)
+    # Methods may need the schedule length (AdaLoRA's total_step); the options carry it beside the flags.
+    options = SimpleNamespace(**asdict(args), total_steps=total_optimizer_steps(args, len(ready["train"])))
+    model = wrap_model(model, method, options, spec)
     trainable, total = model.get_nb_trainable_parameters()
     stats = ready["stats"]
     if is_main_process():
