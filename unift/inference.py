@@ -1,11 +1,17 @@
 """The inference engine shared by generate, chat, eval, predict and serve: a base model plus (optionally)
-an adapter from a run folder, the run's template, and batched or streaming generation."""
+an adapter from a run folder, the run's template, and batched or streaming generation.
+
+Thread safety: one generation at a time per model (`Engine.lock`); the adapter is switched on or off
+inside that lock, so concurrent "base" and "tuned" requests never see each other's state. `admit()`
+bounds how many requests may wait for the model at once (the web service answers 429 beyond it).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +22,14 @@ from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
 from unift.runcard import RunCard
+
+# Written by `unift merge` beside the merged weights: the template and family the run was trained with,
+# so `--model_name_or_path merged/` prompts exactly as the adapter did.
+MERGED_CARD = "unift_merged.json"
+
+# A prompt is a conversation ending with a user turn (rendered with the template), or raw text
+# (tokenized as is: the OpenAI /v1/completions API).
+Prompt = list[Message] | str
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
@@ -36,6 +51,9 @@ class GenerationSettings:
                   "no_repeat_ngram_size": self.no_repeat_ngram_size, "do_sample": self.do_sample}
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            # Neutralise sampling defaults a checkpoint's generation_config may carry (they only warn).
+            kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
 
@@ -58,13 +76,30 @@ class Completion:
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
 
 
-def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+class QueueFull(UniftError):
+    """More requests are waiting for the model than the engine admits."""
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _stop_on(event: threading.Event):
+    """A stopping criterion that ends generation (every row) once `event` is set: a stop string was
+    seen by the reader, or the reader went away. Without it the model runs on to max_new_tokens."""
+    from transformers import StoppingCriteria
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopOnEvent()
+
+
 class Engine:
-    def __init__(self, model, tokenizer, template, card: RunCard | None = None, name: str = "model") -> None:
+    def __init__(self, model, tokenizer, template, card: RunCard | None = None, name: str = "model",
+                 max_queue: int = 16) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
@@ -72,6 +107,10 @@ class Engine:
         self.name = name
         self.lock = threading.Lock()  # one generation at a time per model
         self.eos_ids = self._eos_ids()
+        self.max_queue = max_queue  # requests admitted at once (running + waiting)
+        self._admitted = 0
+        self._admit_lock = threading.Lock()
+        self._adapter_default = True  # flipped by base_only()
 
     @classmethod
     def load(
@@ -82,6 +121,7 @@ class Engine:
         model_type: str | None = None,
         template: str | None = None,
         trust_remote_code: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Engine:
         """A run folder (adapter + card), a merged or base model folder, or the embedded model."""
         card = RunCard.load(adapter_dir) if adapter_dir else None
@@ -92,19 +132,26 @@ class Engine:
             trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
         else:
             trust = bool(trust_remote_code)
-        spec = get_model_spec(model_type or "llama")
         path = resolve_model_path(base_model)
+        merged = read_merged_card(path)
+        if merged and not card:
+            model_type = model_type or merged.get("model_type")
+            template = template or merged.get("template")
+        spec = get_model_spec(model_type or "llama")
         tokenizer = load_tokenizer(adapter_dir or path, trust_remote_code=trust, padding_side="left")
         chosen = resolve_template(template, spec.template, tokenizer)
         bits = card.quantization_bit if card else None
         model = load_model(path, spec, quantization_bit=bits, compute_dtype=torch.float32,
-                           trust_remote_code=trust)
+                           dtype=dtype, trust_remote_code=trust)
         if card:
             from peft import PeftModel
 
             import unift.peft  # noqa: F401  (registers unift's own PEFT methods)
 
-            model = PeftModel.from_pretrained(model, adapter_dir)
+            try:
+                model = PeftModel.from_pretrained(model, adapter_dir)
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise UniftError(f"cannot load the adapter in {adapter_dir}: {str(err).splitlines()[0]}") from err
         name = Path(adapter_dir).name if adapter_dir else Path(path).name
         return cls(model, tokenizer, chosen, card, name=name)
 
@@ -124,45 +171,102 @@ class Engine:
     def has_adapter(self) -> bool:
         return self.card is not None
 
+    # ---- adapter on/off ---------------------------------------------------------------------------
+
     @contextlib.contextmanager
     def base_only(self):
-        """Generate with the adapter switched off: the base model, without loading it twice."""
-        if not self.has_adapter:
+        """Generate with the adapter switched off: the base model, without loading it twice.
+
+        Changes the default of later calls in this context; concurrent callers (the web service)
+        pass `adapter=False` per call instead."""
+        previous = self._adapter_default
+        self._adapter_default = False
+        try:
+            yield
+        finally:
+            self._adapter_default = previous
+
+    @contextlib.contextmanager
+    def _adapter_state(self, enabled: bool | None):
+        """Only ever entered with `self.lock` held."""
+        if enabled is None:
+            enabled = self._adapter_default
+        if enabled or not self.has_adapter:
             yield
             return
         with self.model.disable_adapter():
             yield
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        if not messages or messages[-1]["role"] != "user":
-            raise UniftError("a prompt must end with a user message")
-        return encode_prompt(messages, self.template, self.tokenizer)
+    # ---- admission (a bounded queue in front of the lock) ------------------------------------------
+
+    @contextlib.contextmanager
+    def admit(self):
+        """Hold a place in the bounded queue for one request; QueueFull when every place is taken."""
+        with self._admit_lock:
+            if self._admitted >= self.max_queue:
+                raise QueueFull(f"the model is busy: {self._admitted} requests are queued; try again later")
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._admit_lock:
+                self._admitted -= 1
+
+    @property
+    def queued(self) -> int:
+        return self._admitted
+
+    # ---- prompts -------------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: Prompt, max_prompt_tokens: int | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            if not prompt or prompt[-1]["role"] != "user":
+                raise UniftError("a prompt must end with a user message")
+            ids = encode_prompt(prompt, self.template, self.tokenizer)
+        if not ids:
+            raise UniftError("the prompt is empty")
+        if max_prompt_tokens and len(ids) > max_prompt_tokens:
+            ids = ids[-max_prompt_tokens:]  # keep the end: the question and the assistant header
+        return ids
+
+    # ---- batched generation --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate(
-        self, conversations: list[list[Message]], settings: GenerationSettings = PRESETS["greedy"],
-        batch_size: int = 8,
+        self, conversations: Sequence[Prompt], settings: GenerationSettings = PRESETS["greedy"],
+        batch_size: int = 8, *, adapter: bool | None = None, max_prompt_tokens: int | None = None,
     ) -> list[Completion]:
-        """Answers for many conversations, batched with left padding."""
+        """Answers for many prompts, batched with left padding, in the order given."""
         results: list[Completion] = []
         for start in range(0, len(conversations), batch_size):
-            results += self._generate_batch(conversations[start:start + batch_size], settings)
+            batch = conversations[start:start + batch_size]
+            results += self._generate_batch([self.prompt_ids(p, max_prompt_tokens) for p in batch],
+                                            settings, adapter)
         return results
 
-    def _generate_batch(self, batch: list[list[Message]], settings: GenerationSettings) -> list[Completion]:
-        encoded = [self.prompt_ids(m) for m in batch]
+    def _generate_batch(self, encoded: list[list[int]], settings: GenerationSettings,
+                        adapter: bool | None) -> list[Completion]:
         width = max(len(e) for e in encoded)
         pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for i, row in enumerate(encoded):
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
         device = self.model.device
-        with self.lock:
+        kwargs = settings.generate_kwargs()
+        stops = self.stops(settings)
+        if stops:
+            # Lets each row finish at its stop string instead of running on to max_new_tokens.
+            kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)
+        with self.lock, self._adapter_state(adapter):
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad,
-                eos_token_id=self.eos_ids, **settings.generate_kwargs(),
+                eos_token_id=self.eos_ids, **kwargs,
             )
         completions = []
         for i, row in enumerate(encoded):
@@ -171,55 +275,142 @@ class Engine:
             if ended:
                 new = new[: min(new.index(t) for t in self.eos_ids if t in new)]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
-            text, stopped = truncate_at_stop(text, self.stops(settings))
+            text, stopped = truncate_at_stop(text, stops)
             completions.append(Completion(
                 text=text.strip(), prompt_tokens=len(row), completion_tokens=len(new),
                 finish_reason="stop" if (ended or stopped) else "length",
             ))
         return completions
 
-    def stream(self, messages: list[Message], settings: GenerationSettings = PRESETS["chat"]) -> Iterator[str]:
+    # ---- streaming -------------------------------------------------------------------------------------
+
+    def stream(self, messages: Prompt, settings: GenerationSettings = PRESETS["chat"], *,
+               adapter: bool | None = None) -> Iterator[str]:
         """Text pieces as they are generated (for the terminal chat and server-sent events)."""
+        yield from self.open_stream(messages, settings, adapter=adapter)
+
+    def open_stream(self, prompt: Prompt, settings: GenerationSettings = PRESETS["chat"], *,
+                    adapter: bool | None = None, max_prompt_tokens: int | None = None) -> TextStream:
+        """Like stream(), but the returned object also reports token counts and the finish reason."""
+        return TextStream(self, self.prompt_ids(prompt, max_prompt_tokens), settings,
+                          self._adapter_default if adapter is None else adapter)
+
+
+class TextStream:
+    """Iterates text pieces while a worker thread generates; closing it early (or a stop string)
+    stops the worker at the next token and frees the model."""
+
+    def __init__(self, engine: Engine, ids: list[int], settings: GenerationSettings, adapter: bool) -> None:
+        self.engine = engine
+        self.ids = ids
+        self.settings = settings
+        self.adapter = adapter
+        self.prompt_tokens = len(ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.cancel = threading.Event()
+        self._iterator = self._run()
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self.cancel.set()
+        self._iterator.close()
+
+    def _run(self) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
-        ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        kwargs = {**settings.generate_kwargs(), "num_beams": 1}
-        errors: list[BaseException] = []
+        engine = self.engine
+        eos = set(engine.eos_ids)
+        stream = self
 
-        def run() -> None:
+        class CountingStreamer(TextIteratorStreamer):
+            def put(self, value: torch.Tensor) -> None:
+                if not (self.skip_prompt and self.next_tokens_are_prompt):
+                    stream.completion_tokens += sum(1 for t in value.reshape(-1).tolist() if t not in eos)
+                super().put(value)
+
+        streamer = CountingStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {**self.settings.generate_kwargs(), "num_beams": 1}
+        errors: list[BaseException] = []
+        ids = torch.tensor([self.ids], device=engine.model.device)
+        ended = threading.Event()
+
+        def work() -> None:
             try:
-                with torch.inference_mode(), self.lock:
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
-                                        **kwargs)
+                # Wait for the model, but give up at once if the reader has gone away meanwhile.
+                while not engine.lock.acquire(timeout=0.05):
+                    if self.cancel.is_set():
+                        return
+                try:
+                    if self.cancel.is_set():
+                        return
+                    with torch.inference_mode(), engine._adapter_state(self.adapter):
+                        if self.settings.seed is not None:
+                            torch.manual_seed(self.settings.seed)
+                        out = engine.model.generate(
+                            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                            pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_ids,
+                            stopping_criteria=[_stop_on(self.cancel)], **kwargs)
+                    if any(t in eos for t in out[0, len(self.ids):].tolist()):
+                        ended.set()
+                finally:
+                    engine.lock.release()
             except BaseException as err:  # surfaced to the reader below
                 errors.append(err)
+            finally:
                 streamer.end()
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=work, daemon=True, name="unift-generate")
         thread.start()
-        stops = self.stops(settings)
+        stops = engine.stops(self.settings)
         text = ""
         emitted = 0
         hold = max((len(s) for s in stops), default=0)  # hold back text that may be the start of a stop
-        for piece in streamer:
-            text += piece
-            cut, stopped = truncate_at_stop(text, stops)
-            if stopped:
-                if len(cut) > emitted:
-                    yield cut[emitted:]
-                break
-            safe = len(text) - hold
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        else:
-            if len(text) > emitted:
-                yield text[emitted:]
-        thread.join()
+        stopped = False
+        try:
+            for piece in streamer:
+                text += piece
+                cut, stopped = truncate_at_stop(text, stops)
+                if stopped:
+                    self.cancel.set()  # the model stops at its next token
+                    if len(cut) > emitted:
+                        yield cut[emitted:]
+                    break
+                safe = len(text) - hold
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            else:
+                if len(text) > emitted:
+                    yield text[emitted:]
+        finally:
+            # Runs on normal end, on a stop string, and when the reader closes us early (client gone,
+            # Ctrl-C): the worker sees the event at its next token and releases the model.
+            self.cancel.set()
+            thread.join()
+            if stopped or ended.is_set():
+                self.finish_reason = "stop"
+            elif self.completion_tokens >= self.settings.max_new_tokens:
+                self.finish_reason = "length"
+            else:
+                self.finish_reason = "stop" if not errors else "error"
         if errors:
             raise errors[0]
+
+
+def read_merged_card(path: str) -> dict | None:
+    card = Path(path) / MERGED_CARD
+    if not card.is_file():
+        return None
+    try:
+        return json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def settings_from(preset: str, **overrides) -> GenerationSettings:
@@ -231,4 +422,5 @@ def settings_from(preset: str, **overrides) -> GenerationSettings:
     return replace(PRESETS[preset], **given)
 
 
-__all__ = ["PRESETS", "Completion", "Engine", "GenerationSettings", "get_template", "settings_from"]
+__all__ = ["PRESETS", "Completion", "Engine", "GenerationSettings", "QueueFull", "TextStream", "get_template",
+           "settings_from"]
