@@ -69,6 +69,7 @@ def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
     group.add_argument("--repetition_penalty", type=float)
     group.add_argument("--no_repeat_ngram_size", type=int)
     group.add_argument("--stop", nargs="+", help="stop strings")
+    group.add_argument("--seed", type=int, help="random seed for sampling (reproducible sampled answers)")
 
 
 def load_engine(ns: argparse.Namespace):
@@ -84,7 +85,7 @@ def decoding(ns: argparse.Namespace):
     return settings_from(ns.preset, max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample,
                          temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, num_beams=ns.num_beams,
                          repetition_penalty=ns.repetition_penalty, no_repeat_ngram_size=ns.no_repeat_ngram_size,
-                         stop=ns.stop)
+                         stop=ns.stop, seed=getattr(ns, "seed", None))
 
 
 # ---- generate / chat ---------------------------------------------------------------------------------
@@ -122,6 +123,57 @@ def run_chat(ns: argparse.Namespace) -> None:
 
 
 command("chat", "chat in the terminal with streaming answers (server.py)")((build_chat, run_chat))
+
+
+# ---- predict -----------------------------------------------------------------------------------------
+
+def build_predict(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    parser.add_argument("--input", "--data", dest="input", required=True,
+                        help="prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL "
+                             "(or .txt, one prompt per line)")
+    parser.add_argument("--result_dir", required=True, help="folder for predictions.jsonl (resumed if there)")
+    parser.add_argument("--batch_size", "--predict_batch_size", dest="batch_size", type=int, default=16,
+                        help="prompts generated together, left-padded (default: 16)")
+    parser.add_argument("--cutoff_len", type=int, help="keep at most this many prompt tokens (the last ones)")
+    parser.add_argument("--max_samples", type=int, help="only the first N records")
+    parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    add_decoding_flags(parser, preset="greedy")
+
+
+def run_predict(ns: argparse.Namespace) -> None:
+    from unift.predict import predict
+
+    predict(load_engine(ns), ns.input, ns.result_dir, decoding(ns), batch_size=ns.batch_size,
+            max_samples=ns.max_samples, max_prompt_tokens=ns.cutoff_len, overwrite=ns.overwrite,
+            adapter_dir=ns.adapter_dir)
+
+
+command("predict", "answer every record of a file into predictions.jsonl, resumably (predict.py)")(
+    (build_predict, run_predict))
+
+
+# ---- merge -------------------------------------------------------------------------------------------
+
+def build_merge(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser, adapter_required=True)
+    parser.add_argument("--merged_dir", "--output_dir", dest="merged_dir", required=True,
+                        help="folder for the merged model (loads with plain transformers)")
+    parser.add_argument("--compute_dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="dtype of the saved weights (default: the base checkpoint's; QLoRA: the run's)")
+    parser.add_argument("--export", choices=["gguf"], help="also write a GGUF file (llama-type families)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --merged_dir")
+
+
+def run_merge(ns: argparse.Namespace) -> None:
+    from unift.merge import merge
+
+    merge(ns.adapter_dir, ns.merged_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
+          compute_dtype=ns.compute_dtype, trust_remote_code=ns.trust_remote_code, overwrite=ns.overwrite,
+          export=ns.export)
+
+
+command("merge", "fold the adapter into the base model (merge.py)")((build_merge, run_merge))
 
 
 # ---- eval --------------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""Folding an adapter into its base model: a folder that plain `transformers` loads without unift.
+
+The merged folder holds the weights, the run's tokenizer with a chat template that renders exactly the
+run's prompt template (so `apply_chat_template` prompts as training did), and unift_merged.json.
+The merge is checked before anything is written: the merged model's logits on a probe prompt must
+equal the adapter model's (the difference is logged).
+
+QLoRA: the adapter was trained over a 4-bit base, but it is folded into the base re-loaded in full
+precision and saved at --compute_dtype (the 4-bit base cannot hold the sum). The merged model
+therefore differs slightly from the QLoRA model (by the 4-bit rounding of the base), usually for the
+better; docs/after_training.md says more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unift.errors import UniftError
+from unift.inference import MERGED_CARD
+from unift.models import get_model_spec, load_model, load_tokenizer
+from unift.models.loading import first_line, parse_dtype, resolve_model_path
+from unift.runcard import RunCard
+
+log = logging.getLogger(__name__)
+
+PROBE = [{"role": "user", "content": "Write one sentence about the sea."}]
+# Relative tolerance of the built-in check: fp32 merges agree to ~1e-5 of the logit scale.
+CHECK_RTOL = 1e-3
+
+
+# ---- can it be merged? -------------------------------------------------------------------------------
+
+def merge_refusal(card: RunCard, peft_config: Any) -> str:
+    """'' when the adapter can be folded into the base weights, else the reason it cannot."""
+    from unift.peft import registry
+
+    method = registry.METHODS.get(card.peft_type)
+    if method is not None:
+        refusal = getattr(registry, "merge_refusal", None)
+        if refusal is not None:
+            reason = refusal(method, peft_config)
+        else:
+            reason = "" if method.mergeable else (method.merge_note or "")
+        if reason:
+            return reason
+        if not method.mergeable:
+            return f"--peft_type {card.peft_type} cannot be merged"
+    if getattr(peft_config, "is_prompt_learning", False):
+        return ("it learns virtual tokens fed to the model at every step, not changes to its weights, "
+                "so there is nothing to fold into the base; serve it with the adapter instead")
+    return ""
+
+
+# ---- the chat template written with the merged model ----------------------------------------------------
+
+def _jinja_expr(fmt: str, content: str, eos: str, bos: str) -> str:
+    """A FormatTemplate format string as one Jinja expression: literals quoted (so the trim_blocks and
+    lstrip_blocks settings transformers compiles with cannot eat any whitespace), joined with `~`."""
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(fmt):
+        if literal:
+            parts.append(json.dumps(literal))
+        if name == "content":
+            parts.append(content)
+        elif name in ("eos", "bos"):
+            parts.append(json.dumps(eos if name == "eos" else bos))
+        elif name is not None:
+            raise UniftError(f"template field {{{name}}} has no chat-template equivalent")
+    return "(" + (" ~ ".join(parts) or '""') + ")"
+
+
+def format_template_jinja(template: Any, eos: str, bos: str = "") -> str:
+    """Jinja for transformers' apply_chat_template that renders like `template.render`.
+
+    Checked against `render` by install_chat_template before it is used, so a template feature this
+    translation misses is caught, never silently written."""
+    def expr(fmt: str, content: str) -> str:
+        return _jinja_expr(fmt, content, eos, bos)
+
+    user, assistant = template.user, template.assistant
+    observation = getattr(template, "observation", None) or user
+    function_call = getattr(template, "function_call", None) or assistant
+    system_block = expr(template.system, "system_text")
+    in_user = bool(getattr(template, "system_in_user", False))
+    return "".join([
+        "{{ " + expr(template.prefix, '""') + " }}",
+        "{% if messages and messages[0]['role'] == 'system' %}",
+        "{% set system_text = messages[0]['content'] %}{% set turns = messages[1:] %}",
+        "{% else %}{% set system_text = " + json.dumps(template.default_system) + " %}",
+        "{% set turns = messages %}{% endif %}",
+        # Llama 2 puts the system block inside the first user turn; the others put it first.
+        "{% set ns = namespace(pending='') %}",
+        ("{% if system_text %}{% set ns.pending = " + system_block + " %}{% endif %}") if in_user else
+        ("{% if system_text %}{{ " + system_block + " }}{% endif %}"),
+        "{% for message in turns %}",
+        "{% if message['role'] == 'user' %}",
+        "{% set text = ns.pending ~ message['content'] %}{% set ns.pending = '' %}",
+        "{{ " + expr(user, "text") + " }}",
+        "{% elif message['role'] == 'assistant' %}{{ " + expr(assistant, "message['content']") + " }}",
+        "{% elif message['role'] in ['observation', 'tool'] %}{{ " + expr(observation, "message['content']") + " }}",
+        "{% elif message['role'] == 'function_call' %}{{ " + expr(function_call, "message['content']") + " }}",
+        "{% else %}{{ raise_exception('this template cannot render the role ' + message['role']) }}{% endif %}",
+        "{% endfor %}",
+    ])
+
+
+def install_chat_template(tokenizer, template) -> bool:
+    """Make the tokenizer's chat template render the run's template; True when it now does."""
+    if getattr(template, "name", "auto") == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    jinja = format_template_jinja(template, tokenizer.eos_token or "", tokenizer.bos_token or "")
+    samples = [
+        PROBE,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
+    ]
+    previous = getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = jinja
+    for messages in samples:
+        want = template.render(messages, add_generation_prompt=True, tokenizer=tokenizer)
+        got = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if got != want:
+            tokenizer.chat_template = previous
+            log.warning("could not express template %s as a chat template; the merged folder keeps the "
+                        "tokenizer's own (unift still prompts it right through unift_merged.json)", template.name)
+            return False
+    return True
+
+
+# ---- merging -----------------------------------------------------------------------------------------
+
+def _probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+def merge(
+    adapter_dir: str,
+    merged_dir: str,
+    *,
+    base_model: str | None = None,
+    model_type: str | None = None,
+    compute_dtype: str | None = None,
+    trust_remote_code: bool | None = None,
+    overwrite: bool = False,
+    export: str | None = None,
+) -> Path:
+    """Fold the adapter of a run folder into its base; write `merged_dir`; return it."""
+    from peft import PeftConfig, PeftModel
+
+    import unift.peft  # noqa: F401  (registers unift's own PEFT methods)
+    from unift.data import resolve_template
+
+    card = RunCard.load(adapter_dir)
+    out = Path(merged_dir)
+    if out.resolve() == Path(adapter_dir).resolve():
+        raise UniftError("--merged_dir must differ from --adapter_dir")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UniftError(f"--merged_dir {out} exists and is not empty; pass --overwrite or choose another folder")
+    try:
+        peft_config = PeftConfig.from_pretrained(adapter_dir)
+    except (ValueError, OSError) as err:
+        raise UniftError(f"{adapter_dir}: cannot read the adapter config: {first_line(err)}") from err
+    reason = merge_refusal(card, peft_config)
+    if reason:
+        raise UniftError(f"cannot merge --peft_type {card.peft_type}: {reason}")
+
+    spec = get_model_spec(model_type or card.model_type)
+    trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
+    path = resolve_model_path(base_model or card.base_model)
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code=trust)
+    template = resolve_template(card.template, spec.template, tokenizer)
+    # Merge in fp32 whatever the saved dtype, so the sum W + ΔW is not rounded twice.
+    base = load_model(path, spec, dtype=torch.float32, trust_remote_code=trust)
+    saved_dtype = _target_dtype(compute_dtype, card, path, trust)
+    base_keys = set(base.state_dict())
+    if card.quantization_bit:
+        log.info("the adapter was trained over a %d-bit base; merging it into the base re-loaded in full "
+                 "precision and saving at %s", card.quantization_bit, str(saved_dtype).replace("torch.", ""))
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UniftError(f"cannot load the adapter in {adapter_dir}: {first_line(err)}") from err
+    model.eval()
+    probe = tokenizer(template.render(PROBE, add_generation_prompt=True, tokenizer=tokenizer),
+                      add_special_tokens=False, return_tensors="pt")["input_ids"]
+    before = _probe_logits(model, probe)
+    try:
+        merged = model.merge_and_unload()
+    except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as err:
+        raise UniftError(f"cannot merge --peft_type {card.peft_type}: {first_line(err)}") from err
+    leftover = set(merged.state_dict()) - base_keys
+    if leftover:
+        raise UniftError(f"merging --peft_type {card.peft_type} left adapter weights behind "
+                         f"({sorted(leftover)[0]}, ...); it cannot be saved as a plain model")
+    after = _probe_logits(merged, probe)
+    diff = (after - before).abs().max().item()
+    scale = before.abs().max().item() or 1.0
+    log.info("merged model vs adapter model on a probe prompt: max |Δlogit| = %.2e (logits up to %.1f)",
+             diff, scale)
+    if diff > CHECK_RTOL * scale:
+        raise UniftError(f"the merged model does not reproduce the adapter model (max |Δlogit| {diff:.3g}); "
+                         "nothing was written")
+
+    merged = merged.to(saved_dtype)
+    config = merged.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    install_chat_template(tokenizer, template)
+    tokenizer.padding_side = "left"  # what batched generation with a causal LM wants
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        from unift.runtime import library_versions, write_json_atomic
+
+        write_json_atomic(tmp / MERGED_CARD, {
+            "model_type": spec.name, "template": template.name, "peft_type": card.peft_type,
+            "adapter_dir": str(Path(adapter_dir).resolve()), "base_model": card.base_model,
+            "dtype": str(saved_dtype).replace("torch.", ""), "quantization_bit_trained": card.quantization_bit,
+            "probe_max_abs_logit_diff": diff, "versions": library_versions(),
+        })
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # the folder appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote the merged model to %s (%s)", out, str(saved_dtype).replace("torch.", ""))
+    if export == "gguf":
+        from unift.gguf_export import export_gguf
+
+        gguf_path = export_gguf(out, merged, tokenizer, spec.name)
+        log.info("wrote %s", gguf_path)
+    elif export:
+        raise UniftError(f"--export {export!r}: only gguf is supported")
+    return out
+
+
+def _target_dtype(compute_dtype: str | None, card: RunCard, path: str, trust: bool) -> torch.dtype:
+    """--compute_dtype if given; for QLoRA the run's compute dtype; else the checkpoint's own dtype."""
+    from transformers import AutoConfig
+
+    if compute_dtype and compute_dtype != "auto":
+        dtype = parse_dtype(compute_dtype)
+        assert dtype is not None
+        return dtype
+    if card.quantization_bit:
+        return parse_dtype(card.compute_dtype) or torch.float32
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)  # as saved, not as loaded here
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = parse_dtype(stored)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
