@@ -1,4 +1,4 @@
-"""Chatting in the terminal: streaming answers, multi-turn history, /reset /exit /help.
+"""Chatting in the terminal: streaming answers, multi-turn history, /reset /exit /help (and /base /tuned).
 One implementation serves `unift chat` (server.py) and `unift generate` without --prompt."""
 
 from __future__ import annotations
@@ -9,19 +9,36 @@ from typing import TextIO
 from unift.data import Message
 from unift.inference import Engine, GenerationSettings
 
-HELP = "commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this"
+HELP = ("commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this; "
+        "Ctrl-C stops an answer")
+ADAPTER_HELP = "; /base and /tuned switch between the base model and the fine-tuned one"
 
 
 def answer_once(engine: Engine, prompt: str, settings: GenerationSettings, system: str | None = None,
                 out: TextIO = sys.stdout) -> str:
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
-    pieces = []
-    for piece in engine.stream(messages, settings):
-        out.write(piece)
-        out.flush()
-        pieces.append(piece)
+    return _stream_answer(engine, messages, settings, out, adapter=None)
+
+
+def _stream_answer(engine: Engine, messages: list[Message], settings: GenerationSettings, out: TextIO,
+                   adapter: bool | None) -> str:
+    """Print the answer as it comes; Ctrl-C stops it (and the model) and keeps what was said so far."""
+    pieces: list[str] = []
+    stream = engine.open_stream(messages, settings, adapter=adapter)
+    try:
+        for piece in stream:
+            if not pieces:
+                piece = piece.lstrip()  # the first token often carries the space after the header
+            out.write(piece)
+            out.flush()
+            pieces.append(piece)
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    finally:
+        stream.close()  # stops the generation thread at its next token when we leave early
     out.write("\n")
+    out.flush()
     return "".join(pieces).strip()
 
 
@@ -33,8 +50,15 @@ def chat_loop(engine: Engine, settings: GenerationSettings, system: str | None =
         if prompt:
             answer_once(engine, prompt, settings, system, out)
         return
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    help_text = HELP + (ADAPTER_HELP if engine.has_adapter else "")
     history: list[Message] = [{"role": "system", "content": system}] if system else []
-    out.write(f"Chatting with {engine.name}. {HELP}\n")
+    use_adapter = True
+    out.write(f"Chatting with {engine.name}. {help_text}\n")
+    out.flush()
     while True:
         try:
             line = input("\nYou> ")
@@ -47,22 +71,24 @@ def chat_loop(engine: Engine, settings: GenerationSettings, system: str | None =
         if text in ("/exit", "/quit"):
             return
         if text == "/help":
-            out.write(HELP + "\n")
+            out.write(help_text + "\n")
             continue
         if text == "/reset":
             history = history[:1] if system else []
             out.write("(conversation cleared)\n")
             continue
+        if text in ("/base", "/tuned"):
+            if not engine.has_adapter:
+                out.write("(no adapter loaded: this is the base model)\n")
+                continue
+            use_adapter = text == "/tuned"
+            out.write(f"(now answering with the {'fine-tuned' if use_adapter else 'base'} model)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text.split()[0]}; {help_text}\n")
+            continue
         history.append({"role": "user", "content": text})
         out.write("Bot> ")
         out.flush()
-        pieces = []
-        try:
-            for piece in engine.stream(history, settings):
-                out.write(piece)
-                out.flush()
-                pieces.append(piece)
-        except KeyboardInterrupt:
-            out.write(" [interrupted]")
-        out.write("\n")
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        answer = _stream_answer(engine, history, settings, out, adapter=use_adapter)
+        history.append({"role": "assistant", "content": answer})

@@ -176,6 +176,40 @@ def run_merge(ns: argparse.Namespace) -> None:
 command("merge", "fold the adapter into the base model (merge.py)")((build_merge, run_merge))
 
 
+# ---- serve -------------------------------------------------------------------------------------------
+
+def build_serve(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    group = parser.add_argument_group("service options")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    group.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    group.add_argument("--api_key", default=os.environ.get("UNIFT_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (and the key as the UI password); "
+                            "default: $UNIFT_API_KEY")
+    group.add_argument("--no_ui", action="store_true", help="serve the /v1 API alone, without the chat UI at /")
+    group.add_argument("--max_queue", type=int, default=16,
+                       help="requests admitted at once (running + waiting); more are answered 429 (default: 16)")
+    group.add_argument("--served_model_name", help="model id in the API (default: the run folder's name)")
+    group.add_argument("--max_tokens_limit", type=int, default=4096, help="the largest max_tokens accepted")
+    group.add_argument("--cutoff_len", type=int, help="keep at most this many prompt tokens (the last ones)")
+    add_decoding_flags(parser, preset="chat")
+
+
+def run_serve(ns: argparse.Namespace) -> None:
+    from unift.serve import serve
+
+    if ns.max_queue < 1:
+        raise UniftError("--max_queue must be at least 1")
+    engine = load_engine(ns)
+    engine.max_queue = ns.max_queue
+    serve(engine, decoding(ns), host=ns.host, port=ns.port, api_key=ns.api_key, ui=not ns.no_ui,
+          served_name=ns.served_model_name, max_tokens_limit=ns.max_tokens_limit, max_prompt_tokens=ns.cutoff_len)
+
+
+command("serve", "web service: OpenAI-compatible API under /v1 and a chat UI at / (web.py)")(
+    (build_serve, run_serve))
+
+
 # ---- eval --------------------------------------------------------------------------------------------
 
 def build_eval(parser: argparse.ArgumentParser) -> None:

@@ -199,18 +199,25 @@ class Engine:
 
     # ---- admission (a bounded queue in front of the lock) ------------------------------------------
 
-    @contextlib.contextmanager
-    def admit(self):
-        """Hold a place in the bounded queue for one request; QueueFull when every place is taken."""
+    def acquire_slot(self) -> None:
+        """Take a place in the bounded queue for one request; QueueFull when every place is taken."""
         with self._admit_lock:
             if self._admitted >= self.max_queue:
                 raise QueueFull(f"the model is busy: {self._admitted} requests are queued; try again later")
             self._admitted += 1
+
+    def release_slot(self) -> None:
+        with self._admit_lock:
+            self._admitted -= 1
+
+    @contextlib.contextmanager
+    def admit(self):
+        """A place in the bounded queue for the duration of the block."""
+        self.acquire_slot()
         try:
             yield
         finally:
-            with self._admit_lock:
-                self._admitted -= 1
+            self.release_slot()
 
     @property
     def queued(self) -> int:
