@@ -64,8 +64,15 @@ class TrainArgs:
                                   group="data")
     cutoff_len: int = opt(512, "maximum tokens per example (longer ones are truncated)", group="data")
     val_set_size: float = opt(0, "held-out examples for evaluation (a count, or a fraction < 1)", group="data")
-    max_samples: int | None = opt(None, "use at most this many examples", group="data")
+    max_samples: int | None = opt(None, "use at most this many examples from each --data entry", group="data")
     train_on_prompt: bool = opt(False, "also compute the loss on prompt tokens", group="data")
+    data_ratios: list[float] | None = opt(
+        None, "mixing proportions, one per --data entry (e.g. 0.7 0.3); the training size stays the sum",
+        group="data")
+    streaming: bool = opt(False, "read the data lazily (larger than memory); needs --max_steps", group="data")
+    num_proc: int | None = opt(None, "tokenization workers (default: one per 5000 records, at most 8)",
+                               group="data")
+    overwrite_cache: bool = opt(False, "tokenize again even if a cached copy exists", group="data")
     # training
     output_dir: str | None = opt(None, "run folder (default: saved_models/<model_type>_<data>/<peft_type>)",
                                  group="training")

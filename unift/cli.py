@@ -249,6 +249,42 @@ def run_list(ns: argparse.Namespace) -> None:
 command("list", "print the model_type x peft_type support matrix")((build_list, run_list))
 
 
+# ---- data --------------------------------------------------------------------------------------------
+
+def build_data(parser: argparse.ArgumentParser) -> None:
+    from unift.data.convert import TARGETS
+    from unift.data_tools import CheckArgs
+
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="action")
+    check = sub.add_parser("check", help="show what a run would train on: counts, formats, token lengths, "
+                           "truncation, the first example of each source with the trained part marked",
+                           description="Validate the data and show what `unift train` would train on "
+                           "(loads the tokenizer, not the model).")
+    add_arguments(check, CheckArgs)
+    check.add_argument("--no_example", dest="show_example", action="store_false",
+                       help="do not print the first example of each source")
+    conv = sub.add_parser("convert", help="rewrite data as alpaca, sharegpt or messages records",
+                          description="Read any supported data and write it in another form (.json or .jsonl).")
+    conv.add_argument("--data", nargs="+", required=True, help="dataset names or paths")
+    conv.add_argument("--to", required=True, choices=TARGETS, help="the form to write")
+    conv.add_argument("--output", required=True, help="file to write (.json: a list; .jsonl: one per line)")
+    conv.add_argument("--dataset_dir", help="folder with dataset_info.json")
+    conv.add_argument("--max_samples", type=int, help="convert at most this many records per entry")
+
+
+def run_data(ns: argparse.Namespace) -> None:
+    from unift import data_tools
+
+    if ns.data_command == "check":
+        data_tools.check(parse_into(data_tools.CheckArgs, None, ns), show=ns.show_example)
+    else:
+        n = data_tools.convert(ns.data, ns.to, ns.output, ns.dataset_dir, ns.max_samples)
+        print(f"wrote {n} {ns.to} records to {ns.output}")
+
+
+command("data", "check data (what a run would train on) or convert it between forms")((build_data, run_data))
+
+
 # ---- entry -------------------------------------------------------------------------------------------
 
 def make_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from unift.args import TrainArgs, command_line
-from unift.data import load_conversations, resolve_template, tokenize_conversations
+from unift.data import DataOptions, build_datasets, load_sources, resolve_template
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
@@ -75,16 +75,16 @@ def prepare(args: TrainArgs) -> dict[str, Any]:
     spec = get_model_spec(args.model_type)
     method = get_method(args.peft_type)
     method.check_model_type(spec.name)
-    conversations = load_conversations(args.data, Path(args.dataset_dir) if args.dataset_dir else None)
-    if args.max_samples:
-        conversations = conversations[: args.max_samples]
+    # A stream has no length of its own: it reports the rows the run will consume.
+    stream_length = max(0, args.max_steps) * args.per_gpu_train_batch_size * args.gradient_accumulation_steps
+    options = DataOptions.from_args(args, stream_length=stream_length * world_size())
+    sources = load_sources(options)  # every record validated here, before the tokenizer or model loads
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
     template = resolve_template(args.template, spec.template, tokenizer)
-    rows, stats = tokenize_conversations(conversations, template, tokenizer, args.cutoff_len, args.train_on_prompt)
-    train_rows, val_rows = split_rows(rows, args.val_set_size, args.seed)
+    data = build_datasets(sources, template, tokenizer, options)
     return {"spec": spec, "method": method, "path": path, "tokenizer": tokenizer, "template": template,
-            "train": train_rows, "val": val_rows, "stats": stats}
+            "train": data.train, "val": data.val, "stats": data.stats}
 
 
 def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: PaddingCollator):

@@ -1,34 +1,48 @@
-"""Data: formats -> conversations, templates, the dataset registry, tokenization with prompt masking."""
+"""Data: formats -> conversations, templates, the dataset registry, tokenization with prompt masking,
+cached parallel tokenization, splitting and mixing, streaming."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from unift.data.formats import to_conversations
+from unift.data.formats import FORMATS, detect_format, iter_conversations, read_records, to_conversations
+from unift.data.pipeline import (
+    DataBundle,
+    DataOptions,
+    Source,
+    build_datasets,
+    load_conversations,
+    load_sources,
+)
 from unift.data.registry import DatasetEntry, resolve_dataset
 from unift.data.templates import TEMPLATES, Message, get_template, resolve_template
-from unift.data.tokenize import IGNORE_INDEX, encode_conversation, encode_prompt, tokenize_conversations
-
-
-def load_conversations(names: list[str], dataset_dir: Path | None = None) -> list[list[Message]]:
-    """Every --data entry (names or paths), validated and merged in the given order."""
-    conversations: list[list[Message]] = []
-    for name in names:
-        entry = resolve_dataset(name, dataset_dir)
-        conversations += to_conversations(entry.path, entry.formatting, entry.columns)
-    return conversations
-
+from unift.data.tokenize import (
+    IGNORE_INDEX,
+    encode_conversation,
+    encode_prompt,
+    segments,
+    tokenize_conversations,
+)
 
 __all__ = [
+    "FORMATS",
     "IGNORE_INDEX",
     "TEMPLATES",
+    "DataBundle",
+    "DataOptions",
     "DatasetEntry",
     "Message",
+    "Source",
+    "build_datasets",
+    "detect_format",
     "encode_conversation",
     "encode_prompt",
     "get_template",
+    "iter_conversations",
     "load_conversations",
+    "load_sources",
+    "read_records",
     "resolve_dataset",
     "resolve_template",
+    "segments",
+    "to_conversations",
     "tokenize_conversations",
 ]

@@ -1,101 +1,560 @@
-"""Reading data files and turning records into conversations, with one-line errors naming the
-file, the record (1-based) and the field."""
+"""Reading data files and turning records into conversations, with one-line errors naming the file, the
+record (1-based) and the field.
+
+Files: JSON (a list of objects, read incrementally), JSONL, CSV, Parquet, plain text (one document per
+line), or a folder of them. Formats:
+  alpaca    instruction, input, output, optional system, history ([[question, answer], ...]), tools
+  cot       alpaca as the Alpaca-CoT collection ships it: literal "\\n" escapes are turned into newlines
+  sharegpt  conversations: [{from, value}] with roles human, gpt, system, function_call, observation; tools
+  messages  OpenAI-style messages: [{role, content}] with user, assistant, system, tool (and tool_calls)
+  text      plain text for continued pre-training (a "text" field, or .txt lines)
+Column names can be mapped (LLaMA-Factory's `columns` and `tags`).
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unift.data.templates import Message
+from unift.data.templates import PROMPT_ROLES, TRAINED_ROLES, Message
 from unift.errors import UniftError
 
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+CHUNK = 1 << 20  # JSON is read a megabyte at a time, so a file larger than memory can stream
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON (a list of objects) or JSONL (one object per line) file."""
+# ---- files -> records ------------------------------------------------------------------------------
+
+
+def data_files(path: Path) -> list[Path]:
+    """The data files of a --data path: the file itself, or every data file under a folder, sorted."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise UniftError(f"{path}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+        return files
     if not path.exists():
         raise UniftError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
+    return [path]
+
+
+def _json_error(path: Path, err: json.JSONDecodeError, line_offset: int, record: int | None) -> UniftError:
+    where = f"{path}: record {record}: " if record else f"{path}: "
+    return UniftError(f"{where}invalid JSON at line {err.lineno + line_offset} column {err.colno} ({err.msg})")
+
+
+def _iter_json(path: Path) -> Iterator[Any]:
+    """Items of a JSON array, decoded one at a time from a buffer (a single object is one record)."""
+    decoder = json.JSONDecoder()
+    with path.open(encoding="utf-8-sig") as handle:
+        buf, pos, lines_before, eof = "", 0, 0, False
+
+        def fill() -> bool:
+            nonlocal buf, pos, lines_before, eof
+            if eof:
+                return False
+            chunk = handle.read(CHUNK)
+            eof = not chunk
+            lines_before += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:] + chunk, 0
+            return bool(chunk)
+
+        def skip_space() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return buf[pos] if pos < len(buf) else ""
+
+        first = skip_space()
+        if not first:
+            raise UniftError(f"{path}: the file is empty")
+        if first == "{":  # one object, not a list: read it whole
+            text = buf[pos:] + handle.read()
+            try:
+                yield json.loads(text)
+            except json.JSONDecodeError as err:
+                raise _json_error(path, err, lines_before, None) from None
+            return
+        if first != "[":
+            raise UniftError(f"{path}: invalid JSON: expected a list of records, found {first!r}")
+        pos += 1
+        number = 0
+        while True:
+            char = skip_space()
+            if char == "]":
+                break
+            if number and char == ",":
+                pos += 1
+                char = skip_space()
+            elif number:
+                raise UniftError(f"{path}: record {number}: invalid JSON after it (expected ',' or ']')")
+            if not char:
+                raise UniftError(f"{path}: invalid JSON: the file ends inside the list")
+            number += 1
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as err:
+                    if not fill():  # the item may just continue past the buffer; only at EOF is it broken
+                        raise _json_error(path, err, lines_before, number) from None
+            pos = end
+            yield item
+        pos += 1
+        if skip_space():
+            raise UniftError(f"{path}: invalid JSON: text after the end of the list")
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(record number, record) for every record of one file, read lazily."""
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
         raise UniftError(f"{path}: the file is empty")
-    stripped = text.lstrip()
-    if path.suffix == ".jsonl" or (path.suffix != ".json" and not stripped.startswith("[")):
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+    number = 0
+    if suffix == ".parquet":
+        yield from _iter_parquet(path)
+        return
+    if suffix == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                raise UniftError(f"{path}: the file is empty")
+            for number, row in enumerate(reader, start=1):
+                if None in row:
+                    raise UniftError(f"{path}: record {number}: more cells than the header has columns")
+                yield number, row
+        if not number:
+            raise UniftError(f"{path}: no records (only a header)")
+        return
+    if suffix == ".txt":
+        with path.open(encoding="utf-8-sig") as handle:
+            for line in handle:
+                if line.strip():
+                    number += 1
+                    yield number, {"text": line.rstrip("\n")}
+        if not number:
+            raise UniftError(f"{path}: the file is empty")
+        return
+    if suffix == ".json":
+        items: Iterator[Any] = _iter_json(path)
+    else:  # .jsonl and anything else: one object per line
+        items = _iter_jsonl(path)
+    for number, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise UniftError(f"{path}: record {number}: expected an object, found {type(item).__name__}")
+        yield number, item
+    if not number:
+        raise UniftError(f"{path}: no records (an empty list)" if suffix == ".json" else f"{path}: the file is empty")
+
+
+def _iter_jsonl(path: Path) -> Iterator[Any]:
+    with path.open(encoding="utf-8-sig") as handle:
+        for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as err:
-                raise UniftError(f"{path}: line {number}: invalid JSON ({err.msg})") from None
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UniftError(f"{path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})") from None
-        if isinstance(records, dict):
-            records = [records]
-        if not isinstance(records, list):
-            raise UniftError(f"{path}: expected a list of records, found {type(records).__name__}")
-    if not records:
+                raise UniftError(f"{path}: line {line_number}: invalid JSON ({err.msg})") from None
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq  # datasets' own Arrow backend
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid and friends
+        raise UniftError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+    if not number:
         raise UniftError(f"{path}: no records")
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            raise UniftError(f"{path}: record {number}: expected an object, found {type(record).__name__}")
-    return records
 
 
-def _text(record: dict, field: str, where: str, required: bool) -> str:
-    value = record.get(field)
-    if value is None:
+def file_columns(path: Path) -> list[str] | None:
+    """Column names when the file declares them (CSV header, Parquet schema), else None."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle), None)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception:
+            return None  # iter_records reports the unreadable file
+    return None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a file (JSON, JSONL, CSV, Parquet or text), validated as objects."""
+    return [record for _, record in iter_records(data_files(path)[0] if path.is_dir() else path)]
+
+
+# ---- records -> conversations ----------------------------------------------------------------------
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                  "history": "history", "tools": "tools"}
+CHAT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
+TEXT_COLUMNS = {"prompt": "text"}
+UNSUPPORTED_COLUMNS = {"images": "images", "videos": "videos", "audios": "audio", "chosen": "preference pairs",
+                       "rejected": "preference pairs", "kto_tag": "KTO labels"}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+MESSAGES_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+# Role names seen in the wild, understood whatever the tags say.
+ROLE_SYNONYMS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "chatgpt": "assistant", "system": "system", "developer": "system",
+                 "function_call": "function_call", "observation": "observation", "tool": "observation",
+                 "function": "observation"}
+FORMAT_ALIASES = {"openai": "messages", "pt": "text", "plain": "text", "pretrain": "text"}
+FORMATS = ("alpaca", "cot", "sharegpt", "messages", "text")
+
+
+def _string(record: dict, column: str, where: str, required: bool, mapped_from: str | None = None) -> str:
+    value = record.get(column)
+    label = f"field {column!r}" + (f" (mapped from {mapped_from!r})" if mapped_from else "")
+    if value is None or (value == "" and not required):
         if required:
-            raise UniftError(f"{where}: field {field!r} is missing")
+            raise UniftError(f"{where}: {label} is missing")
         return ""
     if not isinstance(value, str):
-        raise UniftError(f"{where}: field {field!r} must be a string, found {type(value).__name__}")
+        raise UniftError(f"{where}: {label} must be a string, found {type(value).__name__}")
     return value
 
 
-def alpaca_to_messages(record: dict, where: str, columns: dict[str, str] | None = None) -> list[Message]:
-    """An alpaca record {instruction, input, output, system?, history?} as a conversation."""
-    col = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-           "history": "history", **(columns or {})}
-    instruction = _text(record, col["prompt"], where, required=True)
-    extra = _text(record, col["query"], where, required=False)
-    output = _text(record, col["response"], where, required=True)
-    if not instruction.strip() and not extra.strip():
-        raise UniftError(f"{where}: field {col['prompt']!r} is empty")
-    if not output.strip():
-        raise UniftError(f"{where}: field {col['response']!r} is empty")
-    messages: list[Message] = []
-    system = _text(record, col["system"], where, required=False)
-    if system:
-        messages.append({"role": "system", "content": system})
-    history = record.get(col["history"]) or []
-    if not isinstance(history, list):
-        raise UniftError(f"{where}: field {col['history']!r} must be a list of [question, answer] pairs")
-    for turn, pair in enumerate(history, start=1):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise UniftError(f"{where}: field {col['history']!r} turn {turn} must be a [question, answer] pair")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    prompt = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else (instruction + extra)
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return messages
+def _tools(record: dict, column: str, where: str) -> str:
+    value = record.get(column)
+    if value in (None, "", [], {}):
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    if not isinstance(value, str):
+        raise UniftError(f"{where}: field {column!r} must be a JSON text or a list, found {type(value).__name__}")
+    return value
 
 
-FORMATS = {"alpaca": alpaca_to_messages}
+def check_turns(messages: list[Message], where: str, field: str, notes: Counter) -> list[Message]:
+    """Validate the order of roles; leading assistant turns (some sharegpt sources open with a greeting)
+    are dropped and counted, since there is no prompt they answer."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    numbers = list(range(len(system) + 1, len(messages) + 1))  # 1-based turn numbers for messages
+    lead = 0
+    while lead < len(turns) and turns[lead]["role"] in TRAINED_ROLES:
+        lead += 1
+    if lead:
+        notes["leading assistant turns dropped"] += 1
+        turns, numbers = turns[lead:], numbers[lead:]
+    if not turns:
+        raise UniftError(f"{where}: field {field!r} has no user turn")
+    previous = None
+    allowed = {None: PROMPT_ROLES[:1], "user": TRAINED_ROLES, "assistant": ("user",),
+               "function_call": ("observation",), "observation": TRAINED_ROLES}
+    for number, message in zip(numbers, turns):
+        role = message["role"]
+        if role == "system":
+            raise UniftError(f"{where}: field {field!r} turn {number}: a system turn is only allowed first")
+        if role not in allowed[previous]:
+            after = f"after the {previous} turn" if previous else "first"
+            expected = " or ".join(repr(r) for r in allowed[previous])
+            raise UniftError(f"{where}: field {field!r} turn {number}: expected {expected} {after}, found {role!r}")
+        if role in TRAINED_ROLES and not message["content"].strip():
+            raise UniftError(f"{where}: field {field!r} turn {number}: the {role} text is empty")
+        previous = role
+    if previous not in TRAINED_ROLES:
+        raise UniftError(f"{where}: field {field!r}: the conversation ends on a {previous} turn, with no answer "
+                         "to train on")
+    return system + turns
 
 
-def detect_format(record: dict) -> str:
+class Converter:
+    """Turns the records of one source into conversations; column names and role tags resolved once."""
+
+    format: str = ""
+    defaults: dict[str, str] = {}
+
+    def __init__(self, columns: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        columns = dict(columns or {})
+        for key in columns:
+            if key in UNSUPPORTED_COLUMNS:
+                raise UniftError(f"column {key!r}: {UNSUPPORTED_COLUMNS[key]} are not supported for supervised "
+                                 "fine-tuning")
+            if key not in self.defaults:
+                raise UniftError(f"unknown column mapping key {key!r} for format {self.format}; known: "
+                                 f"{', '.join(self.defaults)}")
+        self.mapped = columns  # the user's explicit mapping: these columns must exist
+        self.col = {**self.defaults, **columns}
+        self.tags = tags or {}
+        self.notes: Counter = Counter()
+
+    def required(self) -> list[str]:
+        return []
+
+    def check_columns(self, present: list[str], where: str, declared: bool) -> None:
+        """A mapping that names a missing column fails once, up front. With a header (declared) every
+        mapped column must exist; in JSON records only the required ones (optional ones may be absent)."""
+        needed = self.mapped if declared else {k: v for k, v in self.mapped.items() if k in self.required()}
+        for key, column in needed.items():
+            if column not in present:
+                raise UniftError(f"{where}: column mapping {key} -> {column!r} names a missing column "
+                                 f"(found: {', '.join(map(str, present)) or 'none'})")
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        raise NotImplementedError
+
+
+class AlpacaConverter(Converter):
+    format = "alpaca"
+    defaults = ALPACA_COLUMNS
+
+    def required(self) -> list[str]:
+        return ["prompt", "response"]
+
+    def _field(self, record: dict, key: str, where: str, required: bool) -> str:
+        return _string(record, self.col[key], where, required, key if key in self.mapped else None)
+
+    def clean(self, text: str) -> str:
+        return text
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        col = self.col
+        instruction = self.clean(self._field(record, "prompt", where, required=True))
+        extra = self.clean(self._field(record, "query", where, required=False))
+        output = self.clean(self._field(record, "response", where, required=True))
+        if not instruction.strip() and not extra.strip():
+            raise UniftError(f"{where}: field {col['prompt']!r} is empty")
+        if not output.strip():
+            raise UniftError(f"{where}: field {col['response']!r} is empty")
+        if "\\n" in instruction + output and self.format == "alpaca":
+            self.notes["records with literal \\n escapes (Alpaca-CoT data? use formatting 'cot')"] += 1
+        messages: list[Message] = []
+        system = self._field(record, "system", where, required=False)
+        tools = _tools(record, col["tools"], where)
+        if system or tools:
+            messages.append({"role": "system", "content": system, **({"tools": tools} if tools else {})})
+        history = record.get(col["history"]) or []
+        if not isinstance(history, list):
+            raise UniftError(f"{where}: field {col['history']!r} must be a list of [question, answer] pairs")
+        for turn, pair in enumerate(history, start=1):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise UniftError(f"{where}: field {col['history']!r} turn {turn} must be a [question, answer] pair")
+            if not pair[1].strip():
+                raise UniftError(f"{where}: field {col['history']!r} turn {turn}: the answer is empty")
+            messages += [{"role": "user", "content": self.clean(pair[0])},
+                         {"role": "assistant", "content": self.clean(pair[1])}]
+        prompt = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else (instruction + extra)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        return messages
+
+
+class CotConverter(AlpacaConverter):
+    """Alpaca-CoT's formatted CoT files store newlines as the two characters backslash and n."""
+
+    format = "cot"
+
+    def clean(self, text: str) -> str:
+        return text.replace("\\n", "\n")
+
+
+class ChatConverter(Converter):
+    """sharegpt ({from, value}) and OpenAI-style messages ({role, content}); tags may rename both."""
+
+    format = "sharegpt"
+    defaults = CHAT_COLUMNS
+    default_tags = SHAREGPT_TAGS
+
+    def __init__(self, columns: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        super().__init__(columns, tags)
+        unknown = sorted(set(self.tags) - set(SHAREGPT_TAGS))
+        if unknown:
+            raise UniftError(f"unknown tags key(s) {', '.join(unknown)}; known: {', '.join(SHAREGPT_TAGS)}")
+        tags = {**self.default_tags, **self.tags}
+        self.role_tag, self.content_tag = tags["role_tag"], tags["content_tag"]
+        self.roles = dict(ROLE_SYNONYMS)
+        for key, role in (("user_tag", "user"), ("assistant_tag", "assistant"), ("system_tag", "system"),
+                          ("function_tag", "function_call"), ("observation_tag", "observation")):
+            self.roles[tags[key]] = role
+        self.known = sorted({tags[k] for k in tags if k.endswith("_tag") and k not in ("role_tag", "content_tag")})
+
+    def required(self) -> list[str]:
+        return ["messages"]
+
+    def _content(self, message: dict, where: str) -> str:
+        value = message.get(self.content_tag)
+        if isinstance(value, list):  # OpenAI content parts: text only
+            texts = []
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise UniftError(f"{where}: only text content is supported, found a {kind!r} part")
+                texts.append(part["text"])
+            return "".join(texts)
+        if value is None and message.get("tool_calls"):
+            return ""
+        if not isinstance(value, str):
+            found = "nothing" if value is None else type(value).__name__
+            raise UniftError(f"{where}: {self.content_tag!r} must be a string, found {found}")
+        return value
+
+    @staticmethod
+    def _tool_calls(calls: Any, text: str, where: str) -> str:
+        if not isinstance(calls, list) or not calls:
+            raise UniftError(f"{where}: 'tool_calls' must be a non-empty list")
+        out = []
+        for call in calls:
+            function = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise UniftError(f"{where}: each tool call needs a function name")
+            arguments = function.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass  # keep the text as the model should reproduce it
+            out.append({"name": function["name"], "arguments": arguments})
+        payload = json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+        return f"{text}\n{payload}" if text.strip() else payload
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        field = self.col["messages"]
+        turns = record.get(field)
+        label = f"field {field!r}" + (" (mapped from 'messages')" if "messages" in self.mapped else "")
+        if turns is None:
+            raise UniftError(f"{where}: {label} is missing")
+        if not isinstance(turns, list):
+            raise UniftError(f"{where}: {label} must be a list of turns, found {type(turns).__name__}")
+        if not turns:
+            raise UniftError(f"{where}: {label} is empty")
+        messages: list[Message] = []
+        for number, turn in enumerate(turns, start=1):
+            at = f"{where}: field {field!r} turn {number}"
+            if not isinstance(turn, dict):
+                raise UniftError(f"{at}: expected an object, found {type(turn).__name__}")
+            tag = turn.get(self.role_tag)
+            if tag is None:
+                raise UniftError(f"{at}: {self.role_tag!r} is missing")
+            role = self.roles.get(tag) if isinstance(tag, str) else None
+            if role is None:
+                raise UniftError(f"{at}: unknown role {tag!r} (known: {', '.join(self.known)})")
+            content = self._content(turn, at)
+            if role == "assistant" and turn.get("tool_calls"):
+                role, content = "function_call", self._tool_calls(turn["tool_calls"], content, at)
+            messages.append({"role": role, "content": content})
+        system = _string(record, self.col["system"], where, required=False)
+        tools = _tools(record, self.col["tools"], where)
+        if system or tools:
+            if messages[0]["role"] == "system":
+                system = (messages[0]["content"] + "\n\n" + system) if system else messages[0]["content"]
+                messages = messages[1:]
+            messages.insert(0, {"role": "system", "content": system, **({"tools": tools} if tools else {})})
+        return check_turns(messages, where, field, self.notes)
+
+
+class MessagesConverter(ChatConverter):
+    format = "messages"
+    defaults = {**CHAT_COLUMNS, "messages": "messages"}
+    default_tags = MESSAGES_TAGS
+
+
+class TextConverter(Converter):
+    format = "text"
+    defaults = TEXT_COLUMNS
+
+    def required(self) -> list[str]:
+        return ["prompt"]
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        text = _string(record, self.col["prompt"], where, True, "prompt" if "prompt" in self.mapped else None)
+        if not text.strip():
+            raise UniftError(f"{where}: field {self.col['prompt']!r} is empty")
+        return [{"role": "text", "content": text}]
+
+
+CONVERTERS: dict[str, type[Converter]] = {
+    "alpaca": AlpacaConverter, "cot": CotConverter, "sharegpt": ChatConverter, "messages": MessagesConverter,
+    "text": TextConverter,
+}
+
+
+def normalize_format(name: str | None) -> str | None:
+    if name is None:
+        return None
+    name = FORMAT_ALIASES.get(name, name)
+    if name not in CONVERTERS:
+        raise UniftError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
+    return name
+
+
+def detect_format(record: dict, columns: dict | None = None, tags: dict | None = None) -> str:
+    """The format of a record from its fields (and any column mapping)."""
+    columns = columns or {}
+    if "messages" in columns:
+        return "messages" if (tags or {}).get("role_tag") == "role" else "sharegpt"
+    if "response" in columns or ("prompt" in columns and "query" in columns):
+        return "alpaca"
+    if set(columns) == {"prompt"}:  # LLaMA-Factory's pre-training entries map only the text column
+        return "text"
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        first = record["messages"][0] if isinstance(record["messages"], list) and record["messages"] else {}
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"
     if "instruction" in record or "output" in record:
         return "alpaca"
-    raise UniftError(f"cannot tell the format of a record with fields {sorted(record)}")
+    if "text" in record:
+        return "text"
+    raise UniftError(
+        f"cannot tell the format of a record with fields {sorted(record)}; name the format and map the "
+        "columns in dataset_info.json"
+    )
 
 
-def to_conversations(path: Path, fmt: str | None = None, columns: dict | None = None) -> list[list[Message]]:
-    records = read_records(path)
-    fmt = fmt or detect_format(records[0])
-    if fmt not in FORMATS:
-        raise UniftError(f"{path}: unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
-    convert = FORMATS[fmt]
-    return [convert(record, f"{path}: record {n}", columns) for n, record in enumerate(records, start=1)]
+def to_conversations(path: Path, fmt: str | None = None, columns: dict | None = None,
+                     tags: dict | None = None) -> list[list[Message]]:
+    """Every record of a file or folder as a validated conversation."""
+    return [conv for _, conv in iter_conversations(path, fmt, columns, tags)]
+
+
+def iter_conversations(
+    path: Path, fmt: str | None = None, columns: dict | None = None, tags: dict | None = None,
+    notes: Counter | None = None, formats: Counter | None = None, limit: int | None = None,
+) -> Iterator[tuple[str, list[Message]]]:
+    """(where, conversation) for the records of a file or folder, lazily, validated one by one.
+    `notes` collects counted remarks (e.g. dropped leading turns), `formats` the format of each file."""
+    fmt = normalize_format(fmt)
+    produced = 0
+    for file in data_files(path):
+        converter: Converter | None = None
+        for number, record in iter_records(file):
+            where = f"{file}: record {number}"
+            if converter is None:
+                try:
+                    chosen = fmt or ("text" if file.suffix.lower() == ".txt" else detect_format(record, columns, tags))
+                    converter = CONVERTERS[chosen](columns if file.suffix.lower() != ".txt" else None, tags)
+                except UniftError as err:
+                    raise UniftError(f"{file}: {err}") from None
+                declared = file_columns(file)
+                converter.check_columns(declared if declared is not None else list(record), str(file),
+                                        declared is not None)
+                if formats is not None:
+                    formats[converter.format] += 1
+            yield where, converter(record, where)
+            produced += 1
+            if limit is not None and produced >= limit:
+                break
+        if converter is not None and notes is not None:
+            notes.update(converter.notes)
+        if limit is not None and produced >= limit:
+            return

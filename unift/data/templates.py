@@ -1,7 +1,13 @@
 """Prompt templates. One object renders a conversation for training, loss masking and inference alike,
 so the three can never drift apart (the template name is recorded in the run card).
 
-A conversation is a list of {"role": "system"|"user"|"assistant", "content": str} messages.
+A conversation is a list of messages {"role": ..., "content": str}. Roles:
+  system         first message only; may carry "tools" (a JSON text describing callable tools)
+  user           a human turn (masked)
+  assistant      an answer (trained)
+  function_call  the assistant calling a tool, e.g. {"name": ..., "arguments": ...} (trained)
+  observation    a tool's result handed back to the assistant (masked)
+  text           plain text for continued pre-training: the only message of its conversation (all trained)
 """
 
 from __future__ import annotations
@@ -12,12 +18,38 @@ from unift.errors import UniftError
 
 Message = dict[str, str]
 
+TRAINED_ROLES = ("assistant", "function_call")
+PROMPT_ROLES = ("user", "observation")
+ROLES = ("system", "user", "assistant", "function_call", "observation", "text")
+
+TOOLS_PREAMBLE = (
+    "You can call the following tools. To call one, reply with a JSON object "
+    '{"name": <tool name>, "arguments": <arguments>}.\n'
+)
+
+
+def system_text(system: str, tools: str | None) -> str:
+    """The system prompt with the tool descriptions appended: one rendering for every template."""
+    if not tools:
+        return system
+    return (system + "\n\n" if system else "") + TOOLS_PREAMBLE + tools
+
+
+def split_system(messages: list[Message]) -> tuple[str | None, str | None, list[Message]]:
+    """(system content or None, tools or None, the other messages)."""
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[0].get("tools") or None, messages[1:]
+    return None, None, messages
+
 
 @dataclass(frozen=True)
 class FormatTemplate:
-    """A template written as per-role format strings. `{content}` is the message text, `{eos}` the
-    tokenizer's end-of-sequence token. `user` ends with the assistant header, so the generation prompt
-    is the rendering of the conversation up to the last user turn."""
+    """A template written as per-role format strings.
+
+    Placeholders: `{content}` the message text, `{eos}`/`{bos}` the tokenizer's end/begin-of-sequence
+    tokens. `user` and `observation` end with the assistant header, so the generation prompt is the
+    rendering of the conversation up to the last user (or tool-result) turn.
+    """
 
     name: str
     user: str
@@ -25,38 +57,79 @@ class FormatTemplate:
     system: str = "{content}"
     default_system: str = ""
     prefix: str = ""  # text before everything (e.g. a BOS string)
+    observation: str | None = None  # a tool result; default: rendered like a user turn
+    function_call: str | None = None  # a tool call; default: rendered like an assistant turn
+    system_in_user: bool = False  # Llama 2 puts the system block inside the first [INST]
+    aliases: tuple[str, ...] = ()
     description: str = ""
 
     def render(self, messages: list[Message], add_generation_prompt: bool, tokenizer=None) -> str:
-        eos = (tokenizer.eos_token if tokenizer is not None else None) or ""
-        parts = [self.prefix]
-        system = self.default_system
-        if messages and messages[0]["role"] == "system":
-            system, messages = messages[0]["content"], messages[1:]
+        eos = (getattr(tokenizer, "eos_token", None) if tokenizer is not None else None) or ""
+        bos = (getattr(tokenizer, "bos_token", None) if tokenizer is not None else None) or ""
+        system, tools, rest = split_system(messages)
+        system = system_text(system or self.default_system, tools)
+        parts = [self.prefix.format(bos=bos, eos=eos)]
+        pending = ""
         if system:
-            parts.append(self.system.format(content=system))
-        for message in messages:
-            fmt = {"user": self.user, "assistant": self.assistant}.get(message["role"])
+            block = self.system.format(content=system, bos=bos, eos=eos)
+            if self.system_in_user:
+                pending = block
+            else:
+                parts.append(block)
+        formats = {
+            "user": self.user, "assistant": self.assistant,
+            "observation": self.observation or self.user, "function_call": self.function_call or self.assistant,
+        }
+        for message in rest:
+            fmt = formats.get(message["role"])
             if fmt is None:
                 raise UniftError(f"template {self.name}: cannot render role {message['role']!r}")
-            parts.append(fmt.format(content=message["content"], eos=eos))
-        # The generation prompt is already inside `user`; add_generation_prompt needs nothing more.
+            content = message["content"]
+            if pending and message["role"] == "user":
+                content, pending = pending + content, ""
+            parts.append(fmt.format(content=content, eos=eos, bos=bos))
+        # The generation prompt is already inside `user`/`observation`; add_generation_prompt needs nothing.
         return "".join(parts)
 
 
 @dataclass(frozen=True)
 class TokenizerTemplate:
-    """`auto`: the tokenizer's own chat template (Jinja), as the model's authors trained it."""
+    """`auto`: the tokenizer's own chat template (Jinja), as the model's authors trained it.
+
+    Tool calls are given to it as assistant messages (their JSON as the text) and tool results as
+    role "tool"; a chat template that rejects or silently drops "tool" messages is reported, not hidden.
+    """
 
     name: str = "auto"
+    aliases: tuple[str, ...] = ()
     description: str = "the tokenizer's own chat template"
 
     def render(self, messages: list[Message], add_generation_prompt: bool, tokenizer=None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UniftError("template 'auto' needs a tokenizer with a chat template; pass --template alpaca")
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        system, tools, rest = split_system(messages)
+        plain: list[dict[str, str]] = []
+        if system is not None or tools:
+            plain.append({"role": "system", "content": system_text(system or "", tools)})
+        for message in rest:
+            role = {"function_call": "assistant", "observation": "tool"}.get(message["role"], message["role"])
+            plain.append({"role": role, "content": message["content"]})
+        try:
+            text = tokenizer.apply_chat_template(
+                plain, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as err:  # Jinja raises its own exception types, e.g. "roles must alternate"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            hint = " (it may not know the 'tool' role: choose e.g. --template chatml)" if any(
+                m["role"] == "tool" for m in plain) else ""
+            raise UniftError(f"template auto: the tokenizer's chat template failed: {first}{hint}") from None
+        for message in plain:
+            if message["role"] == "tool" and message["content"] not in text:
+                raise UniftError(
+                    "template auto: the tokenizer's chat template drops tool results (role 'tool'); "
+                    "choose a template that renders them, e.g. --template chatml"
+                )
+        return text
 
 
 ALPACA_SYSTEM = (
@@ -64,69 +137,85 @@ ALPACA_SYSTEM = (
 )
 
 TEMPLATES: dict[str, FormatTemplate | TokenizerTemplate] = {}
+ALIASES: dict[str, str] = {}
 
 
 def register_template(template: FormatTemplate | TokenizerTemplate) -> None:
     TEMPLATES[template.name] = template
+    for alias in template.aliases:
+        ALIASES[alias] = template.name
 
 
 register_template(TokenizerTemplate())
 register_template(FormatTemplate(
     name="alpaca", system="{content}\n\n", default_system=ALPACA_SYSTEM,
     user="### Instruction:\n{content}\n\n### Response:\n", assistant="{content}{eos}\n\n",
+    observation="### Observation:\n{content}\n\n### Response:\n",
     description="Stanford Alpaca (the original toolkit's prompt)",
 ))
 register_template(FormatTemplate(
     name="vicuna", system="{content} ",
     default_system="A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    user="USER: {content} ASSISTANT:", assistant="{content}{eos}", description="Vicuna v1.1",
+    user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
+    observation="OBSERVATION: {content} ASSISTANT:", description="Vicuna v1.1",
 ))
 register_template(FormatTemplate(
     name="chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
     user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", assistant="{content}<|im_end|>\n",
+    observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
     description="ChatML",
 ))
 register_template(FormatTemplate(
     name="qwen", system="<|im_start|>system\n{content}<|im_end|>\n", default_system="You are a helpful assistant.",
     user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", assistant="{content}<|im_end|>\n",
-    description="Qwen (ChatML with a default system prompt)",
+    observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+    function_call="<tool_call>\n{content}\n</tool_call><|im_end|>\n",
+    description="Qwen (ChatML with a default system prompt, Qwen2.5-style tool calls)",
 ))
 register_template(FormatTemplate(
-    name="llama2", prefix="", system="[INST] <<SYS>>\n{content}\n<</SYS>>\n\n",
-    user="[INST] {content} [/INST]", assistant=" {content} {eos}", description="Llama 2 chat",
+    name="llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_user=True,
+    user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", description="Llama 2 chat",
 ))
 register_template(FormatTemplate(
     name="llama3", prefix="<|begin_of_text|>",
     system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
     user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    assistant="{content}<|eot_id|>", description="Llama 3 instruct",
+    assistant="{content}<|eot_id|>",
+    observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    description="Llama 3 instruct",
 ))
 register_template(FormatTemplate(
     name="chatglm", prefix="[gMASK]<sop>", system="<|system|>\n{content}",
-    user="<|user|>\n{content}<|assistant|>\n", assistant="{content}", description="GLM-4 / ChatGLM",
+    user="<|user|>\n{content}<|assistant|>\n", assistant="{content}",
+    observation="<|observation|>\n{content}<|assistant|>\n", aliases=("glm",),
+    description="GLM-4 / ChatGLM",
 ))
 register_template(FormatTemplate(
-    name="internlm", system="<|System|>:{content}\n",
-    user="<|User|>:{content}<eoh>\n<|Bot|>:", assistant="{content}<eoa>\n", description="InternLM (1)",
+    name="internlm", prefix="{bos}", system="<|System|>:{content}\n",
+    user="<|User|>:{content}<eoh>\n<|Bot|>:", assistant="{content}<eoa>\n",
+    observation="<|Environment|>:{content}<eoh>\n<|Bot|>:", description="InternLM (1)",
 ))
 register_template(FormatTemplate(
     name="moss", system="{content}\n",
     default_system="You are an AI assistant whose name is MOSS.",
-    user="<|Human|>: {content}<eoh>\n<|MOSS|>:", assistant=" {content}<eom>\n", description="MOSS",
+    user="<|Human|>: {content}<eoh>\n<|MOSS|>:", assistant=" {content}<eom>\n",
+    observation="<|Results|>: {content}<eor>\n<|MOSS|>:", description="MOSS",
 ))
 register_template(FormatTemplate(
     name="bloom", user="Human: {content}\n\nAssistant: ", assistant="{content}{eos}\n\n",
-    description="BELLE-style Human/Assistant for BLOOM",
+    observation="Observation: {content}\n\nAssistant: ", description="BELLE-style Human/Assistant for BLOOM",
 ))
 
 
-def get_template(name: str):
+def get_template(name: str) -> FormatTemplate | TokenizerTemplate:
     try:
-        return TEMPLATES[name]
+        return TEMPLATES[ALIASES.get(name, name)]
     except KeyError:
-        raise UniftError(f"unknown --template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+        known = sorted([*TEMPLATES, *ALIASES])
+        raise UniftError(f"unknown --template {name!r}; known: {', '.join(known)}") from None
 
 
 def resolve_template(name: str | None, family_default: str, tokenizer) -> FormatTemplate | TokenizerTemplate:

@@ -1,0 +1,106 @@
+"""Generate the bundled Chinese dataset (OpenAI-style messages, JSONL), verifiable like the others.
+
+Three kinds of problems, each answer ending in a line "答案：X" that a script can check:
+  应用题   two-digit addition/subtraction word problems      "23 + 15 = 38\n答案：38"
+  读数     writing a number (1-99999) in Chinese characters   "答案：三千零五十二"
+  星期     which weekday it is n days after a given one        "星期一往后数 3 天是星期四。\n答案：星期四"
+Deterministic for a given seed:
+    python data/make_zh.py    # writes data/zh/train.jsonl and data/zh/test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+NAMES = ["小明", "小红", "李华", "王芳", "张伟", "刘洋", "陈静", "小刚"]
+ITEMS = [("苹果", "个"), ("铅笔", "支"), ("书", "本"), ("邮票", "张"), ("气球", "个"), ("鸡蛋", "个"), ("贴纸", "张")]
+ADD = ["{name}有{a}{unit}{item}，又买了{b}{unit}。现在一共有多少{unit}{item}？",
+       "{name}星期一收集了{a}{unit}{item}，星期二又收集了{b}{unit}。一共收集了多少{unit}{item}？"]
+SUB = ["{name}有{a}{unit}{item}，送给同学{b}{unit}。还剩多少{unit}{item}？",
+       "盒子里有{a}{unit}{item}，{name}拿走了{b}{unit}。盒子里还剩多少{unit}{item}？"]
+DIGITS = "零一二三四五六七八九"
+UNITS = ["", "十", "百", "千", "万"]
+WEEKDAYS = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
+SYSTEM = "你是一个认真细致的中文助手。"
+
+
+def chinese_number(n: int) -> str:
+    """1 <= n <= 99999 in Chinese numerals: 3052 -> 三千零五十二, 15 -> 十五, 10010 -> 一万零一十."""
+    if not 0 < n < 100000:
+        raise ValueError(n)
+    text, out, gap = str(n), [], False
+    for i, char in enumerate(text):
+        digit, place = int(char), len(text) - 1 - i
+        if digit == 0:
+            gap = True
+            continue
+        if gap and out:
+            out.append("零")  # one 零 stands for any run of zeros inside the number
+        gap = False
+        out.append(DIGITS[digit] + UNITS[place])
+    result = "".join(out)
+    return result[1:] if result.startswith("一十") else result  # 十五, not 一十五
+
+
+def word_problem(rng: random.Random) -> tuple[str, str]:
+    name, (item, unit) = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        return rng.choice(ADD).format(name=name, item=item, unit=unit, a=a, b=b), f"{a} + {b} = {a + b}\n答案：{a + b}"
+    a, b = max(a, b), min(a, b)
+    return rng.choice(SUB).format(name=name, item=item, unit=unit, a=a, b=b), f"{a} - {b} = {a - b}\n答案：{a - b}"
+
+
+def number_reading(rng: random.Random) -> tuple[str, str]:
+    n = rng.choice([rng.randint(1, 99), rng.randint(100, 9999), rng.randint(10000, 99999)])
+    return f"请用汉字写出数字 {n}。", f"答案：{chinese_number(n)}"
+
+
+def weekday(rng: random.Random) -> tuple[str, str]:
+    start, days = rng.randrange(7), rng.randint(1, 30)
+    end = WEEKDAYS[(start + days) % 7]
+    question = f"今天是{WEEKDAYS[start]}，{days}天后是星期几？"
+    return question, f"{WEEKDAYS[start]}往后数 {days} 天是{end}。\n答案：{end}"
+
+
+def make_problem(rng: random.Random) -> dict:
+    question, answer = rng.choice([word_problem, number_reading, weekday])(rng)
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if rng.random() < 0.3:
+        messages.insert(0, {"role": "system", "content": SYSTEM})
+    return {"messages": messages}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=800)
+    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=4321)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "zh")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    seen: set[str] = set()
+    rows: list[dict] = []
+    while len(rows) < args.train + args.test:
+        row = make_problem(rng)
+        question = row["messages"][-2]["content"]
+        if question not in seen:  # held-out questions never appear in training
+            seen.add(question)
+            rows.append(row)
+    write_jsonl(args.out / "train.jsonl", rows[: args.train])
+    write_jsonl(args.out / "test.jsonl", rows[args.train:])
+    print(f"wrote {args.train} train and {args.test} test problems to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

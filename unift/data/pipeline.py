@@ -1,0 +1,363 @@
+"""From --data entries to training rows: load and validate every source, tokenize (cached, in parallel for
+large data), then split off the validation set and mix the sources in the asked proportions.
+
+Order of work, and why:
+1. `load_sources` reads and validates every record before the tokenizer or any model is loaded, so bad
+   input fails in seconds with the file, record and field named. A source validated earlier (same file
+   size and modification time, same format options) is not read again.
+2. `build_datasets` tokenizes each source once per (data, tokenizer, template, cutoff) and keeps the
+   result under $UNIFT_CACHE/data (default ~/.cache/unift/data); a second run loads it memory-mapped.
+   Sources under CACHE_MIN_RECORDS conversations are tokenized in memory: that is faster than the cache.
+   A file lock makes concurrent ranks (torchrun) build each cache entry once: the others wait, then load.
+3. The validation set is drawn from the shuffled pool of all sources before mixing, so an upsampled
+   example can never sit in both splits; --data_ratios then resamples the training part of each source.
+Streaming mode (`--streaming`) reads files lazily instead, for data larger than memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unift.data.formats import data_files, iter_conversations
+from unift.data.registry import DatasetEntry, resolve_dataset
+from unift.data.templates import Message
+from unift.data.tokenize import IGNORE_INDEX, encode_conversation
+from unift.errors import UniftError
+
+log = logging.getLogger("unift")
+
+CACHE_VERSION = 1  # bump when tokenization changes, so old cache entries are not reused
+CACHE_MIN_RECORDS = 1000  # below this, tokenizing in memory is faster than writing and reading a cache
+RECORDS_PER_WORKER = 5000  # auto --num_proc: one worker per this many records (no pool for small data)
+STREAM_CHECK = 1000  # records per source validated up front in streaming mode
+SHUFFLE_BUFFER = 1024  # streaming shuffle buffer
+TRAIN_COLUMNS = ["input_ids", "labels"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNIFT_CACHE", Path.home() / ".cache" / "unift")) / "data"
+
+
+@dataclass
+class DataOptions:
+    """The data flags, as plain values (the data package knows nothing of argparse)."""
+
+    data: list[str]
+    dataset_dir: str | None = None
+    cutoff_len: int = 512
+    val_set_size: float = 0
+    max_samples: int | None = None
+    data_ratios: list[float] | None = None
+    seed: int = 42
+    train_on_prompt: bool = False
+    streaming: bool = False
+    num_proc: int | None = None
+    overwrite_cache: bool = False
+    stream_length: int = 0  # rows a streaming training set reports as its length (steps x batch)
+
+    @classmethod
+    def from_args(cls, args: Any, **extra: Any) -> DataOptions:
+        """Options from any object with the same attribute names (TrainArgs, an argparse namespace)."""
+        names = [f for f in cls.__dataclass_fields__ if hasattr(args, f)]
+        return cls(**{name: getattr(args, name) for name in names}, **extra)
+
+    def check(self) -> None:
+        if not self.data:
+            raise UniftError("--data: give at least one dataset name or path")
+        if self.cutoff_len < 1:
+            raise UniftError(f"--cutoff_len must be positive, not {self.cutoff_len}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UniftError(f"--max_samples must be positive, not {self.max_samples}")
+        if self.val_set_size < 0:
+            raise UniftError(f"--val_set_size must not be negative, not {self.val_set_size}")
+        if self.data_ratios is not None:
+            if len(self.data_ratios) != len(self.data):
+                raise UniftError(f"--data_ratios has {len(self.data_ratios)} values for {len(self.data)} --data "
+                                 "entries; give one proportion per entry")
+            if any(r < 0 for r in self.data_ratios) or not any(r > 0 for r in self.data_ratios):
+                raise UniftError("--data_ratios must be non-negative with at least one positive value")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise UniftError(f"--num_proc must be positive, not {self.num_proc}")
+        if self.streaming:
+            if self.stream_length < 1:
+                raise UniftError("--streaming needs --max_steps: the length of a stream is not known in advance")
+            if self.val_set_size and (self.val_set_size < 1 or self.val_set_size != int(self.val_set_size)):
+                raise UniftError("--streaming takes --val_set_size as a count of examples, not a fraction")
+
+
+@dataclass
+class Source:
+    """One --data entry after validation."""
+
+    entry: DatasetEntry
+    limit: int | None
+    key: str  # fingerprint of the files and the options that shape their conversations
+    records: int | None = None  # None in streaming mode (not counted)
+    formats: dict[str, int] = field(default_factory=dict)  # format -> number of files in it
+    notes: dict[str, int] = field(default_factory=dict)
+    conversations: list[list[Message]] | None = None  # None when a cache made reading unnecessary
+    bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def iter(self, notes: Counter | None = None, limit: int | None = None) -> Iterator[tuple[str, list[Message]]]:
+        cap = min(x for x in (self.limit, limit) if x is not None) if (self.limit or limit) else None
+        return iter_conversations(self.entry.path, self.entry.formatting, self.entry.columns, self.entry.tags,
+                                  notes=notes, limit=cap)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _source_key(entry: DatasetEntry, files: list[Path], limit: int | None) -> str:
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return _digest({"v": CACHE_VERSION, "files": stats, "format": entry.formatting, "columns": entry.columns,
+                    "tags": entry.tags, "limit": limit})
+
+
+def load_sources(options: DataOptions) -> list[Source]:
+    """Resolve and validate every --data entry; nothing heavier than the data files is touched."""
+    options.check()
+    dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
+    sources = []
+    for name in options.data:
+        entry = resolve_dataset(name, dataset_dir)
+        files = data_files(entry.path)
+        caps = [x for x in (options.max_samples, entry.num_samples) if x is not None]
+        limit = min(caps) if caps else None
+        source = Source(entry, limit, _source_key(entry, files, limit), bytes=sum(f.stat().st_size for f in files))
+        notes: Counter = Counter()
+        formats: Counter = Counter()
+        if options.streaming:
+            # A stream is validated on its first records now, and record by record as training reads it.
+            for _ in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags, notes=notes,
+                                        formats=formats, limit=min(STREAM_CHECK, limit or STREAM_CHECK)):
+                pass
+            source.formats, source.notes = dict(formats), dict(notes)
+        else:
+            marker = cache_root() / source.key / "source.json"
+            known = _read_json(marker) if not options.overwrite_cache else None
+            if known:
+                source.records, source.formats, source.notes = known["records"], known["formats"], known["notes"]
+            else:
+                source.conversations = [c for _, c in iter_conversations(
+                    entry.path, entry.formatting, entry.columns, entry.tags, notes=notes, formats=formats,
+                    limit=limit)]
+                source.records, source.formats, source.notes = len(source.conversations), dict(formats), dict(notes)
+        sources.append(source)
+    return sources
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- tokenization ----------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Content, not path: the same tokenizer saved in two run folders shares cache entries."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _digest([type(tokenizer).__name__, hashlib.sha256(body.encode()).hexdigest(),
+                    getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token,
+                    tokenizer.pad_token, sorted(map(str, tokenizer.all_special_tokens))])
+
+
+def _encode_batch(batch: dict[str, list], template, tokenizer, cutoff_len: int,
+                  train_on_prompt: bool) -> dict[str, list]:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trained": []}
+    for text in batch["conversation"]:
+        enc = encode_conversation(json.loads(text), template, tokenizer, cutoff_len, train_on_prompt)
+        out["input_ids"].append(enc.input_ids)
+        out["labels"].append(enc.labels)
+        out["length"].append(enc.length)
+        out["truncated"].append(enc.truncated)
+        out["trained"].append(sum(label != IGNORE_INDEX for label in enc.labels))
+    return out
+
+
+def auto_num_proc(records: int, asked: int | None) -> int:
+    if asked:
+        return asked
+    return max(1, min(os.cpu_count() or 1, 8, records // RECORDS_PER_WORKER))
+
+
+@contextlib.contextmanager
+def _progress(show: bool) -> Iterator[None]:
+    """datasets' progress bars only where the work is long enough to watch."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _tokenize(conversations: list[list[Message]], template, tokenizer, options: DataOptions, key: str):
+    import datasets
+
+    table = datasets.Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations]})
+    workers = auto_num_proc(len(conversations), options.num_proc)
+    with _progress(len(conversations) >= 10 * CACHE_MIN_RECORDS):
+        return table.map(
+            _encode_batch, batched=True, batch_size=256, num_proc=workers if workers > 1 else None,
+            remove_columns=["conversation"], new_fingerprint=key, desc="tokenizing",
+            fn_kwargs={"template": template, "tokenizer": tokenizer, "cutoff_len": options.cutoff_len,
+                       "train_on_prompt": options.train_on_prompt},
+        )
+
+
+def tokenized_source(source: Source, template, tokenizer, options: DataOptions, tok_fp: str):
+    """The source's rows (input_ids, labels, length, truncated, trained), from the cache when possible."""
+    import datasets
+    from filelock import FileLock
+
+    key = _digest([source.key, tok_fp, repr(template), options.cutoff_len, options.train_on_prompt])
+    folder = cache_root() / source.key / key
+    if folder.is_dir() and not options.overwrite_cache:
+        return datasets.load_from_disk(str(folder))
+    if source.conversations is None:
+        source.conversations = [c for _, c in source.iter()]
+    if len(source.conversations) < CACHE_MIN_RECORDS:
+        return _tokenize(source.conversations, template, tokenizer, options, key)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if folder.is_dir() and not options.overwrite_cache:  # another rank built it while we waited
+            return datasets.load_from_disk(str(folder))
+        log.info("tokenizing %s (%d conversations); cached in %s", source.name, len(source.conversations), folder)
+        rows = _tokenize(source.conversations, template, tokenizer, options, key)
+        tmp = folder.with_name(f".{key}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _progress(False):
+            rows.save_to_disk(str(tmp))
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+        _write_json(folder.parent / "source.json",
+                    {"records": source.records, "formats": source.formats, "notes": source.notes,
+                     "path": str(source.entry.path)})
+    return datasets.load_from_disk(str(folder))
+
+
+# ---- splitting and mixing --------------------------------------------------------------------------
+
+
+@dataclass
+class DataBundle:
+    train: Any  # indexable rows {"input_ids", "labels"} (a datasets.Dataset), or a stream
+    val: Any
+    stats: dict[str, Any]
+    sources: list[Source]
+    train_full: Any = None  # the training rows with their length/truncated/trained columns (for reports)
+    val_full: Any = None
+    tables: list = field(default_factory=list)  # every tokenized row of each source, in file order
+
+
+def _mix(pools: list[list[int]], ratios: list[float] | None, rng: random.Random) -> list[list[int]]:
+    """Per source, the (shuffled) row indices to train on: all of them, or resampled to the ratios with
+    the total size unchanged (a source asked for more than it has is repeated)."""
+    if ratios is None:
+        return pools
+    total = sum(len(p) for p in pools)
+    weight = sum(ratios)
+    chosen = []
+    for pool, ratio in zip(pools, ratios):
+        want = round(total * ratio / weight)
+        if want and not pool:
+            raise UniftError("--data_ratios asks for examples from a source that has none left for training")
+        copies, rest = divmod(want, len(pool)) if pool else (0, 0)
+        chosen.append(pool * copies + rng.sample(pool, rest))
+    return chosen
+
+
+def build_datasets(sources: list[Source], template, tokenizer, options: DataOptions) -> DataBundle:
+    """Tokenize, split and mix validated sources into training and validation rows."""
+    if options.streaming:
+        from unift.data.streaming import streaming_bundle
+
+        return streaming_bundle(sources, template, tokenizer, options)
+    import datasets
+
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    tables = [tokenized_source(s, template, tokenizer, options, tok_fp) for s in sources]
+    rng = random.Random(options.seed)
+    pool = []
+    dropped = []
+    for number, table in enumerate(tables):
+        trained = table["trained"]
+        pool += [(number, i) for i, n in enumerate(trained) if n > 0]
+        dropped.append(sum(1 for n in trained if n == 0))
+    if not pool:
+        raise UniftError(f"no example has an answer token within --cutoff_len {options.cutoff_len}; raise it")
+    rng.shuffle(pool)
+    size = options.val_set_size
+    n_val = int(round(size * len(pool))) if 0 < size < 1 else int(size)
+    if n_val >= len(pool):
+        raise UniftError(f"--val_set_size {size:g} leaves no training examples (there are {len(pool)})")
+    val_pairs, train_pairs = pool[:n_val], pool[n_val:]
+    per_source: list[list[int]] = [[] for _ in tables]
+    for number, i in train_pairs:
+        per_source[number].append(i)
+    mixed = _mix(per_source, options.data_ratios, rng)
+    offsets = [0]
+    for table in tables[:-1]:
+        offsets.append(offsets[-1] + len(table))
+    train_index = [offsets[s] + i for s, rows in enumerate(mixed) for i in rows]
+    rng.shuffle(train_index)
+    val_index = [offsets[s] + i for s, i in val_pairs]
+    every = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+    train_full, val_full = every.select(train_index), every.select(val_index)
+    val_counts = Counter(s for s, _ in val_pairs)
+    stats = {
+        "examples": len(train_index) + len(val_index),
+        "train": len(train_index),
+        "val": len(val_index),
+        "truncated": sum(train_full["truncated"]) + sum(val_full["truncated"]),
+        "dropped": sum(dropped),
+        "sources": [
+            {"name": s.name, "path": str(s.entry.path), "formats": s.formats, "records": s.records,
+             "dropped": dropped[n], "train": len(mixed[n]), "val": val_counts[n], "notes": s.notes}
+            for n, s in enumerate(sources)
+        ],
+    }
+    return DataBundle(train_full.select_columns(TRAIN_COLUMNS), val_full.select_columns(TRAIN_COLUMNS), stats,
+                      sources, train_full, val_full, tables)
+
+
+def load_conversations(names: list[str], dataset_dir: Path | None = None) -> list[list[Message]]:
+    """Every --data entry (names or paths), validated and merged in the given order."""
+    conversations: list[list[Message]] = []
+    for name in names:
+        entry = resolve_dataset(name, dataset_dir)
+        conversations += [c for _, c in iter_conversations(entry.path, entry.formatting, entry.columns,
+                                                           entry.tags, limit=entry.num_samples)]
+    return conversations

@@ -1,0 +1,90 @@
+"""Streaming mode: records are read lazily from the files, mixed, shuffled in a bounded buffer and
+tokenized on the fly, so data larger than memory trains in constant memory.
+
+The stream is endless (each source starts over when it ends), so training needs --max_steps; its
+reported length is steps x batch. Sources are drawn at random in the --data_ratios proportions, or in
+proportion to their file sizes without them. The first --val_set_size conversations of the stream are
+held out as the validation set and never trained on. Records are validated as they are read: the first
+STREAM_CHECK of each source before training starts, the rest when reached (the same one-line errors).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from unift.data.pipeline import SHUFFLE_BUFFER, DataBundle, DataOptions, Source
+from unift.data.templates import Message
+from unift.data.tokenize import IGNORE_INDEX, encode_conversation
+
+
+def _endless(source: Source) -> Iterator[list[Message]]:
+    while True:
+        for _, conversation in source.iter():
+            yield conversation
+
+
+def mixed_stream(sources: list[Source], options: DataOptions) -> Iterator[list[Message]]:
+    """The conversations of all sources, interleaved at random in the asked proportions."""
+    weights = options.data_ratios or [max(1, s.bytes) for s in sources]
+    streams = [_endless(s) for s in sources]
+    live = [i for i, w in enumerate(weights) if w > 0]
+    rng = random.Random(options.seed)
+    while True:
+        (i,) = rng.choices(live, weights=[weights[j] for j in live])
+        yield next(streams[i])
+
+
+class StreamingRows(torch.utils.data.IterableDataset):
+    """Endless tokenized rows {"input_ids", "labels"}; `len()` is the number the run will consume."""
+
+    def __init__(self, sources: list[Source], template, tokenizer, options: DataOptions, skip: int) -> None:
+        super().__init__()
+        self.sources, self.template, self.tokenizer = sources, template, tokenizer
+        self.options, self.skip = options, skip
+
+    def __len__(self) -> int:
+        return self.options.stream_length
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        stream = mixed_stream(self.sources, self.options)
+        for _ in range(self.skip):  # the validation conversations
+            next(stream)
+        rng = random.Random(self.options.seed + 1)
+        buffer: list[list[Message]] = []
+        for conversation in stream:
+            if len(buffer) < SHUFFLE_BUFFER:
+                buffer.append(conversation)
+                continue
+            slot = rng.randrange(len(buffer))
+            conversation, buffer[slot] = buffer[slot], conversation
+            row = encode_row(conversation, self.template, self.tokenizer, self.options)
+            if row is not None:
+                yield row
+
+
+def encode_row(conversation: list[Message], template, tokenizer, options: DataOptions) -> dict[str, Any] | None:
+    enc = encode_conversation(conversation, template, tokenizer, options.cutoff_len, options.train_on_prompt)
+    trained = sum(label != IGNORE_INDEX for label in enc.labels)
+    if not trained:
+        return None
+    return {"input_ids": enc.input_ids, "labels": enc.labels, "length": enc.length, "truncated": enc.truncated,
+            "trained": trained}
+
+
+def streaming_bundle(sources: list[Source], template, tokenizer, options: DataOptions) -> DataBundle:
+    n_val = int(options.val_set_size)
+    stream = mixed_stream(sources, options)
+    val_full = [row for row in (encode_row(next(stream), template, tokenizer, options) for _ in range(n_val)) if row]
+    val = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in val_full]
+    stats = {
+        "examples": options.stream_length + len(val), "train": options.stream_length, "val": len(val),
+        "truncated": sum(r["truncated"] for r in val_full), "dropped": n_val - len(val_full), "streaming": True,
+        "sources": [{"name": s.name, "path": str(s.entry.path), "formats": s.formats, "records": None,
+                     "dropped": None, "train": None, "val": None, "notes": s.notes} for s in sources],
+    }
+    return DataBundle(StreamingRows(sources, template, tokenizer, options, n_val), val, stats, sources,
+                      None, val_full)

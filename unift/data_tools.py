@@ -1,0 +1,204 @@
+"""`unift data check` and `unift data convert`: see what a run will train on, and change data forms.
+
+`data check` goes through the very code `unift train` uses (validation, template, tokenization, split,
+mixing), loading the tokenizer but no model, and prints per-source counts, the formats detected, token
+length statistics with a histogram, what --cutoff_len truncates, and the first example of each source with
+the trained part marked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from unift.args import TrainArgs
+from unift.data import DataOptions, build_datasets, iter_conversations, load_sources, resolve_dataset
+from unift.data.convert import TARGETS, convert_record
+from unift.data.tokenize import IGNORE_INDEX
+from unift.errors import UniftError
+
+CHECK_FIELDS = ("model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
+                "cutoff_len", "val_set_size", "max_samples", "train_on_prompt", "data_ratios", "streaming",
+                "num_proc", "overwrite_cache", "seed")
+OPEN, CLOSE = "⟦", "⟧"  # around trained text in plain output
+STREAM_SAMPLE = 1000
+
+
+def _subset(cls: type, names: tuple[str, ...], name: str) -> type:
+    """A dataclass with some of TrainArgs' fields (same flags, help and defaults)."""
+    chosen = []
+    for f in dataclasses.fields(cls):
+        if f.name in names:
+            chosen.append((f.name, f.type, dataclasses.field(
+                default=f.default, default_factory=f.default_factory, metadata=f.metadata)))
+    return dataclasses.make_dataclass(name, chosen)
+
+
+CheckArgs = _subset(TrainArgs, CHECK_FIELDS, "CheckArgs")
+
+
+# ---- check -----------------------------------------------------------------------------------------
+
+
+def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
+    low, high = min(values), max(values)
+    step = max(1, -(-(high - low + 1) // bins))  # ceiling division: integer-wide bins covering low..high
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[(v - low) // step] = counts.get((v - low) // step, 0) + 1
+    top = max(counts.values())
+    lines = []
+    for b in range(max(counts) + 1):
+        start, n = low + b * step, counts.get(b, 0)
+        bar = "█" * max(1 if n else 0, round(width * n / top))
+        lines.append(f"  {start:>6} - {start + step - 1:<6} {bar:<{width}} {n}")
+    return lines
+
+
+def percentile(ordered: list[int], q: float) -> int:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def marked(input_ids: list[int], labels: list[int], tokenizer, color: bool) -> str:
+    """The example as text, with the trained runs of tokens marked (colour on a terminal)."""
+    out, run, trained = [], [], None
+    for token, label in zip(input_ids, labels):
+        is_trained = label != IGNORE_INDEX
+        if trained is not None and is_trained != trained:
+            out.append(_mark(tokenizer.decode(run), trained, color))
+            run = []
+        run.append(token)
+        trained = is_trained
+    if run:
+        out.append(_mark(tokenizer.decode(run), bool(trained), color))
+    return "".join(out)
+
+
+def _mark(text: str, trained: bool, color: bool) -> str:
+    if color:
+        return f"\033[1;32m{text}\033[0m" if trained else f"\033[2m{text}\033[0m"
+    return f"{OPEN}{text}{CLOSE}" if trained else text
+
+
+def _template_label(template) -> str:
+    return f"{template.name} ({template.description})" if template.description else template.name
+
+
+def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
+    """Print the report; return the figures (for tests)."""
+    from unift.data import resolve_template
+    from unift.data.streaming import encode_row
+    from unift.models import get_model_spec, load_tokenizer
+    from unift.models.loading import resolve_model_path
+
+    out = out or sys.stdout
+    color = out.isatty() and not os.environ.get("NO_COLOR")
+    spec = get_model_spec(args.model_type)
+    options = DataOptions.from_args(args, stream_length=STREAM_SAMPLE if args.streaming else 0)
+    sources = load_sources(options)
+    path = resolve_model_path(args.model_name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+    template = resolve_template(args.template, spec.template, tokenizer)
+    bundle = build_datasets(sources, template, tokenizer, options)
+    if options.streaming:
+        sample = _stream_sample(bundle)
+        columns = {key: [r[key] for r in sample] for key in ("length", "truncated", "trained")}
+        firsts = [encode_row(next(s.iter())[1], template, tokenizer, options) for s in sources]
+    else:
+        parts = (bundle.train_full, bundle.val_full)
+        columns = {key: [v for part in parts for v in part[key]] for key in ("length", "truncated", "trained")}
+        firsts = [table[0] for table in bundle.tables]
+    stats = bundle.stats
+    w = out.write
+    w(f"data:      {', '.join(options.data)}\n")
+    w(f"tokenizer: {path} (model_type {spec.name})\n")
+    w(f"template:  {_template_label(template)}\n")
+    w(f"cutoff:    {options.cutoff_len} tokens; loss on {'every token' if options.train_on_prompt else 'assistant turns only'}\n\n")
+    width = max(6, *(len(s["name"]) for s in stats["sources"]))
+    w(f"{'source':<{width}} {'format':<10} {'records':>8} {'dropped':>8} {'train':>7} {'val':>6}  file\n")
+    for s in stats["sources"]:
+        fmt = ",".join(s["formats"]) or "-"
+        cells = [s["records"], s["dropped"], s["train"], s["val"]]
+        records, dropped, train, val = ("?" if c is None else c for c in cells)
+        w(f"{s['name']:<{width}} {fmt:<10} {records:>8} {dropped:>8} {train:>7} {val:>6}  {s['path']}\n")
+    if not options.streaming and len(stats["sources"]) > 1:
+        total = sum(s["records"] for s in stats["sources"])
+        w(f"{'total':<{width}} {'':<10} {total:>8} {stats['dropped']:>8} {stats['train']:>7} {stats['val']:>6}\n")
+    if options.data_ratios:
+        w(f"mixing: --data_ratios {' '.join(f'{r:g}' for r in options.data_ratios)}\n")
+    lengths = sorted(columns["length"])
+    figures: dict[str, Any] = {"stats": stats, "lengths": lengths}
+    if lengths:
+        scope = f"a sample of {len(lengths)} from the stream" if options.streaming else "train + val"
+        w(f"\ntokens per example ({scope}, before the cutoff):\n")
+        w(f"  min {lengths[0]}  median {percentile(lengths, 0.5)}  mean {statistics.fmean(lengths):.1f}  "
+          f"p95 {percentile(lengths, 0.95)}  max {lengths[-1]}\n")
+        for line in histogram(lengths):
+            w(line + "\n")
+        truncated = sum(columns["truncated"])
+        kept = sum(min(n, options.cutoff_len) for n in lengths)
+        trained = sum(columns["trained"])
+        w(f"truncated by --cutoff_len {options.cutoff_len}: {truncated} of {len(lengths)} "
+          f"({100 * truncated / len(lengths):.1f}%)")
+        w(f"; dropped (no answer token left): {stats['dropped']}\n" if not options.streaming else "\n")
+        w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")
+        figures.update(truncated=truncated, trained=trained)
+    notes = [(s["name"], text, n) for s in stats["sources"] for text, n in s["notes"].items()]
+    if notes:
+        w("\nnotes:\n")
+        for name, text, n in notes:
+            w(f"  {name}: {n} {text}\n")
+    legend = "bright" if color else f"inside {OPEN} {CLOSE}"
+    for source, row in zip(stats["sources"], firsts):
+        if row is None or not show:
+            continue
+        size = len(row["input_ids"])
+        cut = f", cut from {row['length']}" if row["length"] > size else ""
+        w(f"\nfirst example of {source['name']} ({size} tokens{cut}; trained text {legend}, the rest masked):\n")
+        w(marked(row["input_ids"], row["labels"], tokenizer, color) + "\n")
+    return figures
+
+
+def _stream_sample(bundle) -> list[dict[str, Any]]:
+    rows = []
+    for row in bundle.train:
+        rows.append(row)
+        if len(rows) >= STREAM_SAMPLE:
+            break
+    return rows
+
+
+# ---- convert ---------------------------------------------------------------------------------------
+
+
+def convert(data: list[str], target: str, output: str, dataset_dir: str | None = None,
+            max_samples: int | None = None) -> int:
+    """Write every record of the given data in the target form; returns the number written."""
+    if target not in TARGETS:
+        raise UniftError(f"--to {target!r}: known forms are {', '.join(TARGETS)}")
+    out = Path(output)
+    as_list = out.suffix.lower() == ".json"
+    if out.suffix.lower() not in (".json", ".jsonl"):
+        raise UniftError(f"--output {output}: write .json or .jsonl")
+    records = []
+    for name in data:
+        entry = resolve_dataset(name, Path(dataset_dir) if dataset_dir else None)
+        for where, conversation in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags,
+                                                      limit=max_samples or entry.num_samples):
+            records.append(convert_record(conversation, target, where))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        if as_list:
+            json.dump(records, handle, ensure_ascii=False, indent=1)
+            handle.write("\n")
+        else:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return len(records)
