@@ -1,0 +1,48 @@
+"""End to end on the real embedded SmolLM2-135M-Instruct: train, then evaluate base vs tuned and generate,
+through the same commands the README runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_eval_generate_on_the_embedded_model(tmp_path):
+    out = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, str(REPO / "uniform_finetune.py"), "--data", "arith", "--max_samples", "48",
+         "--max_steps", "12", "--per_gpu_train_batch_size", "4", "--learning_rate", "1e-3", "--lora_r", "8",
+         "--logging_steps", "1", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    curve = [p["loss"] for p in metrics["loss_curve"]]
+    assert min(curve[-3:]) < curve[0]  # a real model on real data: the loss comes down within 12 steps
+    card = json.loads((out / "unift_run.json").read_text())
+    assert card["base_model"] is None and card["template"] == "auto"  # the embedded model, found anywhere
+
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "unift.cli", "eval", "--adapter_dir", str(out), "--compare_base",
+         "--max_samples", "8", "--show", "1"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    rows = [line.split() for line in evaluation.stdout.splitlines() if line.startswith(("base ", "tuned "))]
+    assert [r[0] for r in rows] == ["base", "tuned"]
+    assert all(r[2].endswith("/8") for r in rows)
+
+    answer = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--adapter_dir", str(out), "--prompt",
+         "Anna has 12 apples and gets 30 more. How many apples does Anna have now?", "--max_new_tokens", "24"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert answer.stdout.strip()
