@@ -34,12 +34,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 # The main job: fine-tune the embedded model on the bundled arithmetic task, then base vs tuned.
 demo: install
-	$(BIN)/unift train --data arith --output_dir $(RUN) --epochs 2 --per_gpu_train_batch_size 8 \
-	    --learning_rate 1e-3 --lora_r 16 --lora_alpha 32 --logging_steps 25
+	$(BIN)/unift train --config configs/arith_lora.yaml --output_dir $(RUN)
 	$(BIN)/unift eval --adapter_dir $(RUN) --compare_base --show 4
 
 test: install-dev
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -158,3 +158,9 @@ def test_generate_answers_from_the_run_folder_alone(trained_run):
 def test_resume_needs_a_checkpoint(tmp_path, capsys):
     code, err = run_cli(["train", "--resume_from_checkpoint", "--output_dir", str(tmp_path)], capsys)
     assert code == 2 and "no checkpoint-* folder" in err
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(config):
+    ns = parse(["train", "--config", str(config)])
+    assert ns.model_type and ns.peft_type
