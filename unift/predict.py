@@ -237,6 +237,7 @@ def predict(
              "max_prompt_tokens": max_prompt_tokens}
     if overwrite:
         out.unlink(missing_ok=True)
+        (result_dir / STATE).unlink(missing_ok=True)
     done = load_done(out)
     check_resume(result_dir, state, done, rows)
     from unift.runtime import write_json_atomic
