@@ -4,8 +4,9 @@ tokenized on the fly, so data larger than memory trains in constant memory.
 The stream is endless (each source starts over when it ends), so training needs --max_steps; its
 reported length is steps x batch. Sources are drawn at random in the --data_ratios proportions, or in
 proportion to their file sizes without them. The first --val_set_size conversations of the stream are
-held out as the validation set and never trained on. Records are validated as they are read: the first
-STREAM_CHECK of each source before training starts, the rest when reached (the same one-line errors).
+held out as the validation set and skipped whenever the stream reaches them again. Records are validated
+as they are read: the first STREAM_CHECK of each source before training starts, the rest when reached
+(the same one-line errors).
 """
 
 from __future__ import annotations
@@ -19,43 +20,51 @@ import torch
 from unift.data.pipeline import SHUFFLE_BUFFER, DataBundle, DataOptions, Source
 from unift.data.templates import Message
 from unift.data.tokenize import IGNORE_INDEX, encode_conversation
+from unift.errors import UniftError
 
 
-def _endless(source: Source) -> Iterator[list[Message]]:
+def _endless(source: Source) -> Iterator[tuple[int, list[Message]]]:
+    """(position in the source, conversation), starting over at the end."""
     while True:
-        for _, conversation in source.iter():
-            yield conversation
+        for position, (_, conversation) in enumerate(source.iter()):
+            yield position, conversation
 
 
-def mixed_stream(sources: list[Source], options: DataOptions) -> Iterator[list[Message]]:
-    """The conversations of all sources, interleaved at random in the asked proportions."""
+def mixed_stream(sources: list[Source], options: DataOptions) -> Iterator[tuple[tuple[int, int], list[Message]]]:
+    """((source, position), conversation) from all sources, interleaved at random in the asked proportions."""
     weights = options.data_ratios or [max(1, s.bytes) for s in sources]
     streams = [_endless(s) for s in sources]
     live = [i for i, w in enumerate(weights) if w > 0]
     rng = random.Random(options.seed)
     while True:
         (i,) = rng.choices(live, weights=[weights[j] for j in live])
-        yield next(streams[i])
+        position, conversation = next(streams[i])
+        yield (i, position), conversation
 
 
 class StreamingRows(torch.utils.data.IterableDataset):
     """Endless tokenized rows {"input_ids", "labels"}; `len()` is the number the run will consume."""
 
-    def __init__(self, sources: list[Source], template, tokenizer, options: DataOptions, skip: int) -> None:
+    def __init__(self, sources: list[Source], template, tokenizer, options: DataOptions,
+                 held_out: set[tuple[int, int]]) -> None:
         super().__init__()
         self.sources, self.template, self.tokenizer = sources, template, tokenizer
-        self.options, self.skip = options, skip
+        self.options, self.held_out = options, held_out
 
     def __len__(self) -> int:
         return self.options.stream_length
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        stream = mixed_stream(self.sources, self.options)
-        for _ in range(self.skip):  # the validation conversations
-            next(stream)
         rng = random.Random(self.options.seed + 1)
         buffer: list[list[Message]] = []
-        for conversation in stream:
+        skipped = 0
+        for key, conversation in mixed_stream(self.sources, self.options):
+            if key in self.held_out:  # a validation conversation, in this pass or a later one
+                skipped += 1
+                if skipped > 100 * len(self.held_out) + 1000:
+                    raise UniftError("--val_set_size holds out every example of the stream; lower it")
+                continue
+            skipped = 0
             if len(buffer) < SHUFFLE_BUFFER:
                 buffer.append(conversation)
                 continue
@@ -77,8 +86,14 @@ def encode_row(conversation: list[Message], template, tokenizer, options: DataOp
 
 def streaming_bundle(sources: list[Source], template, tokenizer, options: DataOptions) -> DataBundle:
     n_val = int(options.val_set_size)
-    stream = mixed_stream(sources, options)
-    val_full = [row for row in (encode_row(next(stream), template, tokenizer, options) for _ in range(n_val)) if row]
+    held_out: dict[tuple[int, int], list[Message]] = {}
+    for drawn, (key, conversation) in enumerate(mixed_stream(sources, options)):  # the first distinct ones
+        if len(held_out) >= n_val:
+            break
+        if drawn > 100 * n_val + 1000:
+            raise UniftError(f"--val_set_size {n_val}: the data has fewer distinct examples than that")
+        held_out.setdefault(key, conversation)
+    val_full = [row for row in (encode_row(c, template, tokenizer, options) for c in held_out.values()) if row]
     val = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in val_full]
     stats = {
         "examples": options.stream_length + len(val), "train": options.stream_length, "val": len(val),
@@ -86,5 +101,5 @@ def streaming_bundle(sources: list[Source], template, tokenizer, options: DataOp
         "sources": [{"name": s.name, "path": str(s.entry.path), "formats": s.formats, "records": None,
                      "dropped": None, "train": None, "val": None, "notes": s.notes} for s in sources],
     }
-    return DataBundle(StreamingRows(sources, template, tokenizer, options, n_val), val, stats, sources,
+    return DataBundle(StreamingRows(sources, template, tokenizer, options, set(held_out)), val, stats, sources,
                       None, val_full)
