@@ -1,0 +1,177 @@
+"""Terminal chat (server.py / `unift chat`, and `unift generate` without --prompt): the interactive loop in
+a pseudo-terminal, piped input, history fed back, and streams that stop free the model."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import pty
+import re
+import select
+import subprocess
+import termios
+import time
+
+import pytest
+from after_training_helpers import PYTHON, REPO, env, trained_run
+
+from unift.chat import chat_loop
+from unift.inference import GenerationSettings
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model):
+    return trained_run(tiny_model("llama"))
+
+
+@pytest.fixture(scope="module")
+def engine(run):
+    from unift.inference import Engine
+
+    return Engine.load(str(run))
+
+
+# ---- streaming frees the model -----------------------------------------------------------------------
+
+def test_stop_string_ends_generation_early(engine):
+    messages = [{"role": "user", "content": "What is 3 plus 3?"}]
+    free = "".join(engine.stream(messages, GenerationSettings(max_new_tokens=12)))
+    stop = free.strip()[3:6]  # some text the model does produce, a few tokens in
+    assert stop and len(free) > 10
+    stream = engine.open_stream(messages, GenerationSettings(max_new_tokens=400, stop=(stop,)))
+    text = "".join(stream)
+    assert stop not in text and free.startswith(text)
+    assert stream.finish_reason == "stop"
+    # The criterion ends the model within a token or two of the stop, not at max_new_tokens.
+    assert stream.completion_tokens <= 12, stream.completion_tokens
+    assert not engine.lock.locked()
+
+
+def test_closing_a_stream_stops_the_model(engine):
+    stream = engine.open_stream([{"role": "user", "content": "Tell a long story."}],
+                                GenerationSettings(max_new_tokens=2000))
+    next(stream)
+    started = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - started < 5
+    assert not engine.lock.locked() and stream.completion_tokens < 2000
+
+
+# ---- the loop, with a stand-in engine ------------------------------------------------------------------
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class EchoEngine:
+    """Answers 'answer N' and records every conversation it was given."""
+
+    name, has_adapter = "fake", True
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list, bool | None]] = []
+
+    def open_stream(self, messages, settings, adapter=None):
+        self.seen.append(([dict(m) for m in messages], adapter))
+        return FakeStream([" answer", f" {len(self.seen)}"])
+
+
+class FakeStream(list):
+    def close(self) -> None:
+        pass
+
+
+def test_history_is_fed_back_and_reset_forgets_it(monkeypatch):
+    lines = iter(["hello", "/help", "and then?", "/base", "third", "/reset", "fresh", "/nope", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    engine, out = EchoEngine(), io.StringIO()
+    chat_loop(engine, GenerationSettings(), system="Be kind.", stdin=FakeTTY(), out=out)
+    first, second, third, fresh = (m for m, _ in engine.seen)
+    assert first == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello"}]
+    assert second[1:] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "answer 1"},
+                          {"role": "user", "content": "and then?"}]
+    assert len(third) == 6 and [a for _, a in engine.seen] == [True, True, False, False]
+    assert fresh == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "fresh"}]
+    text = out.getvalue()
+    assert "commands:" in text and "(conversation cleared)" in text and "unknown command /nope" in text
+    assert "Bot> answer 1\n" in text  # the leading space of the first piece is dropped
+
+
+# ---- the real command in a pseudo-terminal ---------------------------------------------------------------
+
+class Terminal:
+    """A child process on a pseudo-terminal (its controlling tty, so ^C reaches it as SIGINT)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        master, slave = pty.openpty()
+        self.master = master
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env={**env(), "TERM": "dumb"},
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.buffer = ""
+
+    def expect(self, pattern: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while not (found := re.search(pattern, self.buffer)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {pattern!r}; got:\n{self.buffer[-2000:]}")
+            ready, _, _ = select.select([self.master], [], [], min(left, 0.5))
+            if ready:
+                try:
+                    self.buffer += os.read(self.master, 4096).decode("utf-8", "replace")
+                except OSError:  # the child closed the terminal
+                    if self.proc.poll() is not None:
+                        raise AssertionError(f"exited before {pattern!r}:\n{self.buffer[-2000:]}") from None
+        matched = self.buffer[: found.end()]
+        self.buffer = self.buffer[found.end():]
+        return matched
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            os.close(self.master)
+
+
+def test_chat_in_a_pseudo_terminal(run):
+    term = Terminal([PYTHON, "server.py", "--lora_dir", str(run), "--model_type", "llama", "--size", "7b",
+                     "--preset", "greedy", "--max_new_tokens", "200"])
+    try:
+        term.expect(r"Chatting with run\. .*/reset")
+        term.expect(r"You> ")
+        term.send("What is 2 plus 2?\r")
+        answer = term.expect(r"Bot> (.+?)\r?\n")
+        assert len(answer.split("Bot> ", 1)[1].strip()) > 0
+        term.expect(r"You> ")
+        term.send("/help\r")
+        term.expect(r"/base and /tuned")
+        term.send("/reset\r")
+        term.expect(r"\(conversation cleared\)")
+        term.expect(r"You> ")
+        # Ctrl-C in the middle of a long answer stops it and returns to the prompt.
+        term.send("Tell me a long story.\r")
+        term.expect(r"Bot> \S")
+        term.send("\x03")
+        term.expect(r"\[stopped\]")
+        term.expect(r"You> ")
+        term.send("/exit\r")
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
+def test_piped_prompt_is_answered_once(run):
+    """`echo question | generate.py --lora_dir run`: one answer on stdout, no prompt, exit 0."""
+    proc = subprocess.run([PYTHON, "generate.py", "--lora_dir", str(run), "--max_new_tokens", "5"],
+                          input="What is 1 plus 1?\n", capture_output=True, text=True, env=env(), cwd=REPO,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() and "You>" not in proc.stdout and proc.stdout.count("\n") == 1
