@@ -37,6 +37,15 @@ def _check_peft_type(value: str) -> str:
     return get_method(value).name
 
 
+def _check_adapter_scaling(value: Any) -> str:
+    from unift.peft.bottleneck import parse_scaling
+
+    try:
+        return str(parse_scaling(value))
+    except ValueError as err:
+        raise UniftError(f"--adapter_scaling: {err}") from None
+
+
 @dataclass
 class TrainArgs:
     # model
@@ -56,7 +65,36 @@ class TrainArgs:
     lora_alpha: int = opt(16, "LoRA scaling alpha", group="lora")
     lora_dropout: float = opt(0.05, "LoRA dropout", group="lora")
     lora_target_modules: list[str] | None = opt(
-        None, "modules to adapt (default: every linear layer of the family)", group="lora", nargs="+")
+        None, "modules to adapt, for every method that wraps layers (default: the family's and method's; "
+        "LoRA-like methods: every linear layer of a block)", group="method", nargs="+",
+        aliases=("--target_modules",))
+    load_in_8bit: bool = opt(False, "load the base in 8-bit (lora, adalora, ia3; dora on GPU); = --quantization_bit 8",
+                             group="lora")
+    adalora_init_r: int = opt(12, "initial rank of every layer (--lora_r is the average target rank)",
+                              group="adalora")
+    adalora_tinit: int | None = opt(None, "steps before the budget starts to shrink (default: 10%% of the run)",
+                                    group="adalora")
+    adalora_tfinal: int | None = opt(None, "last steps trained at the final budget (default: 20%% of the run)",
+                                     group="adalora")
+    adalora_delta_t: int | None = opt(None, "steps between budget reallocations (default: 1%% of the run)",
+                                      group="adalora")
+    num_virtual_tokens: int = opt(20, "virtual tokens", group="prefix, p-tuning, prompt")
+    prompt_encoder_hidden_size: int = opt(128, "hidden size of the prompt encoder MLP", group="p-tuning")
+    prompt_init_text: str | None = opt(None, "initialise the soft prompt from this text (default: random)",
+                                       group="prompt")
+    oft_block_size: int = opt(32, "size of the orthogonal blocks (must divide the adapted layers' inputs)",
+                              group="oft")
+    vera_r: int = opt(256, "rank of VeRA's shared random matrices", group="vera")
+    adapter_type: str = opt("houlsby", "houlsby (MLP, sequential), pfeiffer (MLP output), parallel (attention)",
+                            group="adapters", choices=("houlsby", "pfeiffer", "parallel"))
+    bottleneck_size: int = opt(256, "width of the adapter bottleneck", group="adapters")
+    non_linearity: str = opt("tanh", "activation between down and up projections ('linear' makes it mergeable)",
+                             group="adapters", choices=("tanh", "relu", "gelu", "silu", "sigmoid", "linear"))
+    adapter_dropout: float = opt(0.0, "dropout on the adapter input", group="adapters")
+    adapter_scaling: str = opt("1.0", "output scale: a number, or 'learned' (a trained scalar per layer)",
+                               group="adapters", check=_check_adapter_scaling)
+    adapter_init: str = opt("bert", "bert (normal 0.02, the original toolkit's) or mam_adapter (starts as "
+                            "the identity)", group="adapters", choices=("bert", "mam_adapter"))
     # data
     data: list[str] = opt(["arith"], "dataset names from data/dataset_info.json or file paths, merged",
                           group="data", nargs="+", aliases=("--dataset",))
@@ -95,6 +133,13 @@ class TrainArgs:
         None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
         nargs="?", const="latest")
     local_rank: int = opt(-1, "set by the distributed launcher", group="training", aliases=("--local-rank",))
+
+    def __post_init__(self) -> None:
+        # Cross-field checks between --model_type, --peft_type and the method flags, when the arguments are
+        # built: `unift train` refuses an unsupported pair or an ignored flag before loading anything.
+        from unift.peft import check_args
+
+        check_args(self)
 
 
 def _flag_type(tp: Any) -> tuple[Any, bool]:

@@ -1,5 +1,31 @@
-"""PEFT methods: one MethodSpec per --peft_type, plus unift's own plugins (bottleneck adapters)."""
+"""PEFT methods: one MethodSpec per --peft_type, plus unift's own plugins (bottleneck adapters).
 
-from unift.peft.registry import METHODS, MethodSpec, get_method, wrap_model
+Importing this package registers every method, including the bottleneck-adapter plugin with peft itself,
+so `peft.PeftModel.from_pretrained` can load a folder saved with `--peft_type adapters`.
+"""
 
-__all__ = ["METHODS", "MethodSpec", "get_method", "wrap_model"]
+from unift.peft import compat as _compat
+from unift.peft import methods as _methods  # noqa: F401  (registers the entries)
+from unift.peft.registry import (
+    METHODS,
+    MethodSpec,
+    check_args,
+    get_method,
+    merge_refusal,
+    method_names,
+    register_method,
+    wrap_model,
+)
+
+_compat.apply()  # peft x transformers generation-cache fix, see compat.py
+
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "check_args",
+    "get_method",
+    "merge_refusal",
+    "method_names",
+    "register_method",
+    "wrap_model",
+]

@@ -2,16 +2,18 @@
 
 The registry knows nothing of argparse or the Trainer: `build` takes a plain options object (any object
 with the attributes the method reads, normally unift.args.TrainArgs) and the family's ModelSpec.
+The entries themselves live in unift/peft/methods.py (and unift/peft/bottleneck.py for our own plugin).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from unift.errors import UniftError
-from unift.models.registry import ModelSpec
+from unift.models.registry import ModelSpec, get_model_spec
 
 
 @dataclass(frozen=True)
@@ -23,15 +25,36 @@ class MethodSpec:
     quantization_bit: int | None = None  # qlora loads the base in 4-bit
     mergeable: bool = True
     merge_note: str = ""  # why it cannot be merged, when it cannot
-    options: tuple[str, ...] = ()  # the flags this method reads (others given for it draw a warning)
+    options: tuple[str, ...] = ()  # the flags this method reads (others given for it are an error)
     unsupported: dict[str, str] = field(default_factory=dict)  # model_type -> reason
     # Called after optimizer.step() and before zero_grad() with (peft_model, global_step), e.g. AdaLoRA.
     after_optimizer_step: Callable[[Any, int], None] | None = None
+    quantization_bits: tuple[int, ...] = ()  # base widths it trains over (--quantization_bit / --load_in_8bit)
+    prompt_learning: bool = False  # virtual tokens instead of wrapped layers (prefix, p-tuning, prompt)
+    # Optimizer for transformers' TrainingArguments.optim when a GPU is present (QLoRA: paged AdamW).
+    gpu_optim: str | None = None
+    # Why merging may be refused for some settings, checked on the adapter config (e.g. a non-linearity).
+    merge_check: Callable[[Any], str] | None = None
+    # Extra parse-time checks of the arguments (raise UniftError), after the generic ones.
+    validate: Callable[[Any], None] | None = None
 
     def check_model_type(self, model_type: str) -> None:
         reason = self.unsupported.get(model_type)
         if reason:
             raise UniftError(f"--peft_type {self.name} does not work with --model_type {model_type}: {reason}")
+
+    def optimizer_name(self) -> str:
+        """transformers' `optim` for this method: paged AdamW needs CUDA (bitsandbytes falls back on CPU
+        with a warning), so it is only asked for where it pages."""
+        import torch
+
+        if self.gpu_optim and torch.cuda.is_available():
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                return "adamw_torch"
+            return self.gpu_optim
+        return "adamw_torch"
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -51,38 +74,73 @@ def get_method(name: str) -> MethodSpec:
         raise UniftError(f"unknown --peft_type {name!r}; known: {', '.join(names)}") from None
 
 
-def target_modules(options: Any, spec: ModelSpec) -> list[str]:
-    """--lora_target_modules when given, else every linear layer of the family's blocks."""
+def method_names() -> list[str]:
+    """Canonical names in registration order (aliases left out)."""
+    return list(dict.fromkeys(m.name for m in METHODS.values()))
+
+
+def target_modules(options: Any, spec: ModelSpec, default: tuple[str, ...] | None = None) -> list[str]:
+    """--lora_target_modules (alias --target_modules) when given, else the method's default for the family
+    (every linear layer of the family's blocks unless the method says otherwise)."""
     given = getattr(options, "lora_target_modules", None)
     if given:
         return list(given)
-    return list(spec.lora_targets)
+    return list(spec.lora_targets if default is None else default)
 
 
-LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# Flags of TrainArgs that belong to the general sections: every method reads them.
+GENERAL_GROUPS = ("general", "model", "method", "data", "training")
+# Read only by methods that declare them (qlora forces 4-bit itself).
+QUANTIZATION_FLAGS = ("quantization_bit", "load_in_8bit")
 
 
-def _lora_config(options: Any, spec: ModelSpec, **extra: Any):
-    from peft import LoraConfig, TaskType
+def check_args(args: Any) -> None:
+    """Cross-field checks between the model family, the method and the method's flags, run when the
+    arguments are built (so `unift train` refuses before loading anything).
 
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=options.lora_r,
-        lora_alpha=options.lora_alpha,
-        lora_dropout=options.lora_dropout,
-        target_modules=target_modules(options, spec),
-        **extra,
-    )
-
-
-register_method(MethodSpec(
-    name="lora", build=_lora_config, options=LORA_OPTIONS,
-    description="low-rank adapters on the linear layers",
-))
-register_method(MethodSpec(
-    name="qlora", build=_lora_config, options=(*LORA_OPTIONS, "compute_dtype"), quantization_bit=4,
-    description="LoRA over a 4-bit nf4 base (double quantization; bitsandbytes)",
-))
+    - an unsupported model_type x peft_type pair is an error with the reason;
+    - a method-specific flag set away from its default for a method that ignores it is an error that names
+      the flags the method does read;
+    - --load_in_8bit is normalised into --quantization_bit 8; quantized loading only for methods that take it.
+    """
+    method = get_method(args.peft_type)
+    spec = get_model_spec(args.model_type)
+    method.check_model_type(spec.name)
+    ignored = []
+    for f in dataclasses.fields(args):
+        group = f.metadata.get("group", "general")
+        if group in GENERAL_GROUPS or f.name in QUANTIZATION_FLAGS or f.name in method.options:
+            continue  # quantized loading is checked below, with a message that names the methods taking it
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if getattr(args, f.name) != default:
+            ignored.append(f"--{f.name}")
+    if ignored:
+        reads = ", ".join(f"--{o}" for o in method.options if o not in ("compute_dtype",)) or "no method flags"
+        raise UniftError(
+            f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used by --peft_type {method.name} "
+            f"(it reads {reads}); remove {'it' if len(ignored) == 1 else 'them'} or pick the method they belong to"
+        )
+    load_in_8bit = bool(getattr(args, "load_in_8bit", False))
+    bits = getattr(args, "quantization_bit", None)
+    if load_in_8bit:
+        if bits not in (None, 8):
+            raise UniftError(f"--load_in_8bit contradicts --quantization_bit {bits}")
+        bits = 8
+    if method.quantization_bit:
+        if bits not in (None, method.quantization_bit):
+            raise UniftError(
+                f"--peft_type {method.name} loads the base in {method.quantization_bit}-bit; for an {bits}-bit "
+                "base use --peft_type lora --load_in_8bit"
+            )
+        bits = method.quantization_bit
+    elif bits is not None and bits not in method.quantization_bits:
+        able = [m for m in method_names() if bits in METHODS[m].quantization_bits]
+        raise UniftError(f"--peft_type {method.name} does not train over a {bits}-bit base; "
+                         f"{bits}-bit loading works with --peft_type {', '.join(able)}")
+    if bits is not None:
+        args.quantization_bit = bits
+    if method.validate is not None:
+        method.validate(args)
 
 
 def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
@@ -100,3 +158,12 @@ def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
         return get_peft_model(model, config)
     except ValueError as err:
         raise UniftError(f"--peft_type {method.name} on {spec.name}: {str(err).splitlines()[0]}") from err
+
+
+def merge_refusal(method: MethodSpec, peft_config: Any) -> str:
+    """'' when an adapter of this method with this config can be folded into the base weights, else why not."""
+    if not method.mergeable:
+        return method.merge_note or f"--peft_type {method.name} cannot be merged"
+    if method.merge_check is not None:
+        return method.merge_check(peft_config)
+    return ""
