@@ -1,0 +1,204 @@
+"""The OpenAI-compatible API, driven by the real `openai` client against a server on a loopback port:
+plain and streaming chat and completions, usage, stop, base vs tuned, the bearer key, the bounded queue,
+malformed requests, and a client that hangs up mid-stream."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from after_training_helpers import free_port, trained_run
+
+from unift.inference import PRESETS, GenerationSettings
+
+KEY = "sk-unift-test"
+GREEDY5 = GenerationSettings(max_new_tokens=5)
+QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from unift.inference import Engine
+
+    return Engine.load(str(trained_run(tiny_model("llama"))))
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    import uvicorn
+
+    from unift.serve import create_app
+
+    app = create_app(engine, PRESETS["chat"], api_key=KEY, ui=False, max_tokens_limit=2048)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def post(base_url: str, path: str, body, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(base_url + path, content=content, headers={**headers, "Content-Type": "application/json"},
+                      timeout=60)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["run", "run:base"]
+    assert client.models.retrieve("run:base").owned_by == "unift"
+
+
+def test_chat_completion_plain_and_streaming(client, engine):
+    reply = client.chat.completions.create(model="run", messages=QUESTION, max_tokens=5, temperature=0)
+    expected = engine.generate([QUESTION], GREEDY5)[0]
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason == "length"
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == 5 and reply.usage.total_tokens == expected.prompt_tokens + 5
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+
+    chunks = list(client.chat.completions.create(model="run", messages=QUESTION, max_tokens=5, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices
+
+
+def test_base_model_id_switches_the_adapter_off(client, engine):
+    reply = client.chat.completions.create(model="run:base", messages=QUESTION, max_tokens=5, temperature=0)
+    assert reply.choices[0].message.content == engine.generate([QUESTION], GREEDY5, adapter=False)[0].text
+
+
+def test_completions_plain_and_streaming_with_stop(client, engine):
+    reply = client.completions.create(model="run", prompt="Once upon a time", max_tokens=6, temperature=0)
+    text = reply.choices[0].text
+    # Raw text: no template, the continuation as generated (the engine's batch path strips it).
+    assert text.strip() == engine.generate(["Once upon a time"], GenerationSettings(max_new_tokens=6))[0].text
+    assert reply.usage.completion_tokens == 6 and reply.object == "text_completion"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="run", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
+    assert streamed == text
+    stop = text.strip()[2:5]
+    stopped = client.completions.create(model="run", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                        stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+
+
+def test_sampling_parameters_are_accepted(client):
+    reply = client.chat.completions.create(model="run", messages=QUESTION, max_tokens=3, temperature=0.8,
+                                           top_p=0.9, seed=7, n=1)
+    again = client.chat.completions.create(model="run", messages=QUESTION, max_tokens=3, temperature=0.8,
+                                           top_p=0.9, seed=7, n=1)
+    assert reply.choices[0].message.content == again.choices[0].message.content  # a seed makes it repeatable
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ('{"model": "run", "messages": [', 400, None),
+    ('["not", "an", "object"]', 400, None),
+    ({"model": "run"}, 400, "messages"),
+    ({"model": "run", "messages": []}, 400, "messages"),
+    ({"model": "run", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.[0].role"),
+    ({"model": "run", "messages": [{"role": "user", "content": 5}]}, 400, "messages.[0].content"),
+    ({"model": "run", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     400, "messages.[1].role"),
+    ({"model": "run", "messages": QUESTION, "n": 2}, 400, "n"),
+    ({"model": "run", "messages": QUESTION, "temperature": 5}, 400, "temperature"),
+    ({"model": "run", "messages": QUESTION, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "run", "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "run", "messages": QUESTION, "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"model": "run", "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "run", "messages": QUESTION, "stream": "yes"}, 400, "stream"),
+    ({"messages": QUESTION}, 400, "model"),
+    ({"model": "gpt-4o", "messages": QUESTION}, 404, "model"),
+])
+def test_malformed_chat_requests_get_openai_errors(base_url, body, status, param):
+    response = post(base_url, "/chat/completions", body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_malformed_completion_requests(base_url):
+    for body, param in [({"model": "run"}, "prompt"), ({"model": "run", "prompt": ["a", "b"]}, "prompt"),
+                        ({"model": "run", "prompt": "x", "echo": True}, "echo")]:
+        response = post(base_url, "/completions", body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_errors_through_the_client(base_url, client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="run", messages=QUESTION, n=3)
+    assert bad.value.body["param"] == "n"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_bearer_key_is_required(base_url):
+    assert httpx.get(base_url + "/models").status_code == 401
+    response = post(base_url, "/chat/completions", {"model": "run", "messages": QUESTION}, key="wrong")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    unknown = httpx.get(base_url + "/engines", headers={"Authorization": f"Bearer {KEY}"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
+    wrong_method = httpx.get(base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert wrong_method.status_code in (404, 405) and "error" in wrong_method.json()
+
+
+def test_a_full_queue_answers_429(client, engine):
+    limit = engine.max_queue
+    engine.max_queue = 1
+    engine.acquire_slot()  # someone else is being served
+    try:
+        with pytest.raises(openai.RateLimitError) as busy:
+            client.chat.completions.create(model="run", messages=QUESTION, max_tokens=2)
+        assert busy.value.status_code == 429 and busy.value.body["code"] == "queue_full"
+    finally:
+        engine.release_slot()
+        engine.max_queue = limit
+    assert client.chat.completions.create(model="run", messages=QUESTION, max_tokens=2).choices
+
+
+def test_concurrent_requests_wait_their_turn(client):
+    def ask(i: int) -> str:
+        return client.chat.completions.create(model="run", messages=QUESTION, max_tokens=4,
+                                              temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(ask, range(3)))
+    assert len(set(answers)) == 1
+
+
+def test_a_client_that_hangs_up_frees_the_model(base_url, engine):
+    body = {"model": "run", "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.monotonic() + 20
+    while engine.queued or engine.lock.locked():
+        assert time.monotonic() < deadline, "the generation ran on after the client left"
+        time.sleep(0.05)
