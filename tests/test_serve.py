@@ -202,3 +202,9 @@ def test_a_client_that_hangs_up_frees_the_model(base_url, engine):
     while engine.queued or engine.lock.locked():
         assert time.monotonic() < deadline, "the generation ran on after the client left"
         time.sleep(0.05)
+
+
+def test_no_ui_serves_the_api_alone(base_url):
+    root = httpx.get(base_url.removesuffix("/v1") + "/", timeout=10)
+    assert root.status_code == 404  # create_app(ui=False), as `web.py --no_ui`
+    assert httpx.get(base_url.removesuffix("/v1") + "/health", timeout=10).json()["status"] == "ok"

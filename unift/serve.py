@@ -505,6 +505,7 @@ def build_ui(service: Service):
         submitted = box.submit(respond, inputs, outputs)
         clicked = send.click(respond, inputs, outputs)
         stop.click(None, None, None, cancels=[submitted, clicked])
+        chatbot.clear(lambda: [], None, history, cancels=[submitted, clicked])  # its own trash button
         clear.click(lambda: ("", [], []), None, outputs, cancels=[submitted, clicked])
     demo.queue(max_size=engine.max_queue, default_concurrency_limit=1)
     return demo
