@@ -22,7 +22,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     except SystemExit as exit_:
         code = exit_.code
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    err = "".join(line for line in captured.err.splitlines(True) if not line.startswith("[unift]"))  # log lines
+    return code, captured.out, err
 
 
 def test_data_check_shows_counts_formats_lengths_truncation_and_the_marked_example(tmp_path, capsys, embedded_dir):

@@ -67,7 +67,9 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
         code = main(argv)
     except SystemExit as exit_:
         code = exit_.code
-    return code, capsys.readouterr().err
+    # Log lines ("[unift] ...", e.g. a library's import-time notice) are not part of the error report.
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("[unift]"))
+    return code, err
 
 
 def train_argv(data: list[str], tmp_path: Path, *extra: str) -> list[str]:

@@ -90,6 +90,8 @@ def test_second_run_reuses_the_cache_without_reading_or_tokenizing(tmp_path, tok
     # Changing the data, the template or the cutoff means tokenizing again.
     with pytest.raises(AssertionError, match="cache should have been used"):
         build(tokenizer, data=[str(path)], cutoff_len=100)
+    with pytest.raises(AssertionError, match="cache should have been used"):
+        build(tokenizer, data=[str(path)], overwrite_cache=True)
     write_rows(path, alpaca_rows(5))
     with pytest.raises(AssertionError, match="cache should have been used"):
         build(tokenizer, data=[str(path)])

@@ -131,6 +131,9 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         w(f"{'total':<{width}} {'':<10} {total:>8} {stats['dropped']:>8} {stats['train']:>7} {stats['val']:>6}\n")
     if options.data_ratios:
         w(f"mixing: --data_ratios {' '.join(f'{r:g}' for r in options.data_ratios)}\n")
+    if options.streaming:
+        w(f"streaming: files are read lazily (counts unknown); {stats['val']} validation examples held out "
+          "from the start of the stream\n")
     lengths = sorted(columns["length"])
     figures: dict[str, Any] = {"stats": stats, "lengths": lengths}
     if lengths:
