@@ -96,8 +96,8 @@ class TrainArgs:
     adapter_init: str = opt("bert", "bert (normal 0.02, the original toolkit's) or mam_adapter (starts as "
                             "the identity)", group="adapters", choices=("bert", "mam_adapter"))
     # data
-    data: list[str] = opt(["arith"], "dataset names from data/dataset_info.json or file paths, merged",
-                          group="data", nargs="+", aliases=("--dataset",))
+    data: list[str] = opt(["arith"], "dataset names from dataset_info.json, or paths to files or folders; "
+                          "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))
     dataset_dir: str | None = opt(None, "folder with dataset_info.json (default: ./data, else the bundled one)",
                                   group="data")
     cutoff_len: int = opt(512, "maximum tokens per example (longer ones are truncated)", group="data")
