@@ -10,14 +10,15 @@ from pathlib import Path
 from unift.data import Message, load_conversations
 from unift.inference import PRESETS, Engine, GenerationSettings
 
-ANSWER = re.compile(r"Answer:\s*(-?[\d.,]+)")
+# The bundled sets end with an answer line: "Answer: 42" (English) or "答案：42" / "答案：四十七" (Chinese).
+ANSWER = re.compile(r"(?:Answer:|答案[:：])\s*([^\s。.,，]+(?:[.,]\d+)*)")
 
 
 def final_answer(text: str) -> str:
-    """The value after the last 'Answer:' when there is one, else the whole text, normalised."""
+    """The value after the last answer marker when there is one, else the whole text, normalised."""
     found = ANSWER.findall(text)
     if found:
-        return found[-1].replace(",", "").rstrip(".")
+        return found[-1].replace(",", "")
     return " ".join(text.split()).lower()
 
 

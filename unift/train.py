@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -59,15 +58,6 @@ class PaddingCollator:
             mask[i, :n] = 1
         self.tokens_seen += int(mask.sum())
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def split_rows(rows: list[dict], val_set_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    n_val = int(round(val_set_size * len(rows))) if 0 < val_set_size < 1 else int(val_set_size)
-    if n_val >= len(rows):
-        raise UniftError(f"--val_set_size {val_set_size} leaves no training examples (there are {len(rows)})")
-    return rows[n_val:], rows[:n_val]
 
 
 def prepare(args: TrainArgs) -> dict[str, Any]:
