@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import memorisation_rows
+
 from unift.args import TrainArgs
 from unift.cli import main, parse
 from unift.data import IGNORE_INDEX, encode_conversation, encode_prompt, get_template
@@ -164,3 +164,14 @@ def test_resume_needs_a_checkpoint(tmp_path, capsys):
 def test_every_shipped_config_parses(config):
     ns = parse(["train", "--config", str(config)])
     assert ns.model_type and ns.peft_type
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("43 + 46 = 89.\nAnswer: 89", "89"), ("Answer: 1,234.", "1234"), ("Answer: -5", "-5"),
+     ("13 + 35 = 48\n答案：48", "48"), ("答案：七千九百三十八", "七千九百三十八"), ("Some  Free text", "some free text")],
+)
+def test_final_answer_extraction(text, expected):
+    from unift.evaluate import final_answer
+
+    assert final_answer(text) == expected
