@@ -1,0 +1,129 @@
+"""Every model_type x peft_type pair the support matrix calls "works" is proven here on a tiny random model
+of that family: a few optimizer steps through the real `unift.train.train` make the loss fall, the adapter
+saves and reloads through the inference engine to the same logits, and generation runs, with the KV-cache
+path giving the same scores as a full forward pass. Pairs the matrix refuses fail at parse time with the
+reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import memorisation_rows
+
+from unift.args import TrainArgs
+from unift.cli import main
+from unift.inference import Engine, GenerationSettings
+from unift.peft import METHODS, MethodSpec, get_method, register_method
+from unift.support import support_matrix
+from unift.train import train
+
+MATRIX = support_matrix()
+WORKS = [(model, method) for model, row in MATRIX.items() for method, reason in row.items() if not reason]
+REFUSED = [(model, method, reason) for model, row in MATRIX.items() for method, reason in row.items() if reason]
+STEPS = 4
+# Methods that start as (or near) the identity and move slowly get a larger step so 4 steps show a fall.
+LEARNING_RATE = {"ia3": 5e-2, "vera": 5e-2, "prompt": 5e-2, "prefix": 3e-2, "adalora": 3e-2}
+IDS = torch.tensor([[1, 2, 3, 4, 5, 6]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads per process
+    oversubscribe the cores (measured: 14 s instead of 2.4 s per pair)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "memorise.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in memorisation_rows(8)), encoding="utf-8")
+    return path
+
+
+def train_args(model_type: str, peft_type: str, folder, data_file, out, **extra) -> TrainArgs:
+    method = get_method(peft_type)
+    # compute_dtype auto = bf16 autocast on CPUs with AVX512-BF16 (as users get it). QLoRA in this matrix
+    # runs fp32 because the engine reloads 4-bit bases with fp32 compute and the matrix asserts identical
+    # logits; QLoRA under bf16 has its own test (train, evaluate, train again) in test_peft_methods.py.
+    values = dict(
+        model_type=model_type, peft_type=peft_type, model_name_or_path=str(folder), data=[str(data_file)],
+        output_dir=str(out), max_steps=STEPS, per_gpu_train_batch_size=8, cutoff_len=64,
+        learning_rate=LEARNING_RATE.get(peft_type, 1e-2), warmup_ratio=0.0, lr_scheduler_type="constant",
+        logging_steps=1, save_steps=1000, report_to="none",
+        compute_dtype="fp32" if method.quantization_bit else "auto",
+    )
+    return TrainArgs(**{**values, **extra})
+
+
+def unwrapped(model):
+    """The trained model without the autocast wrapper accelerate puts around forward for bf16 runs."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False).eval()
+
+
+def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    return out[:, -ids.shape[1]:]  # prompt tuning / p-tuning also return the virtual tokens' positions
+
+
+def check_generation(engine: Engine) -> None:
+    """Greedy generation with the KV cache scores every new token as a full forward pass over the whole
+    sequence does (prefix tuning keeps its virtual keys in that cache), and the engine's batched,
+    left-padded generation runs."""
+    with torch.no_grad():
+        out = engine.model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
+                                    min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                                    return_dict_in_generate=True)
+    assert out.sequences.shape[1] == IDS.shape[1] + 4
+    full = forward_logits(engine.model, out.sequences)[:, IDS.shape[1] - 1:-1]
+    cached = torch.stack(out.logits, dim=1)
+    assert torch.allclose(cached, full, atol=1e-3, rtol=1e-4), (cached - full).abs().max()
+    prompts = [[{"role": "user", "content": "What is the code word number 3?"}], [{"role": "user", "content": "Hi"}]]
+    completions = engine.generate(prompts, GenerationSettings(max_new_tokens=3), batch_size=2)
+    assert len(completions) == 2 and all(c.completion_tokens >= 1 for c in completions)
+
+
+@pytest.mark.parametrize(("model_type", "peft_type"), WORKS, ids=[f"{m}-{p}" for m, p in WORKS])
+def test_pair_trains_saves_reloads_and_generates(tiny_model, data_file, tmp_path, model_type, peft_type):
+    result = train(train_args(model_type, peft_type, tiny_model(model_type), data_file, tmp_path / "run"))
+    losses = [point["loss"] for point in result.metrics["loss_curve"]]
+    assert len(losses) == STEPS and losses[-1] < losses[0], losses
+
+    engine = Engine.load(str(result.output_dir))
+    reloaded = forward_logits(engine.model, IDS)
+    assert torch.allclose(reloaded, forward_logits(unwrapped(result.model), IDS), atol=1e-5, rtol=1e-5)
+    with engine.model.disable_adapter():
+        assert not torch.allclose(forward_logits(engine.model, IDS), reloaded)  # the adapter does something
+    check_generation(engine)
+
+
+@pytest.mark.skipif(not REFUSED, reason="the registries refuse no model_type x peft_type pair")
+@pytest.mark.parametrize(("model_type", "peft_type", "reason"), REFUSED)
+def test_refused_pairs_fail_at_parse_time(capsys, tmp_path, model_type, peft_type, reason):
+    code = main(["train", "--model_type", model_type, "--peft_type", peft_type,
+                 "--model_name_or_path", str(tmp_path / "never-loaded")])
+    assert code == 2 and reason in capsys.readouterr().err
+
+
+def test_an_unsupported_pair_fails_before_anything_loads(capsys, tmp_path):
+    """The refusal mechanism itself, with a method registered for the test that declares one family
+    unsupported (the shipped registries currently support every pair)."""
+    spec = register_method(MethodSpec(name="test-only", build=lambda o, s: None, description="test",
+                                      unsupported={"bloom": "it needs rotary position embeddings"}))
+    try:
+        code = main(["train", "--model_type", "bloom", "--peft_type", "test-only",
+                     "--model_name_or_path", str(tmp_path / "never-loaded"), "--data", str(tmp_path / "none")])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.strip() == ("unift: error: --peft_type test-only does not work with --model_type bloom: "
+                               "it needs rotary position embeddings")
+        assert MATRIX != support_matrix() and support_matrix()["bloom"]["test-only"]
+    finally:
+        METHODS.pop(spec.name)
