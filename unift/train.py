@@ -95,6 +95,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: Paddi
         lr_scheduler_type=args.lr_scheduler_type,
         warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=args.weight_decay,
+        optim=ready["method"].optimizer_name(),  # paged AdamW for QLoRA on GPU, else the default
         logging_steps=max(1, args.logging_steps),
         save_strategy=save_strategy,
         save_steps=args.save_steps or 500,

@@ -15,7 +15,7 @@ from unift.peft.registry import MethodSpec, register_method, target_modules
 
 LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 QUANT_OPTIONS = ("quantization_bit", "load_in_8bit")
-PROMPT_NOTE = "prompt-learning methods add virtual tokens, not weights: there is nothing to merge"
+PROMPT_NOTE = "no: it adds virtual tokens, not weight changes, so there is nothing to fold into the base"
 
 
 def _causal_lm() -> Any:
@@ -59,7 +59,7 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="dora", build=_dora_config, options=(*LORA_OPTIONS, *QUANT_OPTIONS), quantization_bits=(4, 8),
-    validate=_dora_validate,
+    validate=_dora_validate, quantization_note="4-bit; 8-bit on GPU only",
     description="LoRA with weight decomposition (magnitude + direction)",
 ))
 register_method(MethodSpec(
@@ -262,6 +262,6 @@ register_method(MethodSpec(
     options=("adapter_type", "bottleneck_size", "non_linearity", "adapter_dropout", "adapter_scaling",
              "adapter_init", "lora_target_modules"),
     merge_check=_adapters_merge_check,
-    merge_note="mergeable only with --non_linearity linear (a non-linearity has no equivalent weight)",
+    merge_note="only with --non_linearity linear (a non-linearity has no equivalent weight)",
     description="bottleneck adapters: houlsby (MLP, sequential), pfeiffer (MLP output), parallel (attention)",
 ))

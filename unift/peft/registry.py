@@ -30,6 +30,7 @@ class MethodSpec:
     # Called after optimizer.step() and before zero_grad() with (peft_model, global_step), e.g. AdaLoRA.
     after_optimizer_step: Callable[[Any, int], None] | None = None
     quantization_bits: tuple[int, ...] = ()  # base widths it trains over (--quantization_bit / --load_in_8bit)
+    quantization_note: str = ""  # a limit on those widths worth showing in the support table
     prompt_learning: bool = False  # virtual tokens instead of wrapped layers (prefix, p-tuning, prompt)
     # Optimizer for transformers' TrainingArguments.optim when a GPU is present (QLoRA: paged AdamW).
     gpu_optim: str | None = None
@@ -44,17 +45,20 @@ class MethodSpec:
             raise UniftError(f"--peft_type {self.name} does not work with --model_type {model_type}: {reason}")
 
     def optimizer_name(self) -> str:
-        """transformers' `optim` for this method: paged AdamW needs CUDA (bitsandbytes falls back on CPU
-        with a warning), so it is only asked for where it pages."""
+        """transformers' `optim` for this method: the method's GPU optimizer (QLoRA: paged AdamW, which
+        needs CUDA; bitsandbytes falls back with a warning on CPU) where it applies, else transformers'
+        own default."""
         import torch
+        from transformers import TrainingArguments
 
+        default = str(TrainingArguments.__dataclass_fields__["optim"].default)
         if self.gpu_optim and torch.cuda.is_available():
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError:
-                return "adamw_torch"
+                return default
             return self.gpu_optim
-        return "adamw_torch"
+        return default
 
 
 METHODS: dict[str, MethodSpec] = {}
