@@ -94,6 +94,8 @@ def target_modules(options: Any, spec: ModelSpec, default: tuple[str, ...] | Non
 
 # Flags of TrainArgs that belong to the general sections: every method reads them.
 GENERAL_GROUPS = ("general", "model", "method", "data", "training")
+# General flags some methods list among their options (to document them) but every method obeys.
+GENERAL_FLAGS = ("compute_dtype",)
 # Read only by methods that declare them (qlora forces 4-bit itself).
 QUANTIZATION_FLAGS = ("quantization_bit", "load_in_8bit")
 
@@ -110,16 +112,20 @@ def check_args(args: Any) -> None:
     method = get_method(args.peft_type)
     spec = get_model_spec(args.model_type)
     method.check_model_type(spec.name)
+    args.peft_type, args.model_type = method.name, spec.name  # aliases (ptuning, glm) -> canonical names
+    method_flags = {o for m in METHODS.values() for o in m.options} - set(GENERAL_FLAGS)
     ignored = []
     for f in dataclasses.fields(args):
         group = f.metadata.get("group", "general")
-        if group in GENERAL_GROUPS or f.name in QUANTIZATION_FLAGS or f.name in method.options:
+        if group in GENERAL_GROUPS and f.name not in method_flags:
+            continue
+        if f.name in QUANTIZATION_FLAGS or f.name in method.options:
             continue  # quantized loading is checked below, with a message that names the methods taking it
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if getattr(args, f.name) != default:
             ignored.append(f"--{f.name}")
     if ignored:
-        reads = ", ".join(f"--{o}" for o in method.options if o not in ("compute_dtype",)) or "no method flags"
+        reads = ", ".join(f"--{o}" for o in method.options if o not in GENERAL_FLAGS) or "no method flags"
         raise UniftError(
             f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used by --peft_type {method.name} "
             f"(it reads {reads}); remove {'it' if len(ignored) == 1 else 'them'} or pick the method they belong to"
