@@ -174,3 +174,39 @@ def test_merge_command_with_the_original_flags(tiny_model, tmp_path, capsys):
     # A second run does not clobber the folder by accident.
     assert main(["merge", "--lora_dir", str(run), "--merged_dir", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_export_gguf_round_trips_through_transformers(tiny_model, tmp_path):
+    """`--export gguf` writes model.gguf that transformers reads back to the same logits and tokens."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unift.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter_dir", str(trained_run(tiny_model("llama"))), "--merged_dir", str(out),
+                 "--export", "gguf"]) == 0
+    alone = tmp_path / "gguf"  # the file alone: transformers would otherwise mix in the folder's tokenizer files
+    alone.mkdir()
+    shutil.copy(out / "model.gguf", alone / "model.gguf")
+    hf_model = AutoModelForCausalLM.from_pretrained(out)
+    gguf_model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model.gguf")
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    gguf_tok = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf")
+    text = "Hello world! <|im_start|>user\nWhat's 2+2? Ünïcode 你好"
+    ids = hf_tok(text)["input_ids"]
+    assert gguf_tok(text)["input_ids"] == ids
+    assert gguf_tok.eos_token == hf_tok.eos_token and gguf_tok.chat_template
+    with torch.inference_mode():
+        diff = (hf_model(input_ids=torch.tensor([ids])).logits - gguf_model(input_ids=torch.tensor([ids])).logits)
+    assert diff.abs().max().item() <= ATOL_FP32
+
+
+def test_export_gguf_refuses_other_architectures(tiny_model, tmp_path):
+    from unift.merge import merge
+
+    run = run_folder(tiny_model("bloom"), tmp_path / "run", "lora", model_type="bloom")
+    with pytest.raises(UniftError, match="architecture is bloom"):
+        merge(str(run), str(tmp_path / "merged"), export="gguf")
+    assert not (tmp_path / "merged").exists()
