@@ -72,11 +72,19 @@ def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
     group.add_argument("--seed", type=int, help="random seed for sampling (reproducible sampled answers)")
 
 
+def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                        help="weights dtype for generation (default: fp32 on CPU, bf16/fp16 on GPU); bf16 makes "
+                             "batched generation ~2.5x faster on CPUs with AVX512-BF16, answers may differ slightly")
+
+
 def load_engine(ns: argparse.Namespace):
     from unift.inference import Engine
+    from unift.models.loading import parse_dtype
 
     return Engine.load(ns.adapter_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
-                       template=ns.template, trust_remote_code=ns.trust_remote_code)
+                       template=ns.template, trust_remote_code=ns.trust_remote_code,
+                       dtype=parse_dtype(getattr(ns, "dtype", None)))
 
 
 def decoding(ns: argparse.Namespace):
@@ -92,6 +100,7 @@ def decoding(ns: argparse.Namespace):
 
 def build_generate(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
+    add_dtype_flag(parser)
     parser.add_argument("--prompt", help="answer this once and exit (without it: an interactive chat)")
     parser.add_argument("--system", help="system prompt")
     add_decoding_flags(parser, preset="greedy")
@@ -112,6 +121,7 @@ command("generate", "answer one --prompt, or chat in the terminal")((build_gener
 
 def build_chat(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
+    add_dtype_flag(parser)
     parser.add_argument("--system", help="system prompt")
     add_decoding_flags(parser, preset="chat")
 
@@ -129,6 +139,7 @@ command("chat", "chat in the terminal with streaming answers (server.py)")((buil
 
 def build_predict(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
+    add_dtype_flag(parser)
     parser.add_argument("--input", "--data", dest="input", required=True,
                         help="prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL "
                              "(or .txt, one prompt per line)")
@@ -180,6 +191,7 @@ command("merge", "fold the adapter into the base model (merge.py)")((build_merge
 
 def build_serve(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
+    add_dtype_flag(parser)
     group = parser.add_argument_group("service options")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     group.add_argument("--port", type=int, default=7860, help="port (default: 7860)")

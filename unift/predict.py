@@ -234,7 +234,7 @@ def predict(
     state = {"input": str(input_path.resolve()),
              "model": str(Path(adapter_dir).resolve()) if adapter_dir else engine.name,
              "decoding": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
-             "max_prompt_tokens": max_prompt_tokens}
+             "max_prompt_tokens": max_prompt_tokens, "dtype": str(getattr(engine.model, "dtype", ""))}
     if overwrite:
         out.unlink(missing_ok=True)
         (result_dir / STATE).unlink(missing_ok=True)
