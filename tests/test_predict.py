@@ -144,3 +144,10 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(run, write_jsonl, tmp
     clean = read_predictions(tmp_path / "clean" / "predictions.jsonl")
     assert [r["id"] for r in resumed] == list(range(8))  # each row once, in order
     assert resumed == clean
+
+
+def test_input_may_name_a_registered_dataset():
+    from unift.predict import resolve_input
+
+    rows = read_rows(resolve_input("arith_test"), max_samples=2)
+    assert len(rows) == 2 and rows[0].reference and rows[0].reference.startswith(rows[0].reference.split()[0])

@@ -137,6 +137,19 @@ def to_row(item: Any, index: int, where: str) -> Row:
     return Row(row_id, messages, item[reference_key] if reference_key else None)
 
 
+def resolve_input(name: str) -> Path:
+    """A file path, or the name of a registered dataset (data/dataset_info.json), e.g. arith_test."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    from unift.data import resolve_dataset
+
+    entry = resolve_dataset(name)
+    if not entry.path.is_file():
+        raise UniftError(f"--input {name}: {entry.path} is a folder; give one file")
+    return entry.path
+
+
 def read_rows(path: Path, max_samples: int | None = None) -> list[Row]:
     items = read_items(path)[:max_samples]
     if not items:
@@ -227,7 +240,7 @@ def predict(
     """Answer every row of `input_path` into `result_dir/predictions.jsonl`, resuming what is there."""
     if batch_size < 1:
         raise UniftError("--batch_size must be at least 1")
-    input_path, result_dir = Path(input_path), Path(result_dir)
+    input_path, result_dir = resolve_input(str(input_path)), Path(result_dir)
     rows = read_rows(input_path, max_samples)
     result_dir.mkdir(parents=True, exist_ok=True)
     out = result_dir / PREDICTIONS
