@@ -150,4 +150,4 @@ def test_input_may_name_a_registered_dataset():
     from unift.predict import resolve_input
 
     rows = read_rows(resolve_input("arith_test"), max_samples=2)
-    assert len(rows) == 2 and rows[0].reference and rows[0].reference.startswith(rows[0].reference.split()[0])
+    assert len(rows) == 2 and "Answer:" in rows[0].reference
