@@ -175,3 +175,23 @@ def test_final_answer_extraction(text, expected):
     from unift.evaluate import final_answer
 
     assert final_answer(text) == expected
+
+
+def test_checkpoints_describe_themselves_and_resume(tiny_model, write_jsonl, tmp_path):
+    from unift.inference import Engine
+    from unift.train import train
+
+    data = write_jsonl(memorisation_rows(8))
+    common = dict(model_type="qwen2", model_name_or_path=str(tiny_model("qwen2")), data=[str(data)],
+                  output_dir=str(tmp_path / "run"), per_gpu_train_batch_size=4, save_steps=2,
+                  compute_dtype="fp32", logging_steps=1)
+    first = train(TrainArgs(max_steps=4, **common))
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert (checkpoint / "unift_run.json").exists() and (checkpoint / "tokenizer.json").exists()
+    engine = Engine.load(str(checkpoint))  # a checkpoint is usable on its own, e.g. mid-training
+    assert engine.has_adapter and engine.card.model_type == "qwen2"
+    resumed = train(TrainArgs(max_steps=6, resume_from_checkpoint="latest", **common))
+    assert resumed.metrics["global_steps"] == 6
+    assert resumed.metrics["tokens_seen"] < first.metrics["tokens_seen"]  # 2 new steps, not 6
+    # Resuming continues from step 4 and keeps the earlier history: one curve, no step twice.
+    assert [p["step"] for p in resumed.metrics["loss_curve"]] == [1, 2, 3, 4, 5, 6]

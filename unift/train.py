@@ -77,8 +77,16 @@ def prepare(args: TrainArgs) -> dict[str, Any]:
             "train": data.train, "val": data.val, "stats": data.stats}
 
 
-def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: PaddingCollator):
-    from transformers import Trainer, TrainingArguments
+def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: PaddingCollator, card: RunCard):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class CardOnCheckpoints(TrainerCallback):
+        """Every checkpoint-N folder gets the run card, so generate/eval/merge can use it directly."""
+
+        def on_save(self, targs, state, control, **kwargs):
+            folder = Path(targs.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                card.save(folder)
 
     dtype = resolve_compute_dtype(args.compute_dtype)
     on_gpu = torch.cuda.is_available()
@@ -133,7 +141,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: Paddi
 
     return UniftTrainer(
         model=model, args=targs, train_dataset=ready["train"], eval_dataset=ready["val"] or None,
-        data_collator=collator,
+        data_collator=collator, processing_class=ready["tokenizer"], callbacks=[CardOnCheckpoints()],
     )
 
 
@@ -197,7 +205,14 @@ def train(args: TrainArgs) -> TrainResult:
             ready["template"].name, dtype,
         )
     collator = PaddingCollator(ready["tokenizer"].pad_token_id)
-    trainer = build_trainer(args, ready, model, collator)
+    card = RunCard(
+        model_type=spec.name, peft_type=method.name, template=ready["template"].name,
+        base_model=None if args.model_name_or_path is None else ready["path"],
+        trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
+        versions=library_versions(), arguments=asdict(args), command=command_line(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    trainer = build_trainer(args, ready, model, collator, card)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - started
@@ -206,13 +221,6 @@ def train(args: TrainArgs) -> TrainResult:
     if trainer.is_world_process_zero():
         model.save_pretrained(out)
         ready["tokenizer"].save_pretrained(out)
-        card = RunCard(
-            model_type=spec.name, peft_type=method.name, template=ready["template"].name,
-            base_model=None if args.model_name_or_path is None else ready["path"],
-            trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
-            versions=library_versions(), arguments=asdict(args), command=command_line(),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
         card.save(out)
         tokens = collator.tokens_seen * world_size()
         history = trainer.state.log_history
