@@ -58,6 +58,7 @@ def run_folder(base_dir: Path, out: Path, peft_type: str, *, perturb: float = 0.
     spec = get_model_spec(model_type)
     method = get_method(peft_type)
     args = TrainArgs(model_type=spec.name, model_name_or_path=str(base_dir), peft_type=method.name, **options)
+    args.total_steps = 100  # what train() passes to builders (AdaLoRA schedules its rank budget with it)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     peft_model = wrap_model(model, method, args, spec)
     generator = torch.Generator().manual_seed(1)

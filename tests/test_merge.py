@@ -22,6 +22,9 @@ BF16_FLOOR_FACTOR = 2.0
 MERGEABLE = {
     "lora": {},
     "dora": {},
+    "adalora": {},
+    "oft": {},
+    "vera": {},
     "ia3": {},
     "loha": {},
     "lokr": {},

@@ -75,7 +75,8 @@ def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
 def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                         help="weights dtype for generation (default: fp32 on CPU, bf16/fp16 on GPU); bf16 makes "
-                             "batched generation ~2.5x faster on CPUs with AVX512-BF16, answers may differ slightly")
+                             "batched generation ~2.4x faster on CPUs with AVX512-BF16, but greedy answers then "
+                             "depend on the batch size")
 
 
 def load_engine(ns: argparse.Namespace):
