@@ -85,3 +85,13 @@ def write_jsonl(tmp_path):
 def memorisation_rows(n: int = 8) -> list[dict]:
     return [{"instruction": f"What is the code word number {i}?", "input": "", "output": f"The word is w{i * 7}."}
             for i in range(n)]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI a skipped test is a failure: a missing browser or library must not pass silently."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which must run every test: {report.longrepr}"
