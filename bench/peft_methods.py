@@ -88,7 +88,7 @@ def base_exact_match(ns: argparse.Namespace) -> dict:
     return {"method": "base", "exact_match": results[-1].exact_match, "eval_total": results[-1].total}
 
 
-def machine() -> str:
+def machine(threads: int | None) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -99,7 +99,8 @@ def machine() -> str:
         pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = threads or torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch thread(s) per run"
 
 
 def table(rows: list[dict], ns: argparse.Namespace, command: str) -> str:
@@ -125,16 +126,20 @@ def table(rows: list[dict], ns: argparse.Namespace, command: str) -> str:
     notes = [
         "",
         "*final loss: mean of the last 5 steps' losses (one batch of 8 is noisy).",
-        f"Measured {date.today().isoformat()} on {machine()}; compute dtype {dtype}. Command: `{command}`.",
+        f"Measured {date.today().isoformat()} on {machine(getattr(ns, 'threads', None))}; compute dtype {dtype}. Command: `{command}`.",
         f"Each method: {ns.steps} optimizer steps of {ns.batch} `arith` examples (<= 128 tokens, same order and "
         f"seed), unift's defaults otherwise (LoRA family r=8, alpha=16, every linear layer; 20 virtual tokens); "
         f"exact match = greedy answer on the first {ns.eval_samples} `arith_test` problems."
         + (f" The untuned base model scores {100 * base['exact_match']:.0f}%." if base else ""),
         "The machine's 2 cores were shared with other work while this ran, so tokens/s are indicative only; "
-        "the losses and exact matches do not depend on it. QLoRA's 4-bit base brings no speed or memory gain "
-        "on a CPU at 135M parameters (it exists for GPUs). A short run like this ranks how fast each method "
+        "the losses and exact matches do not depend on it. QLoRA's 4-bit base saves little at 135M parameters "
+        "on a CPU (see its peak RSS); it exists for large models on GPUs. A short run like this ranks how fast each method "
         "starts to learn, not where it ends.",
     ]
+    if any(r["method"] == "adalora" for r in rows):
+        notes.append("AdaLoRA's logged loss includes its orthogonality penalty (0.5 x mean ||AA^T - I||, PEFT's "
+                     "default), hence its higher first loss; its singular values start at zero, so it moves slowly at "
+                     "this learning rate.")
     return "\n".join(lines + notes)
 
 
