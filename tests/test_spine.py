@@ -35,6 +35,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
         (["train", "--peft_type", "magic"], "unknown --peft_type 'magic'; known:"),
         (["train", "--quantization_bit", "3"], "invalid choice"),
         (["train", "--epochs", "many"], "invalid float value: 'many'"),
+        (["train", "--model_name_or_path", "/no/such/model"], "--model_name_or_path /no/such/model: no such folder"),
     ],
 )
 def test_bad_flags_fail_at_parse_time(argv, expected, capsys):

@@ -67,9 +67,10 @@ def resolve_model_path(model_name_or_path: str | None) -> str:
     path = Path(model_name_or_path).expanduser()
     if path.exists():
         return str(path)
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in model_name_or_path:
-        raise UniftError(f"--model_name_or_path {model_name_or_path!r}: no such folder")
-    return model_name_or_path
+    looks_local = model_name_or_path.startswith(("/", ".", "~")) or model_name_or_path.count("/") > 1
+    if looks_local or (os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in model_name_or_path):
+        raise UniftError(f"--model_name_or_path {model_name_or_path}: no such folder")
+    return model_name_or_path  # a hub id: transformers resolves it (from its cache when offline)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
