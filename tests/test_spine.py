@@ -196,3 +196,22 @@ def test_checkpoints_describe_themselves_and_resume(tiny_model, write_jsonl, tmp
     assert resumed.metrics["tokens_seen"] < first.metrics["tokens_seen"]  # 2 new steps, not 6
     # Resuming continues from step 4 and keeps the earlier history: one curve, no step twice.
     assert [p["step"] for p in resumed.metrics["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_qlora_run_reloads_through_the_engine_to_the_same_logits(tiny_model, write_jsonl, tmp_path):
+    """The engine rebuilds a 4-bit base the way training did (quantized from the compute dtype)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    from unift.inference import Engine
+    from unift.train import train
+
+    data = write_jsonl(memorisation_rows(8))
+    result = train(TrainArgs(model_type="bloom", model_name_or_path=str(tiny_model("bloom")), data=[str(data)],
+                             peft_type="qlora", output_dir=str(tmp_path / "q"), max_steps=3, save_steps=100,
+                             learning_rate=1e-2, per_gpu_train_batch_size=4))
+    trained = extract_model_from_parallel(result.model, keep_fp32_wrapper=False).eval()
+    ids = torch.tensor([[5, 17, 301, 42, 7]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits.float()
+        reloaded = Engine.load(str(result.output_dir)).model(input_ids=ids).logits.float()
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-4)

@@ -227,7 +227,7 @@ def load_yaml_defaults(path: str, cls: type, parser: argparse.ArgumentParser) ->
     return checked
 
 
-def parse_into(cls: type, parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> Any:
+def parse_into(cls: type, namespace: argparse.Namespace) -> Any:
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
     return cls(**values)
 

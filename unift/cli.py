@@ -14,13 +14,10 @@ from unift.errors import UniftError
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
 
-def command(name: str, help: str):
-    def register(pair):
-        build, run = pair
-        COMMANDS[name] = (help, build, run)
-        return pair
-
-    return register
+def command(name: str, help: str, build: Callable[[argparse.ArgumentParser], None],
+            run: Callable[[argparse.Namespace], None]) -> None:
+    """Register a subcommand: `build` adds its flags, `run` does the work (importing heavy modules lazily)."""
+    COMMANDS[name] = (help, build, run)
 
 
 # ---- train -------------------------------------------------------------------------------------------
@@ -33,10 +30,10 @@ def build_train(parser: argparse.ArgumentParser) -> None:
 def run_train(ns: argparse.Namespace) -> None:
     from unift.train import train
 
-    train(parse_into(TrainArgs, None, ns))
+    train(parse_into(TrainArgs, ns))
 
 
-command("train", "fine-tune a model with a PEFT method")((build_train, run_train))
+command("train", "fine-tune a model with a PEFT method", build_train, run_train)
 
 
 # ---- shared inference flags --------------------------------------------------------------------------
@@ -117,7 +114,7 @@ def run_generate(ns: argparse.Namespace) -> None:
         chat_loop(engine, decoding(ns), ns.system)
 
 
-command("generate", "answer one --prompt, or chat in the terminal")((build_generate, run_generate))
+command("generate", "answer one --prompt, or chat in the terminal", build_generate, run_generate)
 
 
 def build_chat(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +130,7 @@ def run_chat(ns: argparse.Namespace) -> None:
     chat_loop(load_engine(ns), decoding(ns), ns.system)
 
 
-command("chat", "chat in the terminal with streaming answers (server.py)")((build_chat, run_chat))
+command("chat", "chat in the terminal with streaming answers (server.py)", build_chat, run_chat)
 
 
 # ---- predict -----------------------------------------------------------------------------------------
@@ -161,8 +158,7 @@ def run_predict(ns: argparse.Namespace) -> None:
             adapter_dir=ns.adapter_dir)
 
 
-command("predict", "answer every record of a file into predictions.jsonl, resumably (predict.py)")(
-    (build_predict, run_predict))
+command("predict", "answer every record of a file into predictions.jsonl, resumably (predict.py)", build_predict, run_predict)
 
 
 # ---- merge -------------------------------------------------------------------------------------------
@@ -185,7 +181,7 @@ def run_merge(ns: argparse.Namespace) -> None:
           export=ns.export)
 
 
-command("merge", "fold the adapter into the base model (merge.py)")((build_merge, run_merge))
+command("merge", "fold the adapter into the base model (merge.py)", build_merge, run_merge)
 
 
 # ---- serve -------------------------------------------------------------------------------------------
@@ -219,8 +215,7 @@ def run_serve(ns: argparse.Namespace) -> None:
           served_name=ns.served_model_name, max_tokens_limit=ns.max_tokens_limit, max_prompt_tokens=ns.cutoff_len)
 
 
-command("serve", "web service: OpenAI-compatible API under /v1 and a chat UI at / (web.py)")(
-    (build_serve, run_serve))
+command("serve", "web service: OpenAI-compatible API under /v1 and a chat UI at / (web.py)", build_serve, run_serve)
 
 
 # ---- eval --------------------------------------------------------------------------------------------
@@ -244,7 +239,7 @@ def run_eval(ns: argparse.Namespace) -> None:
              base_model=ns.model_name_or_path, model_type=ns.model_type, dataset_dir=ns.dataset_dir)
 
 
-command("eval", "exact match on a held-out split, optionally beside the base model")((build_eval, run_eval))
+command("eval", "exact match on a held-out split, optionally beside the base model", build_eval, run_eval)
 
 
 # ---- list --------------------------------------------------------------------------------------------
@@ -259,7 +254,7 @@ def run_list(ns: argparse.Namespace) -> None:
     print(support_table())
 
 
-command("list", "print the model_type x peft_type support matrix")((build_list, run_list))
+command("list", "print the model_type x peft_type support matrix", build_list, run_list)
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -289,13 +284,13 @@ def run_data(ns: argparse.Namespace) -> None:
     from unift import data_tools
 
     if ns.data_command == "check":
-        data_tools.check(parse_into(data_tools.CheckArgs, None, ns), show=ns.show_example)
+        data_tools.check(parse_into(data_tools.CheckArgs, ns), show=ns.show_example)
     else:
         n = data_tools.convert(ns.data, ns.to, ns.output, ns.dataset_dir, ns.max_samples)
         print(f"wrote {n} {ns.to} records to {ns.output}")
 
 
-command("data", "check data (what a run would train on) or convert it between forms")((build_data, run_data))
+command("data", "check data (what a run would train on) or convert it between forms", build_data, run_data)
 
 
 # ---- entry -------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ import torch
 from unift.data import Message, encode_prompt, get_template, resolve_template
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
-from unift.models.loading import resolve_model_path
+from unift.models.loading import resolve_model_path, upcast_unquantized
 from unift.runcard import RunCard
+from unift.runtime import torch_dtype
 
 # Written by `unift merge` beside the merged weights: the template and family the run was trained with,
 # so `--model_name_or_path merged/` prompts exactly as the adapter did.
@@ -141,8 +142,12 @@ class Engine:
         tokenizer = load_tokenizer(adapter_dir or path, trust_remote_code=trust, padding_side="left")
         chosen = resolve_template(template, spec.template, tokenizer)
         bits = card.quantization_bit if card else None
-        model = load_model(path, spec, quantization_bit=bits, compute_dtype=torch.float32,
+        # A quantized base is rebuilt exactly as training built it: quantized from the compute dtype.
+        compute = torch_dtype(card.compute_dtype) if bits else torch.float32
+        model = load_model(path, spec, quantization_bit=bits, compute_dtype=compute,
                            dtype=dtype, trust_remote_code=trust)
+        if bits:
+            upcast_unquantized(model)
         if card:
             from peft import PeftModel
 

@@ -140,6 +140,14 @@ def load_model(
     return model
 
 
+def upcast_unquantized(model) -> None:
+    """Give a quantized model's remaining half-precision weights (norms, embeddings, head) fp32, as
+    peft's prepare_model_for_kbit_training does for training, so inference sees the trained model."""
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ not in ("Params4bit", "Int8Params"):
+            param.data = param.data.float()
+
+
 def bnb_config(bits: int, compute_dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401
