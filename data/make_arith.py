@@ -7,10 +7,10 @@ mostly wrong before tuning, but learns it in minutes on two CPU cores. Determini
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 from pathlib import Path
+
+from gen_splits import run
 
 NAMES = ["Tom", "Anna", "Li Wei", "Maria", "Omar", "Sara", "Ken", "Lena", "Ravi", "Mia", "Jonas", "Aiko"]
 ITEMS = ["apples", "stamps", "marbles", "books", "coins", "pencils", "stickers", "shells", "cards", "eggs"]
@@ -41,31 +41,9 @@ def make_problem(rng: random.Random) -> dict:
     }
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=1000)
-    parser.add_argument("--test", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "arith")
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < args.train + args.test:
-        row = make_problem(rng)
-        if row["instruction"] not in seen:  # held-out questions never appear in training
-            seen.add(row["instruction"])
-            rows.append(row)
-    write_jsonl(args.out / "train.jsonl", rows[: args.train])
-    write_jsonl(args.out / "test.jsonl", rows[args.train:])
-    print(f"wrote {args.train} train and {args.test} test problems to {args.out}")
+    run(__doc__.splitlines()[0], make_problem, key=lambda row: row["instruction"],
+        out=Path(__file__).parent / "arith", suffix=".jsonl", train=1000, test=100, seed=1234)
 
 
 if __name__ == "__main__":

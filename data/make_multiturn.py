@@ -9,10 +9,11 @@ Deterministic for a given seed:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
+
+from gen_splits import run
 
 # (statement, acknowledgement, [(question, sign)]) with {a} the remembered number and {b} the new one.
 FACTS = [
@@ -61,34 +62,13 @@ def make_dialogue(rng: random.Random) -> dict:
     return record
 
 
-def write_json(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    # A JSON list with one dialogue per line: valid JSON, and still readable in a diff.
-    body = ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
-    tmp.write_text(f"[\n{body}\n]\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=800)
-    parser.add_argument("--test", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "multiturn")
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < args.train + args.test:
-        row = make_dialogue(rng)
-        key = json.dumps([t for t in row["conversations"] if t["from"] != "system"], ensure_ascii=False)
-        if key not in seen:  # held-out dialogues never appear in training
-            seen.add(key)
-            rows.append(row)
-    write_json(args.out / "train.json", rows[: args.train])
-    write_json(args.out / "test.json", rows[args.train:])
-    print(f"wrote {args.train} train and {args.test} test dialogues to {args.out}")
+    run(__doc__.splitlines()[0], make_dialogue, key=dialogue_key, out=Path(__file__).parent / "multiturn",
+        suffix=".json", train=800, test=100, seed=2024, noun="dialogues")
+
+
+def dialogue_key(row: dict) -> str:
+    return json.dumps([t for t in row["conversations"] if t["from"] != "system"], ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ Deterministic for a given seed:
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 from pathlib import Path
+
+from gen_splits import run
 
 NAMES = ["小明", "小红", "李华", "王芳", "张伟", "刘洋", "陈静", "小刚"]
 ITEMS = [("苹果", "个"), ("铅笔", "支"), ("书", "本"), ("邮票", "张"), ("气球", "个"), ("鸡蛋", "个"), ("贴纸", "张")]
@@ -74,32 +74,9 @@ def make_problem(rng: random.Random) -> dict:
     return {"messages": messages}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=800)
-    parser.add_argument("--test", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=4321)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "zh")
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < args.train + args.test:
-        row = make_problem(rng)
-        question = row["messages"][-2]["content"]
-        if question not in seen:  # held-out questions never appear in training
-            seen.add(question)
-            rows.append(row)
-    write_jsonl(args.out / "train.jsonl", rows[: args.train])
-    write_jsonl(args.out / "test.jsonl", rows[args.train:])
-    print(f"wrote {args.train} train and {args.test} test problems to {args.out}")
+    run(__doc__.splitlines()[0], make_problem, key=lambda row: row["messages"][-2]["content"],
+        out=Path(__file__).parent / "zh", suffix=".jsonl", train=800, test=100, seed=4321)
 
 
 if __name__ == "__main__":
