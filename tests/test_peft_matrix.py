@@ -27,14 +27,7 @@ LEARNING_RATE = {"ia3": 5e-2, "vera": 5e-2, "prompt": 5e-2, "prefix": 3e-2, "ada
 IDS = torch.tensor([[1, 2, 3, 4, 5, 6]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads per process
-    oversubscribe the cores (measured: 14 s instead of 2.4 s per pair)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

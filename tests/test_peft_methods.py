@@ -26,12 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[1, 2, 3, 4, 5, 6]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; two threads oversubscribe a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
