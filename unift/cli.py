@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from unift.args import TrainArgs, add_arguments, load_yaml_defaults, parse_into
@@ -317,9 +318,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def setup_logging() -> None:
+    """unift's own messages as `[unift] ...` (rank 0 only); other libraries keep their own format."""
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="[unift] %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    ours = logging.getLogger("unift")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[unift] %(message)s"))
+        ours.addHandler(handler)
+        ours.propagate = False
+    ours.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # transformers 5 renamed gradient checkpointing; peft still calls the old name. Not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    # bitsandbytes warns at import on every CPU machine about an optional kernels package: not actionable.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
