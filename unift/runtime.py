@@ -41,6 +41,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def cache_dir() -> Path:
+    """unift's cache (the converted embedded model, tokenized data): $UNIFT_CACHE or ~/.cache/unift."""
+    return Path(os.environ.get("UNIFT_CACHE", Path.home() / ".cache" / "unift"))
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -34,6 +34,7 @@ from unift.data.registry import DatasetEntry, resolve_dataset
 from unift.data.templates import Message
 from unift.data.tokenize import IGNORE_INDEX, encode_conversation
 from unift.errors import UniftError
+from unift.runtime import cache_dir, write_json_atomic
 
 log = logging.getLogger("unift")
 
@@ -46,7 +47,7 @@ TRAIN_COLUMNS = ["input_ids", "labels"]
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("UNIFT_CACHE", Path.home() / ".cache" / "unift")) / "data"
+    return cache_dir() / "data"
 
 
 @dataclass
@@ -169,13 +170,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---- tokenization ----------------------------------------------------------------------------------
 
 
@@ -262,7 +256,7 @@ def tokenized_source(source: Source, template, tokenizer, options: DataOptions, 
         if folder.is_dir():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
-        _write_json(folder.parent / "source.json",
+        write_json_atomic(folder.parent / "source.json",
                     {"records": source.records, "formats": source.formats, "notes": source.notes,
                      "path": str(source.entry.path)})
     return datasets.load_from_disk(str(folder))

