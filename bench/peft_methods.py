@@ -144,10 +144,9 @@ def table(rows: list[dict], ns: argparse.Namespace, command: str) -> str:
 
 
 def update_readme(text: str) -> None:
-    path = REPO / "README.md"
-    readme = path.read_text(encoding="utf-8")
-    start, end = readme.index(START) + len(START), readme.index(END)
-    path.write_text(readme[:start] + "\n" + text + "\n" + readme[end:], encoding="utf-8")
+    from unift.support import replace_between
+
+    replace_between(REPO / "README.md", START, END, text)
 
 
 def main() -> int:

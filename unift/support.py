@@ -75,21 +75,30 @@ def support_table() -> str:
     )
 
 
+def _bounds(text: str, start_marker: str, end_marker: str) -> tuple[int, int]:
+    return text.index(start_marker) + len(start_marker), text.index(end_marker)
+
+
 def readme_block(readme: str) -> str:
     """The text between the README's support-matrix markers."""
-    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+    start, end = _bounds(readme, README_START, README_END)
     return readme[start:end].strip("\n")
 
 
-def update_readme(path: Path) -> bool:
-    """Write the generated table between the markers; True when the file changed."""
+def replace_between(path: Path, start_marker: str, end_marker: str, body: str) -> bool:
+    """Write `body` between two marker comments of a generated README section; True when it changed."""
     text = path.read_text(encoding="utf-8")
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    new = text[:start] + "\n" + support_table() + "\n" + text[end:]
+    start, end = _bounds(text, start_marker, end_marker)
+    new = text[:start] + "\n" + body + "\n" + text[end:]
     if new == text:
         return False
     path.write_text(new, encoding="utf-8")
     return True
+
+
+def update_readme(path: Path) -> bool:
+    """Write the generated table between the markers; True when the file changed."""
+    return replace_between(path, README_START, README_END, support_table())
 
 
 def main(argv: list[str] | None = None) -> int:
