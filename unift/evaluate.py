@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from unift.data import Message, load_conversations
@@ -59,7 +59,7 @@ def evaluate(
 ) -> list[EvalResult]:
     engine = Engine.load(adapter_dir, base_model=base_model, model_type=model_type)
     conversations = load_conversations(data, Path(dataset_dir) if dataset_dir else None)[:max_samples]
-    settings = GenerationSettings(**{**PRESETS["greedy"].__dict__, "max_new_tokens": max_new_tokens})
+    settings = replace(PRESETS["greedy"], max_new_tokens=max_new_tokens)
     results = []
     if compare_base and engine.has_adapter:
         with engine.base_only():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from unift.args import TrainArgs, command_line
-from unift.data import DataOptions, build_datasets, load_sources, resolve_template
+from unift.data import IGNORE_INDEX, DataOptions, build_datasets, load_sources, resolve_template
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
@@ -49,7 +49,7 @@ class PaddingCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
