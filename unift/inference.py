@@ -149,14 +149,9 @@ class Engine:
         if bits:
             upcast_unquantized(model)
         if card:
-            from peft import PeftModel
+            from unift.peft import load_adapter  # also registers unift's own PEFT methods
 
-            import unift.peft  # noqa: F401  (registers unift's own PEFT methods)
-
-            try:
-                model = PeftModel.from_pretrained(model, adapter_dir)
-            except (ValueError, KeyError, RuntimeError) as err:
-                raise UniftError(f"cannot load the adapter in {adapter_dir}: {str(err).splitlines()[0]}") from err
+            model = load_adapter(model, adapter_dir)
         name = Path(adapter_dir).name if adapter_dir else Path(path).name
         return cls(model, tokenizer, chosen, card, name=name)
 

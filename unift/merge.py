@@ -155,10 +155,10 @@ def merge(
     export: str | None = None,
 ) -> Path:
     """Fold the adapter of a run folder into its base; write `merged_dir`; return it."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
-    import unift.peft  # noqa: F401  (registers unift's own PEFT methods)
     from unift.data import resolve_template
+    from unift.peft import load_adapter  # also registers unift's own PEFT methods
 
     card = RunCard.load(adapter_dir)
     out = Path(merged_dir)
@@ -186,10 +186,7 @@ def merge(
     if card.quantization_bit:
         log.info("the adapter was trained over a %d-bit base; merging it into the base re-loaded in full "
                  "precision and saving at %s", card.quantization_bit, str(saved_dtype).replace("torch.", ""))
-    try:
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise UniftError(f"cannot load the adapter in {adapter_dir}: {first_line(err)}") from err
+    model = load_adapter(base, adapter_dir)
     model.eval()
     probe = tokenizer(template.render(PROBE, add_generation_prompt=True, tokenizer=tokenizer),
                       add_special_tokens=False, return_tensors="pt")["input_ids"]
