@@ -37,6 +37,13 @@ def _check_peft_type(value: str) -> str:
     return get_method(value).name
 
 
+def _check_optimizations(value: Any) -> str:
+    from unift.accel import parse_optimizations
+
+    parse_optimizations(value)  # raises UniftError naming the unknown ones
+    return str(value) if not isinstance(value, list) else ",".join(value)
+
+
 def _check_adapter_scaling(value: Any) -> str:
     from unift.peft.bottleneck import parse_scaling
 
@@ -123,7 +130,17 @@ class TrainArgs:
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule", group="training")
     warmup_ratio: float = opt(0.03, "fraction of steps for warm-up", group="training")
     weight_decay: float = opt(0.0, "weight decay", group="training")
-    gradient_checkpointing: bool = opt(False, "trade compute for memory", group="training")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, "
+                                       "about a third slower", group="training")
+    optimizations: str = opt("all", "speed-ups to use: all, none, or a comma-separated subset of base_dtype, "
+                             "padding_free, label_loss, fused_lora, fast_dropout, lean_layers, cpu_attention (docs/performance.md)",
+                             group="training", check=_check_optimizations)
+    padding_free: str = opt("auto", "batches as one row without padding: auto (where the family and method "
+                            "allow it), true (refuse otherwise), false", group="training",
+                            choices=("auto", "true", "false"))
+    group_by_length: bool = opt(False, "batch examples of similar length together (less padding when "
+                                "padding-free batches are off; changes which examples share a step)",
+                                group="training")
     logging_steps: int = opt(10, "log every N steps", group="training")
     save_steps: int | None = opt(None, "checkpoint every N steps (default: once per epoch)", group="training")
     save_total_limit: int = opt(2, "checkpoints to keep", group="training")

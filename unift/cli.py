@@ -339,6 +339,10 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
     if command_name and not (argv and argv[0] == command_name):
         argv = [command_name, *argv]
     debug = "--debug" in argv
+    if argv and argv[0] == "train":
+        from unift.runtime import keep_bitsandbytes_out
+
+        keep_bitsandbytes_out(argv)
     setup_logging()
     try:
         ns = parse(argv)

@@ -22,6 +22,7 @@ class RunCard:
     trust_remote_code: bool = False
     quantization_bit: int | None = None
     compute_dtype: str = "fp32"
+    base_dtype: str = "fp32"  # dtype of the frozen base weights during training
     versions: dict[str, str] = field(default_factory=dict)
     arguments: dict[str, Any] = field(default_factory=dict)
     command: str = ""

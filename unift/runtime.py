@@ -37,8 +37,16 @@ def resolve_compute_dtype(name: str) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return DTYPE_NAMES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16' (the names --compute_dtype uses); other dtypes by torch's name."""
+    return next((name for name, d in DTYPE_NAMES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
 def cache_dir() -> Path:
@@ -78,3 +86,31 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+# Words that appear on any command line or --config file that trains over a quantized base (the names
+# of methods that quantize, and the quantization flags); tests/test_accel.py checks them against the
+# method registry.
+QUANTIZING_WORDS = ("qlora", "quantization_bit", "load_in_8bit", "load_in_4bit")
+
+
+def keep_bitsandbytes_out(argv: list[str]) -> bool:
+    """For `unift train` runs that cannot need bitsandbytes, keep it out of the process.
+
+    PEFT imports bitsandbytes whenever it is installed, and that import alone costs ~125 MB of memory and
+    about a second (it pulls in torch's compiler stack). A None entry in sys.modules is Python's own way
+    to say a module is absent: `import bitsandbytes` raises ImportError and `importlib.util.find_spec`
+    returns None, which is how PEFT and transformers decide that it is not installed. Decided from the
+    raw command line (and the --config file) before anything imports PEFT. Returns whether it did."""
+    if "bitsandbytes" in sys.modules:
+        return False
+    text = " ".join(argv)
+    if "--config" in argv[:-1]:
+        try:
+            text += Path(argv[argv.index("--config") + 1]).read_text(encoding="utf-8")
+        except OSError:
+            return False  # the parser reports the missing file; no guessing here
+    if any(word in text for word in QUANTIZING_WORDS):
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    return True

@@ -14,14 +14,17 @@ from typing import Any
 
 import torch
 
+from unift.accel import frozen_base_dtype, parse_optimizations, prepare_training
 from unift.args import TrainArgs, command_line
-from unift.data import IGNORE_INDEX, DataOptions, build_datasets, load_sources, resolve_template
+from unift.data import DataOptions, build_datasets, load_sources, resolve_template
+from unift.data.collate import PackingCollator, PaddingCollator, batch_tokens
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
 from unift.peft import get_method, wrap_model
 from unift.runcard import METRICS, RunCard
 from unift.runtime import (
+    dtype_name,
     is_main_process,
     library_versions,
     peak_rss_mib,
@@ -37,27 +40,6 @@ log = logging.getLogger("unift")
 def default_output_dir(args: TrainArgs) -> str:
     data = "+".join(Path(d).stem for d in args.data)
     return str(Path("saved_models") / f"{args.model_type}_{data}" / args.peft_type)
-
-
-class PaddingCollator:
-    """Pads input_ids with the pad token and labels with -100; counts the real tokens it has seen."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-        self.tokens_seen = 0
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.tensor(row["input_ids"])
-            labels[i, :n] = torch.tensor(row["labels"])
-            mask[i, :n] = 1
-        self.tokens_seen += int(mask.sum())
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def prepare(args: TrainArgs) -> dict[str, Any]:
@@ -77,7 +59,7 @@ def prepare(args: TrainArgs) -> dict[str, Any]:
             "train": data.train, "val": data.val, "stats": data.stats}
 
 
-def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: PaddingCollator, card: RunCard):
+def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card: RunCard):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class CardOnCheckpoints(TrainerCallback):
@@ -119,12 +101,23 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator: Paddi
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        prediction_loss_only=True,  # evaluation reports the loss; gathering every logit would cost GBs
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         disable_tqdm=False,
         logging_first_step=True,
     )
     method = ready["method"]
 
     class UniftTrainer(Trainer):
+        tokens_seen = 0  # real (non-pad) tokens of training batches, this process, this session
+        tokens_trained = 0  # of which tokens with a label
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            real, trained = batch_tokens(inputs)
+            self.tokens_seen += real
+            self.tokens_trained += trained
+            return super().training_step(model, inputs, *args, **kwargs)
+
         # The method's after_optimizer_step runs right after optimizer.step(), before gradients are
         # zeroed (AdaLoRA reallocates its rank budget there; a TrainerCallback runs too late).
         def create_optimizer(self, *a, **kw):
@@ -186,14 +179,18 @@ def train(args: TrainArgs) -> TrainResult:
     dtype = resolve_compute_dtype(args.compute_dtype)
     bits = method.quantization_bit or args.quantization_bit
     ready["quantization_bit"] = bits
+    wanted = parse_optimizations(args.optimizations)
     model = load_model(
         ready["path"], spec, quantization_bit=bits, compute_dtype=torch_dtype(dtype),
-        trust_remote_code=args.trust_remote_code,
+        dtype=frozen_base_dtype(wanted, torch_dtype(dtype), bool(bits)), trust_remote_code=args.trust_remote_code,
     )
     model.config.use_cache = False
+    base_dtype = dtype_name(model.dtype)
     # Methods may need the schedule length (AdaLoRA's total_step); the options carry it beside the flags.
     options = SimpleNamespace(**asdict(args), total_steps=total_optimizer_steps(args, len(ready["train"])))
     model = wrap_model(model, method, options, spec)
+    accel = prepare_training(model, spec, method, wanted, device="cuda" if torch.cuda.is_available() else "cpu",
+                             compute=torch_dtype(dtype), padding_free_asked=args.padding_free)
     trainable, total = model.get_nb_trainable_parameters()
     stats = ready["stats"]
     if is_main_process():
@@ -204,17 +201,23 @@ def train(args: TrainArgs) -> TrainResult:
             len(ready["train"]), len(ready["val"]), stats["truncated"], args.cutoff_len,
             ready["template"].name, dtype,
         )
-    collator = PaddingCollator(ready["tokenizer"].pad_token_id)
+        log.info("optimizations: %s", accel.summary())
+    pad_id = ready["tokenizer"].pad_token_id
+    collator = (PackingCollator(pad_id, accel.shape_multiple) if accel.padding_free
+                else PaddingCollator(pad_id, accel.shape_multiple))
     card = RunCard(
         model_type=spec.name, peft_type=method.name, template=ready["template"].name,
         base_model=None if args.model_name_or_path is None else ready["path"],
         trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
-        versions=library_versions(), arguments=asdict(args), command=command_line(),
+        base_dtype=base_dtype, versions=library_versions(), arguments=asdict(args), command=command_line(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     trainer = build_trainer(args, ready, model, collator, card)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        accel.restore()
     wall = time.perf_counter() - started
     out = Path(args.output_dir)
     metrics: dict[str, Any] = {}
@@ -222,7 +225,7 @@ def train(args: TrainArgs) -> TrainResult:
         model.save_pretrained(out)
         ready["tokenizer"].save_pretrained(out)
         card.save(out)
-        tokens = collator.tokens_seen * world_size()
+        tokens = trainer.tokens_seen * world_size()
         history = trainer.state.log_history
         metrics = {
             "train_loss": result.training_loss,
@@ -231,7 +234,9 @@ def train(args: TrainArgs) -> TrainResult:
             "global_steps": trainer.state.global_step,
             "train_examples": len(ready["train"]),
             "tokens_seen": tokens,
+            "tokens_trained": trainer.tokens_trained * world_size(),
             "tokens_per_second": tokens / wall if wall > 0 else math.nan,
+            "samples_per_second": result.metrics.get("train_samples_per_second"),
             "wall_seconds": wall,
             "peak_rss_mib": peak_rss_mib(),
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -239,6 +244,8 @@ def train(args: TrainArgs) -> TrainResult:
             "total_parameters": total,
             "world_size": world_size(),
             "compute_dtype": dtype,
+            "base_dtype": base_dtype,
+            "optimizations": accel.applied,
         }
         write_json_atomic(out / METRICS, metrics)
         log.info("saved the adapter and run card to %s (%.0f tokens/s, %.0f s, peak RSS %.0f MiB)",

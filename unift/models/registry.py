@@ -22,6 +22,9 @@ class ModelSpec:
     remote_code_note: str = ""  # which checkpoints of this family need --trust_remote_code
     config_overrides: tuple[tuple[str, object], ...] = ()  # fixed config values (InternLM 1 = llama + bias)
     aliases: tuple[str, ...] = ()
+    # How packed (padding-free) rows keep their examples apart: "position_ids" (restarting positions; the
+    # family's causal mask follows them), "alibi_blocks" (Bloom), or "" (not supported: batches are padded).
+    packing: str = "position_ids"
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -49,7 +52,7 @@ register_model(ModelSpec(
     name="bloom", model_class="BloomForCausalLM", config_class="BloomConfig",
     lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     attention_targets=("query_key_value", "dense"), mlp_targets=("dense_h_to_4h", "dense_4h_to_h"),
-    mlp_output="dense_4h_to_h", template="alpaca",
+    mlp_output="dense_4h_to_h", template="alpaca", packing="alibi_blocks",
 ))
 register_model(ModelSpec(
     name="chatglm", model_class="GlmForCausalLM", config_class="GlmConfig",
