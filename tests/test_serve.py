@@ -175,20 +175,34 @@ def test_a_full_queue_answers_429(client, engine):
         with pytest.raises(openai.RateLimitError) as busy:
             client.chat.completions.create(model="run", messages=QUESTION, max_tokens=2)
         assert busy.value.status_code == 429 and busy.value.body["code"] == "queue_full"
+        assert busy.value.response.headers["Retry-After"].isdigit()
     finally:
         engine.release_slot()
         engine.max_queue = limit
     assert client.chat.completions.create(model="run", messages=QUESTION, max_tokens=2).choices
 
 
-def test_concurrent_requests_wait_their_turn(client):
-    def ask(i: int) -> str:
-        return client.chat.completions.create(model="run", messages=QUESTION, max_tokens=4,
-                                              temperature=0).choices[0].message.content
+def test_fifty_concurrent_clients_are_all_answered_in_batches(base_url, engine):
+    """A burst waits in the queue instead of being refused, is answered in shared batches, and every
+    answer (half of them streamed) is the one the model gives that question alone."""
+    questions = [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(50)]
+    expected = [c.text for c in engine.generate(questions, GenerationSettings(max_new_tokens=6), batch_size=1)]
+    client = openai.OpenAI(base_url=base_url, api_key=KEY, timeout=120)  # its default retries, as users run it
+    before = dict(engine.scheduler.stats)
 
-    with ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(ask, range(3)))
-    assert len(set(answers)) == 1
+    def ask(i: int) -> str:
+        kwargs = {"model": "run", "messages": questions[i], "max_tokens": 6, "temperature": 0}
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**kwargs, stream=True)).strip()
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(ask, range(50)))
+    assert answers == expected
+    stats = engine.scheduler.stats
+    assert stats["requests"] - before["requests"] == 50
+    assert stats["batches"] - before["batches"] < 50 and stats["largest_batch"] > 1
 
 
 def test_a_client_that_hangs_up_frees_the_model(base_url, engine):

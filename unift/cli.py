@@ -197,8 +197,11 @@ def build_serve(parser: argparse.ArgumentParser) -> None:
                        help="require 'Authorization: Bearer KEY' on /v1 (and the key as the UI password); "
                             "default: $UNIFT_API_KEY")
     group.add_argument("--no_ui", action="store_true", help="serve the /v1 API alone, without the chat UI at /")
-    group.add_argument("--max_queue", type=int, default=16,
-                       help="requests admitted at once (running + waiting); more are answered 429 (default: 16)")
+    group.add_argument("--max_queue", type=int, default=256,
+                       help="requests admitted at once (generating + waiting); more are answered 429 with "
+                            "Retry-After (default: 256)")
+    group.add_argument("--max_batch", type=int, default=16,
+                       help="concurrent requests generated together in one batch (default: 16)")
     group.add_argument("--served_model_name", help="model id in the API (default: the run folder's name)")
     group.add_argument("--max_tokens_limit", type=int, default=4096, help="the largest max_tokens accepted")
     group.add_argument("--cutoff_len", type=int, help="keep at most this many prompt tokens (the last ones)")
@@ -208,10 +211,12 @@ def build_serve(parser: argparse.ArgumentParser) -> None:
 def run_serve(ns: argparse.Namespace) -> None:
     from unift.serve import serve
 
-    if ns.max_queue < 1:
-        raise UniftError("--max_queue must be at least 1")
+    for flag in ("max_queue", "max_batch"):
+        if getattr(ns, flag) < 1:
+            raise UniftError(f"--{flag} must be at least 1")
     engine = load_engine(ns)
     engine.max_queue = ns.max_queue
+    engine.scheduler.max_batch = ns.max_batch
     serve(engine, decoding(ns), host=ns.host, port=ns.port, api_key=ns.api_key, ui=not ns.no_ui,
           served_name=ns.served_model_name, max_tokens_limit=ns.max_tokens_limit, max_prompt_tokens=ns.cutoff_len)
 
@@ -335,11 +340,12 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
+    own_process = argv is None  # a command line (console script or top-level script), not a caller's argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if command_name and not (argv and argv[0] == command_name):
         argv = [command_name, *argv]
     debug = "--debug" in argv
-    if argv and argv[0] == "train":
+    if own_process and argv and argv[0] == "train":
         from unift.runtime import keep_bitsandbytes_out
 
         keep_bitsandbytes_out(argv)

@@ -2,8 +2,9 @@
 an adapter from a run folder, the run's template, and batched or streaming generation.
 
 Thread safety: one generation at a time per model (`Engine.lock`); the adapter is switched on or off
-inside that lock, so concurrent "base" and "tuned" requests never see each other's state. `admit()`
-bounds how many requests may wait for the model at once (the web service answers 429 beyond it).
+inside that lock, so concurrent "base" and "tuned" requests never see each other's state. Streamed
+answers of concurrent callers are batched by the engine's Scheduler (unift.batching). `admit()` bounds
+how many requests may wait for the model at once (the web service answers 429 beyond it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from unift.batching import Scheduler, TextStream, truncate_at_stop
 from unift.data import Message, encode_prompt, get_template, resolve_template
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
@@ -81,26 +83,9 @@ class QueueFull(UniftError):
     """More requests are waiting for the model than the engine admits."""
 
 
-def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _stop_on(event: threading.Event):
-    """A stopping criterion that ends generation (every row) once `event` is set: a stop string was
-    seen by the reader, or the reader went away. Without it the model runs on to max_new_tokens."""
-    from transformers import StoppingCriteria
-
-    class StopOnEvent(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return StopOnEvent()
-
-
 class Engine:
     def __init__(self, model, tokenizer, template, card: RunCard | None = None, name: str = "model",
-                 max_queue: int = 16) -> None:
+                 max_queue: int = 256, max_batch: int = 16) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
@@ -112,6 +97,7 @@ class Engine:
         self._admitted = 0
         self._admit_lock = threading.Lock()
         self._adapter_default = True  # flipped by base_only()
+        self.scheduler = Scheduler(self, max_batch)  # streamed answers, batched across concurrent requests
 
     @classmethod
     def load(
@@ -298,116 +284,10 @@ class Engine:
 
     def open_stream(self, prompt: Prompt, settings: GenerationSettings = PRESETS["chat"], *,
                     adapter: bool | None = None, max_prompt_tokens: int | None = None) -> TextStream:
-        """Like stream(), but the returned object also reports token counts and the finish reason."""
-        return TextStream(self, self.prompt_ids(prompt, max_prompt_tokens), settings,
-                          self._adapter_default if adapter is None else adapter)
-
-
-class TextStream:
-    """Iterates text pieces while a worker thread generates; closing it early (or a stop string)
-    stops the worker at the next token and frees the model."""
-
-    def __init__(self, engine: Engine, ids: list[int], settings: GenerationSettings, adapter: bool) -> None:
-        self.engine = engine
-        self.ids = ids
-        self.settings = settings
-        self.adapter = adapter
-        self.prompt_tokens = len(ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.cancel = threading.Event()
-        self._iterator = self._run()
-
-    def __iter__(self) -> TextStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._iterator)
-
-    def close(self) -> None:
-        self.cancel.set()
-        self._iterator.close()
-
-    def _run(self) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        engine = self.engine
-        eos = set(engine.eos_ids)
-        stream = self
-
-        class CountingStreamer(TextIteratorStreamer):
-            def put(self, value: torch.Tensor) -> None:
-                if not (self.skip_prompt and self.next_tokens_are_prompt):
-                    stream.completion_tokens += sum(1 for t in value.reshape(-1).tolist() if t not in eos)
-                super().put(value)
-
-        streamer = CountingStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**self.settings.generate_kwargs(), "num_beams": 1}
-        errors: list[BaseException] = []
-        ids = torch.tensor([self.ids], device=engine.model.device)
-        ended = threading.Event()
-
-        def work() -> None:
-            try:
-                # Wait for the model, but give up at once if the reader has gone away meanwhile.
-                while not engine.lock.acquire(timeout=0.05):
-                    if self.cancel.is_set():
-                        return
-                try:
-                    if self.cancel.is_set():
-                        return
-                    with torch.inference_mode(), engine._adapter_state(self.adapter):
-                        if self.settings.seed is not None:
-                            torch.manual_seed(self.settings.seed)
-                        out = engine.model.generate(
-                            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                            pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_ids,
-                            stopping_criteria=[_stop_on(self.cancel)], **kwargs)
-                    if any(t in eos for t in out[0, len(self.ids):].tolist()):
-                        ended.set()
-                finally:
-                    engine.lock.release()
-            except BaseException as err:  # surfaced to the reader below
-                errors.append(err)
-            finally:
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True, name="unift-generate")
-        thread.start()
-        stops = engine.stops(self.settings)
-        text = ""
-        emitted = 0
-        hold = max((len(s) for s in stops), default=0)  # hold back text that may be the start of a stop
-        stopped = False
-        try:
-            for piece in streamer:
-                text += piece
-                cut, stopped = truncate_at_stop(text, stops)
-                if stopped:
-                    self.cancel.set()  # the model stops at its next token
-                    if len(cut) > emitted:
-                        yield cut[emitted:]
-                    break
-                safe = len(text) - hold
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-            else:
-                if len(text) > emitted:
-                    yield text[emitted:]
-        finally:
-            # Runs on normal end, on a stop string, and when the reader closes us early (client gone,
-            # Ctrl-C): the worker sees the event at its next token and releases the model.
-            self.cancel.set()
-            thread.join()
-            if stopped or ended.is_set():
-                self.finish_reason = "stop"
-            elif self.completion_tokens >= self.settings.max_new_tokens:
-                self.finish_reason = "length"
-            else:
-                self.finish_reason = "stop" if not errors else "error"
-        if errors:
-            raise errors[0]
+        """Like stream(), but the returned object also reports token counts and the finish reason. Streams
+        of concurrent callers are generated together (unift.batching)."""
+        return self.scheduler.submit(self.prompt_ids(prompt, max_prompt_tokens), settings,
+                                     self._adapter_default if adapter is None else adapter)
 
 
 def read_merged_card(path: str) -> dict | None:

@@ -4,8 +4,9 @@
   server-sent events; OpenAI-shaped errors; an optional bearer key; a bounded request queue), and
 - a browser chat UI at / (gradio, mounted in the same FastAPI app), unless --no_ui.
 
-Both drive one Engine: one generation at a time, requests beyond the queue bound are refused (429)
-instead of piling up, and a client that goes away stops its generation at the next token.
+Both drive one Engine: concurrent requests are generated together in batches (unift.batching), a burst
+waits in the queue, only requests beyond its (large) bound are refused with 429 and Retry-After, and a
+client that goes away stops its own answer at the next token.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 
 from fastapi import Request
 
+from unift.batching import TextStream
 from unift.data import Message
 from unift.errors import UniftError
-from unift.inference import Engine, GenerationSettings, QueueFull, TextStream
+from unift.inference import Engine, GenerationSettings, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,7 @@ class Service:
             self.engine.acquire_slot()
         except QueueFull as err:
             raise APIError(429, str(err), type_="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
+                           headers={"Retry-After": "2"}) from None
         try:
             return self.engine.open_stream(prompt, settings, adapter=adapter,
                                            max_prompt_tokens=self.max_prompt_tokens)
@@ -312,7 +314,8 @@ def create_app(engine: Engine, settings: GenerationSettings, *, api_key: str | N
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "queued": engine.queued, "max_queue": engine.max_queue}
+        return {"status": "ok", "queued": engine.queued, "max_queue": engine.max_queue,
+                "max_batch": engine.scheduler.max_batch, **engine.scheduler.stats}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -507,7 +510,8 @@ def build_ui(service: Service):
         stop.click(None, None, None, cancels=[submitted, clicked])
         chatbot.clear(lambda: [], None, history, cancels=[submitted, clicked])  # its own trash button
         clear.click(lambda: ("", [], []), None, outputs, cancels=[submitted, clicked])
-    demo.queue(max_size=engine.max_queue, default_concurrency_limit=1)
+    # UI users stream concurrently, so the scheduler can batch them with each other and with API clients
+    demo.queue(max_size=engine.max_queue, default_concurrency_limit=engine.scheduler.max_batch)
     return demo
 
 

@@ -1,0 +1,126 @@
+"""Serving under load: the real `openai` client against `unift serve` (web.py) on the embedded model.
+
+For 1, 16 and 50 concurrent clients (half of them streaming, the client's default two retries), each
+client asks one chat question; one client at a time asks 16 in a row. Prints answered / refused
+(429 after the retries) and generated tokens/s for each level, and the speed-up over one client.
+
+    python bench/serve_load.py [--levels 1 16 50] [--max_tokens 48] [--adapter_dir RUN] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, machine  # noqa: E402
+
+TOPICS = ["the sea", "a mountain", "bread", "a robot", "the moon", "rain", "a library", "music", "trains",
+          "a garden", "winter", "a cat", "chess", "coffee", "a bridge", "stars"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, adapter_dir: str | None) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "web.py"), "--no_ui", "--port", str(port), "--served_model_name", "m"]
+    if adapter_dir:
+        cmd += ["--adapter_dir", adapter_dir]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the server exited: " + (proc.stderr.read() if proc.stderr else ""))
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start within 3 minutes")
+
+
+def one_request(client, i: int, max_tokens: int) -> tuple[bool, int]:
+    """(answered, completion tokens)."""
+    import openai
+
+    messages = [{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}]
+    try:
+        if i % 2:
+            tokens = 0
+            for chunk in client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens,
+                                                        stream=True, stream_options={"include_usage": True}):
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            return True, tokens
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens)
+        return True, reply.usage.completion_tokens
+    except openai.RateLimitError:
+        return False, 0
+
+
+def level(base_url: str, clients: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", timeout=600)  # default max_retries=2
+    requests = 16 if clients == 1 else clients
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: one_request(client, i, max_tokens), range(requests)))
+    wall = time.perf_counter() - start
+    tokens = sum(t for _, t in results)
+    return {"clients": clients, "requests": requests, "answered": sum(ok for ok, _ in results),
+            "refused": sum(not ok for ok, _ in results), "tokens": tokens, "seconds": wall,
+            "tokens_per_second": tokens / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 16, 50])
+    parser.add_argument("--max_tokens", type=int, default=48)
+    parser.add_argument("--adapter_dir")
+    parser.add_argument("--json", type=Path)
+    ns = parser.parse_args()
+    port = free_port()
+    server = start_server(port, ns.adapter_dir)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        level(base_url, 2, 4)  # warm-up: first-call costs out of the figures
+        rows = [level(base_url, c, ns.max_tokens) for c in ns.levels]
+        import httpx
+
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    one = next((r for r in rows if r["clients"] == 1), rows[0])
+    print(f"\nunift serve on the embedded model{' + ' + ns.adapter_dir if ns.adapter_dir else ''}, "
+          f"max_tokens {ns.max_tokens}, half the clients streaming; {machine()}; {date.today()}\n")
+    print(f"{'clients':>7} {'requests':>8} {'answered':>8} {'refused':>7} {'tokens':>7} {'seconds':>8} "
+          f"{'tokens/s':>8} {'vs 1':>6}")
+    for r in rows:
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['answered']:>8} {r['refused']:>7} {r['tokens']:>7} "
+              f"{r['seconds']:>8.1f} {r['tokens_per_second']:>8.1f} "
+              f"{r['tokens_per_second'] / one['tokens_per_second']:>5.1f}x")
+    print(f"\nserver: {health['batches']} batches for {health['requests']} requests, largest {health['largest_batch']}")
+    if ns.json:
+        ns.json.write_text(json.dumps({"levels": rows, "health": health}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
