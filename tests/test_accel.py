@@ -25,8 +25,8 @@ from unift.accel.attention import _PackedCausalAttention, register
 from unift.accel.dropout import FastDropout, dropped_positions
 from unift.accel.forward import TrainingForward
 from unift.accel.layers import lean_layers
-from unift.accel.loss import linear_cross_entropy
 from unift.accel.lora import fuse_lora_layers
+from unift.accel.loss import linear_cross_entropy
 from unift.data.collate import PackingCollator, PaddingCollator
 from unift.errors import UniftError
 from unift.models import get_model_spec

@@ -38,38 +38,39 @@ class _LoraDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, weight_a, weight_b, scaling: float, p: float, dtype: torch.dtype):
         xc = x.to(dtype)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)  # cast once; the backward pass reuses them
         positions = None
         if p > 0:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's generator: seeded and checkpointed
             positions = dropped_positions(xc.numel(), p, seed).to(x.device)
-            h = (_without(xc, positions) @ weight_a.to(dtype).t()).mul_(1.0 / (1.0 - p))
+            h = _without(xc, positions) @ a.t()
         else:
-            h = xc @ weight_a.to(dtype).t()
-        out = torch.addmm(base_out.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
-        ctx.save_for_backward(xc, h, weight_a, weight_b, positions)
-        ctx.scaling, ctx.p, ctx.dtype = scaling, p, dtype
-        ctx.x_dtype, ctx.base_dtype = x.dtype, base_out.dtype
+            h = xc @ a.t()
+        alpha = scaling / (1.0 - p)  # LoRA's scaling and dropout's 1 / (1 - p), applied once, by addmm
+        out = torch.addmm(base_out.to(dtype), h, b.t(), alpha=alpha)
+        ctx.save_for_backward(xc, h, a, b, positions)
+        ctx.alpha = alpha
+        ctx.dtypes = (x.dtype, base_out.dtype, weight_a.dtype, weight_b.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        xc, h, weight_a, weight_b, positions = ctx.saved_tensors
-        dtype, scaling, p = ctx.dtype, ctx.scaling, ctx.p
-        grad = grad.to(dtype)
+        xc, h, a, b, positions = ctx.saved_tensors
+        x_dtype, base_dtype, a_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(a.dtype)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
-            grad_b = (grad.t() @ h).float().mul_(scaling).to(weight_b.dtype)
-        # through dropout: the kept entries scaled by 1 / (1 - p), the dropped ones zero
-        grad_h = (grad @ weight_b.to(dtype)).mul_(scaling / (1.0 - p))  # [N, r]
+            grad_b = (grad.t() @ h).to(b_dtype).mul_(ctx.alpha)
+        grad_h = (grad @ b).mul_(ctx.alpha)  # [N, r]
         if ctx.needs_input_grad[2]:
             dropped_x = xc if positions is None else _without(xc, positions)
-            grad_a = (grad_h.t() @ dropped_x).to(weight_a.dtype)
+            grad_a = (grad_h.t() @ dropped_x).to(a_dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_h @ weight_a.to(dtype)
+            grad_x = grad_h @ a
             if positions is not None:
-                grad_x.view(-1).index_fill_(0, positions, 0)
-            grad_x = grad_x.to(ctx.x_dtype)
-        grad_base = grad.to(ctx.base_dtype) if ctx.needs_input_grad[1] else None
+                grad_x.view(-1).index_fill_(0, positions, 0)  # dropped entries get no gradient
+            grad_x = grad_x.to(x_dtype)
+        grad_base = grad.to(base_dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_base, grad_a, grad_b, None, None, None
 
 
