@@ -102,8 +102,8 @@ def keep_bitsandbytes_out(argv: list[str]) -> bool:
     to say a module is absent: `import bitsandbytes` raises ImportError and `importlib.util.find_spec`
     returns None, which is how PEFT and transformers decide that it is not installed. Decided from the
     raw command line (and the --config file) before anything imports PEFT. Returns whether it did."""
-    if "bitsandbytes" in sys.modules:
-        return False
+    if "bitsandbytes" in sys.modules or "peft" in sys.modules:
+        return False  # decided already, or too late to matter
     text = " ".join(argv)
     if "--config" in argv[:-1]:
         try:
