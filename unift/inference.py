@@ -98,6 +98,7 @@ class Engine:
         self._admit_lock = threading.Lock()
         self._adapter_default = True  # flipped by base_only()
         self.scheduler = Scheduler(self, max_batch)  # streamed answers, batched across concurrent requests
+        self.merged = False  # the adapter folded into the weights in memory (see merge_in_memory)
 
     @classmethod
     def load(
@@ -139,7 +140,9 @@ class Engine:
 
             model = load_adapter(model, adapter_dir)
         name = Path(adapter_dir).name if adapter_dir else Path(path).name
-        return cls(model, tokenizer, chosen, card, name=name)
+        engine = cls(model, tokenizer, chosen, card, name=name)
+        engine.merged = merge_in_memory(model, card)
+        return engine
 
     def _eos_ids(self) -> list[int]:
         ids = set()
@@ -180,8 +183,14 @@ class Engine:
         if enabled or not self.has_adapter:
             yield
             return
-        with self.model.disable_adapter():
-            yield
+        if self.merged:
+            self.model.unmerge_adapter()  # the base weights as they were, exactly (fp32)
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            if self.merged:
+                self.model.merge_adapter()
 
     # ---- admission (a bounded queue in front of the lock) ------------------------------------------
 
@@ -288,6 +297,30 @@ class Engine:
         of concurrent callers are generated together (unift.batching)."""
         return self.scheduler.submit(self.prompt_ids(prompt, max_prompt_tokens), settings,
                                      self._adapter_default if adapter is None else adapter)
+
+
+# Methods whose merge adds a delta to the weights: base-only requests subtract it again, exactly up to fp32
+# rounding. Multiplicative ones (IA3, OFT, DoRA) would drift a little with every undo, so they stay apart.
+ADDITIVE_MERGES = frozenset({"lora", "adalora", "loha", "lokr", "vera"})
+
+
+def merge_in_memory(model, card: RunCard | None) -> bool:
+    """Fold an additive adapter into fp32 base weights in memory: generation then costs what the base
+    model costs (no adapter matmuls per layer and token). Half-precision and quantized bases keep the
+    adapter apart, as the sum would be rounded to the base's precision. Returns whether it merged."""
+    if (card is None or card.quantization_bit or card.peft_type not in ADDITIVE_MERGES
+            or getattr(model, "dtype", None) != torch.float32):
+        return False
+    from unift.peft import get_method, merge_refusal
+
+    try:
+        method = get_method(card.peft_type)
+    except UniftError:
+        return False
+    if merge_refusal(method, model.peft_config["default"]):
+        return False
+    model.merge_adapter()
+    return True
 
 
 def read_merged_card(path: str) -> dict | None:
