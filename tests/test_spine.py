@@ -137,10 +137,14 @@ def test_adapter_reloads_to_identical_logits(trained_run):
         with trained.disable_adapter():
             base = trained(input_ids=ids).logits
     engine = Engine.load(str(trained_run.output_dir))
+    assert engine.merged  # LoRA on an fp32 base is folded into the weights for inference
     with torch.no_grad():
+        merged = engine.model(input_ids=ids).logits
+        engine.model.unmerge_adapter()
         reloaded = engine.model(input_ids=ids).logits
     assert not torch.allclose(expected, base, atol=1e-3)  # the adapter changes the model...
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)  # ...and reloads exactly
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-4)  # merged: fp32 rounding of W + BA
 
 
 def test_generate_answers_from_the_run_folder_alone(trained_run):
