@@ -2,8 +2,10 @@
 with the same global batch and seed. Each rank sees different examples, together the one-process run's;
 the ranks hold identical parameters after every step; losses and adapter equal the one-process run's.
 
-Tolerance: fp32, 1e-5 (measured: at most 1.5e-6 on the parameters, losses equal to 1e-6 relative).
-In bf16 the two runs part by about the learning rate on some parameters after two steps, with or without
+Tolerance (fp32): losses 1e-5 relative; parameters: 999 in 1000 within 1e-6 and all within 1e-4 (1% of
+the learning rate). The sum over ranks rounds differently from one process's sum, and where a gradient is
+as small as Adam's epsilon (1e-8) that rounding becomes a visible part of the step: measured, one of 16,384
+parameters 6.5e-5 apart, the rest within 1.5e-6. In bf16 the two runs part by about the learning rate on some parameters after two steps, with or without
 --optimizations: rounding differs with the batch shape, and Adam's first steps move every coordinate by
 about lr whatever the sign of a near-zero gradient, so the test trains in fp32. Dropout is off: each
 process draws its own masks, so dropout can never match a one-process run."""
@@ -37,6 +39,12 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def assert_same_weights(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    diff = (a.float() - b.float()).abs()
+    assert diff.max() <= 1e-4, f"{what}: {diff.max():.2e} apart"
+    assert (diff > 1e-6).float().mean() <= 1e-3, f"{what}: {(diff > 1e-6).sum()} of {diff.numel()} beyond 1e-6"
+
+
 def test_two_ranks_train_as_one_process(tiny_model, write_jsonl, tmp_path):
     data = write_jsonl(varied_rows(16))
     flags = ["--model_type", "qwen2", "--model_name_or_path", str(tiny_model("qwen2")), "--data", str(data),
@@ -58,7 +66,7 @@ def test_two_ranks_train_as_one_process(tiny_model, write_jsonl, tmp_path):
         assert not set(a["examples"]) & set(b["examples"]), f"step {a['step']}: both ranks saw an example"
         assert sorted(a["examples"] + b["examples"]) == sorted(single["examples"]), f"step {a['step']}"
         assert torch.equal(a["params"], b["params"]), f"step {a['step']}: ranks diverged"
-        torch.testing.assert_close(a["params"], single["params"], rtol=0, atol=1e-5)
+        assert_same_weights(a["params"], single["params"], f"step {a['step']}")
     assert not torch.equal(one[0]["params"], one[-1]["params"])  # it trained
 
     metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("ddp", "one")}
@@ -68,5 +76,5 @@ def test_two_ranks_train_as_one_process(tiny_model, write_jsonl, tmp_path):
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-5, atol=0)
     adapters = [load_file(tmp_path / name / "adapter_model.safetensors") for name in ("ddp", "one")]
     assert adapters[0].keys() == adapters[1].keys()
-    for key in adapters[0]:
-        torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=0, atol=1e-5)
+    flat = [torch.cat([adapter[key].float().flatten() for key in sorted(adapter)]) for adapter in adapters]
+    assert_same_weights(flat[0], flat[1], "the saved adapters")
