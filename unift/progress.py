@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -76,7 +77,7 @@ def progress_callback(tokens_seen: Callable[[], int]):
                 line = f"{head}  eval loss {logs['eval_loss']:.4f}"
             else:
                 return  # the end-of-training summary: train() reports it once
-            self.training_bar.write(line)
+            self.training_bar.write(line, file=sys.stderr)  # beside the bar and unift's own log lines
 
     return RunProgress()
 
