@@ -75,7 +75,7 @@ def check_engine(args: Any) -> str:
     return name
 
 
-def uses_sharded_quantized_storage(args: Any) -> bool:
+def sharded_quantized_storage(args: Any) -> bool:
     """FSDP and ZeRO-3 shard flat tensors of one dtype: a 4-bit base must then store its packed weights in
     the compute dtype (bitsandbytes' quant_storage) instead of uint8."""
     name = engine(args)
@@ -88,3 +88,13 @@ def describe_batch(args: Any) -> str:
     per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
     return (f"batch {args.per_gpu_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
             f"x {world} process{'es' if world > 1 else ''} = {per_step} examples per step ({engine(args)})")
+
+
+def prepare_engine(trainer: Any, model: Any) -> None:
+    """FSDP gets PEFT's auto-wrap policy: each layer with trainable weights becomes its own unit, so FSDP
+    never flattens frozen and trained weights (or bf16 and fp32 ones) into one tensor."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)

@@ -41,7 +41,7 @@ from unift.runtime import (
     world_size,
     write_json_atomic,
 )
-from unift.scaling import check_engine, describe_batch
+from unift.scaling import check_engine, describe_batch, prepare_engine, sharded_quantized_storage
 
 log = logging.getLogger("unift")
 
@@ -201,6 +201,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     model = load_model(
         ready["path"], spec, quantization_bit=bits, compute_dtype=torch_dtype(dtype),
         dtype=frozen_base_dtype(wanted, torch_dtype(dtype), bool(bits)), trust_remote_code=args.trust_remote_code,
+        quant_storage=torch_dtype(dtype) if bits == 4 and sharded_quantized_storage(args) else None,
     )
     model.config.use_cache = False
     base_dtype = dtype_name(model.dtype)
@@ -234,6 +235,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     )
     stop = StopOnSignal()
     trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])
+    prepare_engine(trainer, model)
     started = time.perf_counter()
     stop.install()
     try:
