@@ -16,6 +16,8 @@ import torch
 from conftest import memorisation_rows
 from safetensors.torch import load_file
 
+from unift.args import TrainArgs
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "train_worker.py"
 STEPS, SAVE_EVERY = 12, 4  # 16 examples, batch 2: the run crosses an epoch boundary after step 8
@@ -47,21 +49,24 @@ def wait_paused(proc: subprocess.Popen, out: Path) -> None:
         time.sleep(0.05)
 
 
-def finish(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(WORKER), *args], cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def train_here(flags: list[str]) -> None:
+    """The uninterrupted and the resumed runs train in this process (one thread, as the killed ones):
+    the same arithmetic, without a second interpreter start-up for each."""
+    from unift.args import parse_into
+    from unift.cli import parse
+    from unift.train import train
+
+    train(parse_into(TrainArgs, parse(["train", *flags])))
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model, tmp_path_factory):
+def setup(tiny_model, tmp_path_factory, one_torch_thread):
     """The data, and the uninterrupted run every interrupted one must reproduce."""
     root = tmp_path_factory.mktemp("faults")
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in memorisation_rows(16)), encoding="utf-8")
     model = tiny_model("qwen2")
-    finish(["--", *flags(model, data, root / "whole")], root)
+    train_here(flags(model, data, root / "whole"))
     return model, data, root
 
 
@@ -96,7 +101,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(setup, pause, latest):
     assert checkpoints == [f"checkpoint-{latest}"]
     assert not (out / "adapter_model.safetensors").exists()
 
-    finish(["--", *flags(model, data, out), "--resume_from_checkpoint"], root)
+    train_here([*flags(model, data, out), "--resume_from_checkpoint"])
     assert_same_run(out, root / "whole")
     # The end of the run is a checkpoint too, and only complete checkpoints are ever visible.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]
@@ -119,18 +124,23 @@ def test_ctrl_c_saves_a_checkpoint_then_stops(setup):
     assert (saved / "unift_run.json").exists()
     assert not (out / "adapter_model.safetensors").exists()  # an interrupted run is not a finished one
     (out / "paused").unlink()
-    finish(["--", *flags(model, data, out), "--resume_from_checkpoint"], root)
+    train_here([*flags(model, data, out), "--resume_from_checkpoint"])
     assert_same_run(out, root / "whole")
 
 
-def test_unwritable_output_folder_fails_before_training(tmp_path):
+def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
+    from unift.cli import main
+
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = subprocess.run([sys.executable, str(REPO / "uniform_finetune.py"), "--output_dir", str(blocker / "run")],
-                          capture_output=True, text=True, timeout=120, env=env(), cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert main(["train", "--output_dir", str(blocker / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
         f"unift: error: --output_dir {blocker / 'run'}: not writable (Not a directory)")
+    if os.geteuid() != 0:  # root writes anywhere; elsewhere a read-only folder must be refused too
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main(["train", "--output_dir", str(locked)]) == 2
+        assert "not writable (Permission denied)" in capsys.readouterr().err
 
 
 def test_a_full_disk_is_refused_with_the_space_needed(tmp_path):

@@ -4,7 +4,8 @@
 
 --record DIR      each rank writes DIR/rank<R>.pt: per optimizer step, the examples it trained on (their
                   label tokens) and its trainable parameters after the step.
---pause_at STEP   after optimizer step STEP, touch <output_dir>/paused and wait for <output_dir>/release.
+--pause_at STEP   after optimizer step STEP, touch <output_dir>/paused (and paused-rank<R> with the process
+                  id) and wait for <output_dir>/release.
 --pause_publish STEP  the same, but inside the checkpoint of step STEP: written, not yet published.
 A test uses the pauses to send SIGKILL or SIGINT at a known point; the run itself is the real one.
 """
@@ -28,6 +29,8 @@ from unift.errors import UniftError  # noqa: E402
 
 
 def wait_for_release(folder: Path) -> None:
+    # paused-rank<R> holds the process id, for a test that signals one rank of several
+    (folder / f"paused-rank{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
     (folder / "paused").touch()
     deadline = time.monotonic() + 300  # never hang a test run for ever
     while not (folder / "release").exists() and time.monotonic() < deadline:
