@@ -87,13 +87,13 @@ class PauseAt(TrainerCallback):
 
 
 def main() -> int:
-    own = argparse.ArgumentParser()
+    own = argparse.ArgumentParser(allow_abbrev=False)
     own.add_argument("--record")
     own.add_argument("--pause_at", type=int)
     own.add_argument("--pause_publish", type=int)
     argv = sys.argv[1:]
-    split = argv.index("--") if "--" in argv else len(argv)
-    mine, flags = own.parse_args(argv[:split]), argv[split + 1:]
+    split = argv.index("--") if "--" in argv else -1  # torchrun drops a leading "--"
+    mine, flags = own.parse_args(argv[:max(split, 0)]), argv[split + 1:]
     setup_logging()
     try:
         args = parse_into(TrainArgs, parse(["train", *flags]))
