@@ -86,8 +86,11 @@ class AtomicCheckpoints:
                 hook(staged)
             try:
                 publish(staged, run_dir / name)
+                (run_dir / STAGING).rmdir()  # only when empty: a run folder without clutter
             except FileNotFoundError:
                 pass  # another node's main process published it on a shared file system
+            except OSError:
+                pass  # not empty: another checkpoint is being staged
             if args.should_save:
                 rotate_checkpoints(str(run_dir), save_total_limit=args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
