@@ -110,3 +110,18 @@ def test_an_8bit_base_is_refused_for_sharding_engines(monkeypatch):
                                                 deepspeed=str(REPO / "configs/deepspeed/zero2.json"))) == "deepspeed"
     qlora = TrainArgs(peft_type="qlora", deepspeed=zero3)
     assert unift.scaling.check_engine(qlora) == "deepspeed" and unift.scaling.sharded_quantized_storage(qlora)
+
+
+def test_qlora_for_sharding_engines_packs_4bit_weights_in_the_compute_dtype(tiny_model):
+    """FSDP and ZeRO-3 flatten and shard tensors of one dtype: the 4-bit base is stored in bf16 for them."""
+    import torch
+
+    from unift.models import get_model_spec, load_model
+
+    spec = get_model_spec("qwen2")
+    model = load_model(str(tiny_model("qwen2")), spec, quantization_bit=4, compute_dtype=torch.bfloat16,
+                       quant_storage=torch.bfloat16)
+    packed = [p for p in model.parameters() if type(p).__name__ == "Params4bit"]
+    assert packed and all(p.dtype == torch.bfloat16 for p in packed)
+    plain = load_model(str(tiny_model("qwen2")), spec, quantization_bit=4, compute_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.uint8 for p in plain.parameters() if type(p).__name__ == "Params4bit")

@@ -88,8 +88,11 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train and not evals:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("no %s: matplotlib is not installed (pip install matplotlib)", path.name)
+        return None
     matplotlib.use("Agg")  # no display on a training server
     import matplotlib.pyplot as plt
 
