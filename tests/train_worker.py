@@ -30,7 +30,9 @@ from unift.errors import UniftError  # noqa: E402
 
 def wait_for_release(folder: Path) -> None:
     # paused-rank<R> holds the process id, for a test that signals one rank of several
-    (folder / f"paused-rank{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+    rank = os.environ.get("RANK", "0")
+    (folder / f".pid-{rank}").write_text(str(os.getpid()))
+    os.replace(folder / f".pid-{rank}", folder / f"paused-rank{rank}")  # never seen half-written
     (folder / "paused").touch()
     deadline = time.monotonic() + 300  # never hang a test run for ever
     while not (folder / "release").exists() and time.monotonic() < deadline:
