@@ -153,3 +153,17 @@ def test_a_full_disk_is_refused_with_the_space_needed(tmp_path):
     with pytest.raises(UniftError, match=r"--output_dir .*: \d+ MiB free, the checkpoints need about \d+ MiB"):
         check_output_dir(tmp_path / "run", need_bytes=free + 2**30)
     assert check_output_dir(tmp_path / "run", need_bytes=1) == tmp_path / "run"
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_last_complete_one(setup):
+    model, data, root = setup
+    out = root / "blocked"
+    proc = start(["--pause_at", "5", "--", *flags(model, data, out)], root)
+    wait_paused(proc, out)
+    (out / ".staging").write_text("a file where the staging folder goes")  # every later write fails
+    (out / "release").touch()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert (f"unift: error: cannot write checkpoint-8 in {out} (Not a directory); the last complete checkpoint is "
+            "checkpoint-4\n") in stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]

@@ -75,6 +75,13 @@ class AtomicCheckpoints:
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        except OSError as err:  # a disk that filled up during the run, a folder that went away
+            shutil.rmtree(run_dir / STAGING / name, ignore_errors=True)
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+            raise UniftError(f"cannot write {name} in {run_dir} ({err.strerror or err}); the last complete "
+                             f"checkpoint is {Path(last).name if last else 'none'}") from None
         finally:
             self._staging = False
         args = self.args  # type: ignore[attr-defined]
