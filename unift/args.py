@@ -146,6 +146,7 @@ class TrainArgs:
     save_total_limit: int = opt(2, "checkpoints to keep", group="training")
     seed: int = opt(42, "random seed", group="training")
     report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training")
+    deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/; GPUs only)", group="training")
     resume_from_checkpoint: str | None = opt(
         None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
         nargs="?", const="latest")

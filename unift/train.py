@@ -16,12 +16,20 @@ import torch
 
 from unift.accel import frozen_base_dtype, parse_optimizations, prepare_training
 from unift.args import TrainArgs, command_line
+from unift.checkpoints import (
+    AtomicCheckpoints,
+    StopOnSignal,
+    check_output_dir,
+    checkpoint_bytes,
+    clear_staging,
+)
 from unift.data import DataOptions, build_datasets, load_sources, resolve_template
 from unift.data.collate import PackingCollator, PaddingCollator, batch_tokens
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
 from unift.peft import get_method, wrap_model
+from unift.progress import LOSS_PLOT, plot_losses, progress_callback, report_targets
 from unift.runcard import METRICS, RunCard
 from unift.runtime import (
     dtype_name,
@@ -33,6 +41,7 @@ from unift.runtime import (
     world_size,
     write_json_atomic,
 )
+from unift.scaling import check_engine, describe_batch, prepare_engine, sharded_quantized_storage
 
 log = logging.getLogger("unift")
 
@@ -59,16 +68,10 @@ def prepare(args: TrainArgs) -> dict[str, Any]:
             "train": data.train, "val": data.val, "stats": data.stats}
 
 
-def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card: RunCard):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    class CardOnCheckpoints(TrainerCallback):
-        """Every checkpoint-N folder gets the run card, so generate/eval/merge can use it directly."""
-
-        def on_save(self, targs, state, control, **kwargs):
-            folder = Path(targs.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                card.save(folder)
+def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card: RunCard,
+                  callbacks: list | None = None):
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
 
     dtype = resolve_compute_dtype(args.compute_dtype)
     on_gpu = torch.cuda.is_available()
@@ -96,7 +99,8 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
         fp16=dtype == "fp16",
         use_cpu=not on_gpu,
         seed=args.seed,
-        report_to=[r for r in args.report_to.split(",") if r and r != "none"] or "none",
+        report_to=report_targets(args.report_to, args.output_dir) or "none",
+        deepspeed=args.deepspeed,
         gradient_checkpointing=args.gradient_checkpointing,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
@@ -108,7 +112,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
     )
     method = ready["method"]
 
-    class UniftTrainer(Trainer):
+    class UniftTrainer(AtomicCheckpoints, Trainer):
         tokens_seen = 0  # real (non-pad) tokens of training batches, this process, this session
         tokens_trained = 0  # of which tokens with a label
 
@@ -117,6 +121,11 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
             self.tokens_seen += real
             self.tokens_trained += trained
             return super().training_step(model, inputs, *args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:  # trackers (tensorboard, wandb) get the speed beside the loss
+                logs["tokens_per_second"] = round(progress.rate(), 1)
+            super().log(logs, *args, **kwargs)
 
         # The method's after_optimizer_step runs right after optimizer.step(), before gradients are
         # zeroed (AdaLoRA reallocates its rank budget there; a TrainerCallback runs too late).
@@ -132,10 +141,16 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
                 optimizer._unift_hooked = True
             return optimizer
 
-    return UniftTrainer(
+    trainer = UniftTrainer(
         model=model, args=targs, train_dataset=ready["train"], eval_dataset=ready["val"] or None,
-        data_collator=collator, processing_class=ready["tokenizer"], callbacks=[CardOnCheckpoints()],
+        data_collator=collator, processing_class=ready["tokenizer"], callbacks=callbacks,
     )
+    # Every checkpoint-N folder gets the run card before it appears, so generate/eval/merge can use it.
+    trainer.before_publish = [card.save]
+    progress = progress_callback(lambda: trainer.tokens_seen * world_size())
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
+    return trainer
 
 
 def total_optimizer_steps(args: TrainArgs, n_train: int) -> int:
@@ -167,11 +182,14 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def train(args: TrainArgs) -> TrainResult:
-    """Fine-tune, write the run folder, and return it with the in-memory model and the metrics."""
+def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
+    """Fine-tune, write the run folder, and return it with the in-memory model and the metrics.
+    `callbacks`: extra transformers TrainerCallbacks (tests use them to watch every step)."""
     from transformers import set_seed
 
     args.output_dir = args.output_dir or default_output_dir(args)
+    check_engine(args)
+    check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run
     set_seed(args.seed)
     resume = resolve_resume(args)
     ready = prepare(args)
@@ -183,6 +201,7 @@ def train(args: TrainArgs) -> TrainResult:
     model = load_model(
         ready["path"], spec, quantization_bit=bits, compute_dtype=torch_dtype(dtype),
         dtype=frozen_base_dtype(wanted, torch_dtype(dtype), bool(bits)), trust_remote_code=args.trust_remote_code,
+        quant_storage=torch_dtype(dtype) if bits == 4 and sharded_quantized_storage(args) else None,
     )
     model.config.use_cache = False
     base_dtype = dtype_name(model.dtype)
@@ -194,12 +213,14 @@ def train(args: TrainArgs) -> TrainResult:
     trainable, total = model.get_nb_trainable_parameters()
     stats = ready["stats"]
     if is_main_process():
+        check_output_dir(args.output_dir, checkpoint_bytes(trainable, args.save_total_limit))
+        clear_staging(args.output_dir)  # what a kill left half-written
         log.info(
             "%s (%s) + %s: %s trainable of %s parameters (%.3f%%); %d train / %d val examples "
-            "(%d truncated to %d tokens); template %s; compute %s",
+            "(%d truncated to %d tokens); template %s; compute %s; %s",
             ready["path"], spec.name, method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
             len(ready["train"]), len(ready["val"]), stats["truncated"], args.cutoff_len,
-            ready["template"].name, dtype,
+            ready["template"].name, dtype, describe_batch(args),
         )
         log.info("optimizations: %s", accel.summary())
     pad_id = ready["tokenizer"].pad_token_id
@@ -212,14 +233,23 @@ def train(args: TrainArgs) -> TrainResult:
         base_dtype=base_dtype, versions=library_versions(), arguments=asdict(args), command=command_line(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    trainer = build_trainer(args, ready, model, collator, card)
+    stop = StopOnSignal()
+    trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])
+    prepare_engine(trainer, model)
     started = time.perf_counter()
+    stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
+        stop.uninstall()
         accel.restore()
     wall = time.perf_counter() - started
     out = Path(args.output_dir)
+    if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+        if trainer.is_world_process_zero():
+            log.info("stopped at step %d of %d: %s/checkpoint-%d saved; continue with --resume_from_checkpoint",
+                     stop.stopped_at, trainer.state.max_steps, out, stop.stopped_at)
+        raise KeyboardInterrupt
     metrics: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         model.save_pretrained(out)
@@ -248,6 +278,7 @@ def train(args: TrainArgs) -> TrainResult:
             "optimizations": accel.applied,
         }
         write_json_atomic(out / METRICS, metrics)
+        plot_losses(history, out / LOSS_PLOT)
         log.info("saved the adapter and run card to %s (%.0f tokens/s, %.0f s, peak RSS %.0f MiB)",
                  out, metrics["tokens_per_second"], wall, metrics["peak_rss_mib"])
     return TrainResult(out, model, metrics)

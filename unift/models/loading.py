@@ -112,8 +112,10 @@ def load_model(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    quant_storage: torch.dtype | None = None,
 ):
-    """Load a causal LM of the given family, optionally quantized with bitsandbytes."""
+    """Load a causal LM of the given family, optionally quantized with bitsandbytes. `quant_storage`: the
+    dtype 4-bit weights are packed in, for engines that shard them (FSDP, ZeRO-3), which place them too."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -125,9 +127,9 @@ def load_model(
         raise UniftError(f"cannot load a model from {path}: {first_line(err)}") from err
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or default_dtype()}
     if quantization_bit:
-        kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32)
+        kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32, quant_storage)
         kwargs["dtype"] = compute_dtype or torch.float32
-        if device_map is None:
+        if device_map is None and quant_storage is None:
             device_map = {"": _local_device()}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -145,7 +147,7 @@ def upcast_unquantized(model) -> None:
             param.data = param.data.float()
 
 
-def bnb_config(bits: int, compute_dtype: torch.dtype):
+def bnb_config(bits: int, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
@@ -155,7 +157,7 @@ def bnb_config(bits: int, compute_dtype: torch.dtype):
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage or torch.uint8,
         )
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -1,0 +1,127 @@
+"""DeepSpeed and FSDP, ready for GPUs. On a CPU, accelerate and the Trainer would silently run FSDP as plain
+DDP and train without DeepSpeed, so unift refuses both there; what a CPU can check is that the shipped
+config files are accepted by the libraries that read them, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from unift.args import TrainArgs
+from unift.cli import main
+from unift.errors import UniftError
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+
+
+def accelerate_env(config: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file CONFIG` gives each process, by accelerate's code."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))[0]
+    return prepare_multi_gpu_env(args)
+
+
+def test_fsdp_config_builds_accelerates_plugin_and_takes_peft_wrap_policy(monkeypatch, tiny_model):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from unift.scaling import prepare_engine
+
+    env = accelerate_env(REPO / "configs" / "accelerate" / "fsdp.yaml")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+    # The two settings that need a device to build the plugin (rank 0 loads, then broadcasts the weights).
+    needs_device = {"FSDP_SYNC_MODULE_STATES": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+    assert all(env[key] == "true" for key in needs_device)
+    for key, value in {**env, **needs_device}.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.sharding_strategy.name == "FULL_SHARD" and plugin.use_orig_params is False
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model("qwen2")),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    prepare_engine(SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))), model)
+    policy = plugin.auto_wrap_policy
+    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    decoder = model.base_model.model.model.layers[0]
+    embed = model.base_model.model.model.embed_tokens
+    wraps = {name: policy(module=m, recurse=False, nonwrapped_numel=0)
+             for name, m in (("lora", lora_a), ("decoder", decoder), ("embed", embed))}
+    assert wraps == {"lora": True, "decoder": True, "embed": False}
+
+
+def test_ddp_config_is_plain_multi_gpu_ddp():
+    env = accelerate_env(REPO / "configs" / "accelerate" / "ddp.yaml")
+    assert "ACCELERATE_USE_FSDP" not in env and "ACCELERATE_USE_DEEPSPEED" not in env
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"  # unift's --compute_dtype decides
+
+
+@pytest.mark.parametrize("config", DEEPSPEED, ids=lambda p: p.name)
+def test_deepspeed_config_is_accepted_by_training_arguments(config, tmp_path):
+    pytest.importorskip("deepspeed")
+    from transformers import TrainingArguments
+
+    targs = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(config), bf16=True, use_cpu=True,
+                              per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    ds = targs.hf_deepspeed_config
+    stage = json.loads(config.read_text())["zero_optimization"]["stage"]
+    assert ds.get_value("zero_optimization.stage") == stage
+    assert ds.is_zero3() == (stage == 3)
+    assert ds.is_offload() == ("offload" in config.name)
+    assert ds.get_value("train_micro_batch_size_per_gpu") == 2  # "auto" filled from unift's flags
+    assert ds.get_value("gradient_accumulation_steps") == 4
+    assert ds.get_value("bf16.enabled") is True
+
+
+def test_deepspeed_and_fsdp_are_refused_without_an_accelerator(monkeypatch, capsys):
+    zero2 = REPO / "configs" / "deepspeed" / "zero2.json"
+    assert main(["train", "--deepspeed", str(zero2)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "unift: error: DeepSpeed needs a GPU: on a CPU accelerate and the Trainer would silently train without "
+        "DeepSpeed; use torchrun or configs/accelerate/ddp.yaml")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main(["train"]) == 2
+    assert "unift: error: FSDP needs a GPU: on a CPU accelerate and the Trainer would silently train plain DDP" \
+        in capsys.readouterr().err
+
+
+def test_bad_deepspeed_file_is_named(tmp_path, capsys):
+    broken = tmp_path / "ds.json"
+    broken.write_text("{stage: 2")
+    assert main(["train", "--deepspeed", str(broken)]) == 2
+    assert capsys.readouterr().err.startswith(f"unift: error: --deepspeed {broken}: not valid JSON")
+
+
+def test_an_8bit_base_is_refused_for_sharding_engines(monkeypatch):
+    import unift.scaling
+
+    monkeypatch.setattr(unift.scaling, "has_accelerator", lambda: True)  # the refusal comes before any GPU work
+    zero3 = str(REPO / "configs" / "deepspeed" / "zero3.json")
+    with pytest.raises(UniftError, match="an 8-bit base cannot be sharded by ZeRO-3"):
+        unift.scaling.check_engine(TrainArgs(quantization_bit=8, deepspeed=zero3))
+    assert unift.scaling.check_engine(TrainArgs(quantization_bit=8,
+                                                deepspeed=str(REPO / "configs/deepspeed/zero2.json"))) == "deepspeed"
+    qlora = TrainArgs(peft_type="qlora", deepspeed=zero3)
+    assert unift.scaling.check_engine(qlora) == "deepspeed" and unift.scaling.sharded_quantized_storage(qlora)
+
+
+def test_qlora_for_sharding_engines_packs_4bit_weights_in_the_compute_dtype(tiny_model):
+    """FSDP and ZeRO-3 flatten and shard tensors of one dtype: the 4-bit base is stored in bf16 for them."""
+    import torch
+
+    from unift.models import get_model_spec, load_model
+
+    spec = get_model_spec("qwen2")
+    model = load_model(str(tiny_model("qwen2")), spec, quantization_bit=4, compute_dtype=torch.bfloat16,
+                       quant_storage=torch.bfloat16)
+    packed = [p for p in model.parameters() if type(p).__name__ == "Params4bit"]
+    assert packed and all(p.dtype == torch.bfloat16 for p in packed)
+    plain = load_model(str(tiny_model("qwen2")), spec, quantization_bit=4, compute_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.uint8 for p in plain.parameters() if type(p).__name__ == "Params4bit")
