@@ -215,3 +215,18 @@ def test_qlora_run_reloads_through_the_engine_to_the_same_logits(tiny_model, wri
         expected = trained(input_ids=ids).logits.float()
         reloaded = Engine.load(str(result.output_dir)).model(input_ids=ids).logits.float()
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-4)
+
+
+def test_python_dash_m_unift_runs_the_cli():
+    """`python -m unift` is the same command line as `unift`."""
+    import subprocess
+    import sys
+
+    from after_training_helpers import REPO, env
+
+    proc = subprocess.run([sys.executable, "-m", "unift", "train", "--lora_r", "0"], capture_output=True,
+                          text=True, env={**env(), "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "--lora_r must be ≥ 1" in proc.stderr, proc.stderr[-2000:]
+    listing = subprocess.run([sys.executable, "-m", "unift", "list"], capture_output=True, text=True,
+                             env={**env(), "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert listing.returncode == 0 and "lora" in listing.stdout
