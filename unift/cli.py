@@ -9,7 +9,17 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from unift.args import TrainArgs, add_arguments, load_yaml_defaults, parse_into
+from unift.args import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Range,
+    TrainArgs,
+    add_arguments,
+    bounded,
+    load_yaml_defaults,
+    parse_into,
+)
 from unift.errors import UniftError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
@@ -58,16 +68,16 @@ def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
     group = parser.add_argument_group("decoding options (override the preset)")
     group.add_argument("--preset", default=preset, choices=sorted(PRESETS),
                        help=f"named decoding settings; 'original' = the original toolkit's (default: {preset})")
-    group.add_argument("--max_new_tokens", type=int)
+    group.add_argument("--max_new_tokens", type=bounded(int, POSITIVE_INT))
     group.add_argument("--do_sample", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
-    group.add_argument("--temperature", type=float)
-    group.add_argument("--top_p", type=float)
-    group.add_argument("--top_k", type=int)
-    group.add_argument("--num_beams", type=int)
-    group.add_argument("--repetition_penalty", type=float)
-    group.add_argument("--no_repeat_ngram_size", type=int)
+    group.add_argument("--temperature", type=bounded(float, POSITIVE))
+    group.add_argument("--top_p", type=bounded(float, Range(0, 1, low_open=True)))
+    group.add_argument("--top_k", type=bounded(int, NON_NEGATIVE))
+    group.add_argument("--num_beams", type=bounded(int, POSITIVE_INT))
+    group.add_argument("--repetition_penalty", type=bounded(float, POSITIVE))
+    group.add_argument("--no_repeat_ngram_size", type=bounded(int, NON_NEGATIVE))
     group.add_argument("--stop", nargs="+", help="stop strings")
-    group.add_argument("--seed", type=int, help="random seed for sampling (reproducible sampled answers)")
+    group.add_argument("--seed", type=bounded(int, NON_NEGATIVE), help="random seed for sampling (reproducible sampled answers)")
 
 
 def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
@@ -143,10 +153,12 @@ def build_predict(parser: argparse.ArgumentParser) -> None:
                         help="prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL "
                              "(or .txt, one prompt per line)")
     parser.add_argument("--result_dir", required=True, help="folder for predictions.jsonl (resumed if there)")
-    parser.add_argument("--batch_size", "--predict_batch_size", dest="batch_size", type=int, default=16,
+    parser.add_argument("--batch_size", "--predict_batch_size", dest="batch_size", type=bounded(int, POSITIVE_INT),
+                        default=16,
                         help="prompts generated together, left-padded (default: 16)")
-    parser.add_argument("--cutoff_len", type=int, help="keep at most this many prompt tokens (the last ones)")
-    parser.add_argument("--max_samples", type=int, help="only the first N records")
+    parser.add_argument("--cutoff_len", type=bounded(int, POSITIVE_INT),
+                        help="keep at most this many prompt tokens (the last ones)")
+    parser.add_argument("--max_samples", type=bounded(int, POSITIVE_INT), help="only the first N records")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     add_decoding_flags(parser, preset="greedy")
 
@@ -192,28 +204,25 @@ def build_serve(parser: argparse.ArgumentParser) -> None:
     add_dtype_flag(parser)
     group = parser.add_argument_group("service options")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    group.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    group.add_argument("--port", type=bounded(int, Range(0, 65535)), default=7860, help="port (default: 7860)")
     group.add_argument("--api_key", default=os.environ.get("UNIFT_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 (and the key as the UI password); "
                             "default: $UNIFT_API_KEY")
     group.add_argument("--no_ui", action="store_true", help="serve the /v1 API alone, without the chat UI at /")
-    group.add_argument("--max_queue", type=int, default=256,
+    group.add_argument("--max_queue", type=bounded(int, POSITIVE_INT), default=256,
                        help="requests admitted at once (generating + waiting); more are answered 429 with "
                             "Retry-After (default: 256)")
-    group.add_argument("--max_batch", type=int, default=16,
+    group.add_argument("--max_batch", type=bounded(int, POSITIVE_INT), default=16,
                        help="concurrent requests generated together in one batch (default: 16)")
     group.add_argument("--served_model_name", help="model id in the API (default: the run folder's name)")
-    group.add_argument("--max_tokens_limit", type=int, default=4096, help="the largest max_tokens accepted")
-    group.add_argument("--cutoff_len", type=int, help="keep at most this many prompt tokens (the last ones)")
+    group.add_argument("--max_tokens_limit", type=bounded(int, POSITIVE_INT), default=4096, help="the largest max_tokens accepted")
+    group.add_argument("--cutoff_len", type=bounded(int, POSITIVE_INT), help="keep at most this many prompt tokens (the last ones)")
     add_decoding_flags(parser, preset="chat")
 
 
 def run_serve(ns: argparse.Namespace) -> None:
     from unift.serve import serve
 
-    for flag in ("max_queue", "max_batch"):
-        if getattr(ns, flag) < 1:
-            raise UniftError(f"--{flag} must be at least 1")
     engine = load_engine(ns)
     engine.max_queue = ns.max_queue
     engine.scheduler.max_batch = ns.max_batch
@@ -231,10 +240,10 @@ def build_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=["arith_test"], help="held-out data (default: arith_test)")
     parser.add_argument("--dataset_dir", help="folder with dataset_info.json")
     parser.add_argument("--compare_base", action="store_true", help="also score the base model (adapter off)")
-    parser.add_argument("--max_samples", type=int)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--show", type=int, default=3, help="print this many questions with each answer")
+    parser.add_argument("--max_samples", type=bounded(int, POSITIVE_INT))
+    parser.add_argument("--max_new_tokens", type=bounded(int, POSITIVE_INT), default=32)
+    parser.add_argument("--batch_size", type=bounded(int, POSITIVE_INT), default=16)
+    parser.add_argument("--show", type=bounded(int, NON_NEGATIVE), default=3, help="print this many questions with each answer")
 
 
 def run_eval(ns: argparse.Namespace) -> None:
@@ -283,7 +292,7 @@ def build_data(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--to", required=True, choices=TARGETS, help="the form to write")
     conv.add_argument("--output", required=True, help="file to write (.json: a list; .jsonl: one per line)")
     conv.add_argument("--dataset_dir", help="folder with dataset_info.json")
-    conv.add_argument("--max_samples", type=int, help="convert at most this many records per entry")
+    conv.add_argument("--max_samples", type=bounded(int, POSITIVE_INT), help="convert at most this many records per entry")
 
 
 def run_data(ns: argparse.Namespace) -> None:

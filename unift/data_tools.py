@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from unift.args import TrainArgs
+from unift.args import TrainArgs, check_ranges
 from unift.data import DataOptions, build_datasets, iter_conversations, load_sources, resolve_dataset
 from unift.data.convert import TARGETS, convert_record
 from unift.data.tokenize import IGNORE_INDEX
@@ -36,7 +36,7 @@ def _subset(cls: type, names: tuple[str, ...], name: str) -> type:
         if f.name in names:
             chosen.append((f.name, f.type, dataclasses.field(
                 default=f.default, default_factory=f.default_factory, metadata=f.metadata)))
-    return dataclasses.make_dataclass(name, chosen)
+    return dataclasses.make_dataclass(name, chosen, namespace={"__post_init__": check_ranges})
 
 
 CheckArgs = _subset(TrainArgs, CHECK_FIELDS, "CheckArgs")
