@@ -189,6 +189,8 @@ class TrainArgs:
     num_proc: int | None = opt(None, "tokenization workers (default: one per 5000 records, at most 8)",
                                group="data", range=POSITIVE_INT)
     overwrite_cache: bool = opt(False, "tokenize again even if a cached copy exists", group="data")
+    strict_data: bool = opt(False, "refuse a file with any record that cannot be trained (an empty answer, a "
+                            "conversation ending on a user turn) instead of skipping and reporting it", group="data")
     # training
     output_dir: str | None = opt(None, "run folder (default: saved_models/<model_type>_<data>/<peft_type>)",
                                  group="training")

@@ -331,13 +331,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (callers and tests swap it after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """unift's own messages as `[unift] ...` (rank 0 only); other libraries keep their own format."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     ours = logging.getLogger("unift")
     if not ours.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[unift] %(message)s"))
         ours.addHandler(handler)
         ours.propagate = False

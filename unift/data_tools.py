@@ -19,12 +19,13 @@ from typing import Any
 from unift.args import TrainArgs, check_ranges
 from unift.data import DataOptions, build_datasets, iter_conversations, load_sources, resolve_dataset
 from unift.data.convert import TARGETS, convert_record
+from unift.data.quality import skipped_summary
 from unift.data.tokenize import IGNORE_INDEX
 from unift.errors import UniftError
 
 CHECK_FIELDS = ("model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
                 "cutoff_len", "val_set_size", "max_samples", "train_on_prompt", "data_ratios", "streaming",
-                "num_proc", "overwrite_cache", "seed")
+                "num_proc", "overwrite_cache", "strict_data", "seed")
 OPEN, CLOSE = "⟦", "⟧"  # around trained text in plain output
 STREAM_SAMPLE = 1000
 
@@ -151,6 +152,12 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         w(f"; dropped (no answer token left): {stats['dropped']}\n" if not options.streaming else "\n")
         w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")
         figures.update(truncated=truncated, trained=trained)
+    skipped = [line for s in stats["sources"] if (line := skipped_summary(s["name"], s.get("skipped")))]
+    if skipped:
+        w("\nskipped (--strict_data refuses them instead):\n")
+        for line in skipped:
+            w(f"  {line}\n")
+    figures["skipped"] = stats.get("skipped", 0)
     notes = [(s["name"], text, n) for s in stats["sources"] for text, n in s["notes"].items()]
     if notes:
         w("\nnotes:\n")

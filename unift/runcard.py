@@ -25,6 +25,7 @@ class RunCard:
     base_dtype: str = "fp32"  # dtype of the frozen base weights during training
     versions: dict[str, str] = field(default_factory=dict)
     arguments: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # per source: records used, skipped (which, why), dropped
     command: str = ""
     created: str = ""
 

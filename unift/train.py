@@ -210,6 +210,8 @@ def train(args: TrainArgs) -> TrainResult:
         base_model=None if args.model_name_or_path is None else ready["path"],
         trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
         base_dtype=base_dtype, versions=library_versions(), arguments=asdict(args), command=command_line(),
+        data={"skipped": stats.get("skipped", 0), "sources": [
+            {k: src.get(k) for k in ("name", "path", "records", "skipped", "dropped")} for src in stats["sources"]]},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     trainer = build_trainer(args, ready, model, collator, card)
