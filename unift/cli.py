@@ -52,7 +52,7 @@ command("train", "fine-tune a model with a PEFT method", build_train, run_train)
 def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
     group = parser.add_argument_group("model options")
     group.add_argument("--adapter_dir", "--lora_dir", dest="adapter_dir", required=adapter_required,
-                       help="run folder written by `unift train` (needs nothing else)")
+                       help="run folder written by `unift train` (needs nothing else), or any PEFT adapter folder")
     group.add_argument("--model_name_or_path", "--base_model", dest="model_name_or_path",
                        help="base or merged model folder (default: the run card's, else the embedded model)")
     group.add_argument("--model_type", help="model family (default: the run card's, else llama)")
