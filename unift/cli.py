@@ -49,8 +49,13 @@ command("train", "fine-tune a model with a PEFT method", build_train, run_train)
 
 # ---- shared inference flags --------------------------------------------------------------------------
 
-def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False,
+                    find_by_data: bool = False) -> None:
     group = parser.add_argument_group("model options")
+    if find_by_data:
+        group.add_argument("--data", nargs="+", dest="run_data", metavar="NAME",
+                           help="use the run `uniform_finetune.py --model_type T --data NAME` wrote under "
+                                "saved_models/ (the newest if several); the original toolkit's way")
     group.add_argument("--adapter_dir", "--lora_dir", dest="adapter_dir", required=adapter_required,
                        help="run folder written by `unift train` (needs nothing else), or any PEFT adapter folder")
     group.add_argument("--model_name_or_path", "--base_model", dest="model_name_or_path",
@@ -90,6 +95,10 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 def load_engine(ns: argparse.Namespace):
     from unift.inference import Engine
     from unift.models.loading import parse_dtype
+    from unift.runcard import find_run
+
+    if getattr(ns, "run_data", None) and not ns.adapter_dir:
+        ns.adapter_dir = find_run(ns.run_data, ns.model_type)
 
     return Engine.load(ns.adapter_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
                        template=ns.template, trust_remote_code=ns.trust_remote_code,
@@ -108,7 +117,7 @@ def decoding(ns: argparse.Namespace):
 # ---- generate / chat ---------------------------------------------------------------------------------
 
 def build_generate(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser)
+    add_model_flags(parser, find_by_data=True)
     add_dtype_flag(parser)
     parser.add_argument("--prompt", help="answer this once and exit (without it: an interactive chat)")
     parser.add_argument("--system", help="system prompt")
@@ -129,7 +138,7 @@ command("generate", "answer one --prompt, or chat in the terminal", build_genera
 
 
 def build_chat(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser)
+    add_model_flags(parser, find_by_data=True)
     add_dtype_flag(parser)
     parser.add_argument("--system", help="system prompt")
     add_decoding_flags(parser, preset="chat")
@@ -200,7 +209,7 @@ command("merge", "fold the adapter into the base model (merge.py)", build_merge,
 # ---- serve -------------------------------------------------------------------------------------------
 
 def build_serve(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser)
+    add_model_flags(parser, find_by_data=True)
     add_dtype_flag(parser)
     group = parser.add_argument_group("service options")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

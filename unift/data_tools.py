@@ -20,6 +20,7 @@ from unift.args import TrainArgs, check_ranges
 from unift.data import DataOptions, build_datasets, iter_conversations, load_sources, resolve_dataset
 from unift.data.convert import TARGETS, convert_record
 from unift.data.quality import skipped_summary
+from unift.data.registry import expand_names
 from unift.data.tokenize import IGNORE_INDEX
 from unift.errors import UniftError
 
@@ -196,8 +197,9 @@ def convert(data: list[str], target: str, output: str, dataset_dir: str | None =
     if out.suffix.lower() not in (".json", ".jsonl"):
         raise UniftError(f"--output {output}: write .json or .jsonl")
     records = []
-    for name in data:
-        entry = resolve_dataset(name, Path(dataset_dir) if dataset_dir else None)
+    folder = Path(dataset_dir) if dataset_dir else None
+    for name in expand_names(data, folder):
+        entry = resolve_dataset(name, folder)
         for where, conversation in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags,
                                                       limit=max_samples or entry.num_samples):
             records.append(convert_record(conversation, target, where))

@@ -125,3 +125,41 @@ def tokenizer_folder(adapter_dir: str | None, base_path: str) -> str:
     if adapter_dir and any((Path(adapter_dir) / name).is_file() for name in TOKENIZER_FILES):
         return adapter_dir
     return base_path
+
+
+# ---- run folders by the original toolkit's naming ----------------------------------------------------
+
+def data_label(data: list[str]) -> str:
+    """The --data entries as one folder-name part: file names without their data suffix, hub ids without
+    their owner (`alpaca-belle-cot`, `train+extra`, `Alpaca-CoT`)."""
+    from unift.data.formats import DATA_SUFFIXES
+
+    names = []
+    for entry in data:
+        path = Path(entry.split(":")[0].split("@")[0])
+        names.append(path.stem if path.suffix.lower() in DATA_SUFFIXES else path.name)
+    return "+".join(names)
+
+
+def default_run_dir(model_type: str, data: list[str], peft_type: str) -> Path:
+    """Where `unift train` (uniform_finetune.py) writes a run when --output_dir is not given."""
+    return Path("saved_models") / f"{model_type}_{data_label(data)}" / peft_type
+
+
+def find_run(data: list[str], model_type: str | None) -> str:
+    """The run that `uniform_finetune.py --model_type T --data NAME` wrote to its default folder (the
+    newest if several methods were trained): the original toolkit's `generate.py --data NAME --model_type T`."""
+    import logging
+
+    from unift.models import get_model_spec
+
+    family = get_model_spec(model_type or "llama").name
+    folder = default_run_dir(family, data, "x").parent
+    cards = sorted(folder.glob(f"*/{RUN_CARD}"), key=lambda card: card.stat().st_mtime)
+    if not cards:
+        raise UniftError(f"--data {' '.join(data)} --model_type {family}: no run in {folder}/ (train one with "
+                         f"`uniform_finetune.py --model_type {family} --data {' '.join(data)}`, or pass --lora_dir)")
+    chosen = cards[-1].parent
+    if len(cards) > 1:
+        logging.getLogger("unift").info("%d runs in %s; using the newest, %s", len(cards), folder, chosen)
+    return str(chosen)

@@ -22,7 +22,7 @@ from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
 from unift.peft import get_method, wrap_model
-from unift.runcard import METRICS, RunCard
+from unift.runcard import METRICS, RunCard, default_run_dir
 from unift.runtime import (
     dtype_name,
     is_main_process,
@@ -38,8 +38,7 @@ log = logging.getLogger("unift")
 
 
 def default_output_dir(args: TrainArgs) -> str:
-    data = "+".join(Path(d).stem for d in args.data)
-    return str(Path("saved_models") / f"{args.model_type}_{data}" / args.peft_type)
+    return str(default_run_dir(args.model_type, args.data, args.peft_type))
 
 
 def prepare(args: TrainArgs) -> dict[str, Any]:

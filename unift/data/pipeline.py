@@ -31,7 +31,7 @@ from typing import Any
 
 from unift.data.formats import data_files, iter_conversations
 from unift.data.quality import Skipped, skipped_summary
-from unift.data.registry import DatasetEntry, resolve_dataset
+from unift.data.registry import DatasetEntry, expand_names, resolve_dataset
 from unift.data.templates import Message
 from unift.data.tokenize import IGNORE_INDEX, encode_conversation
 from unift.errors import UniftError
@@ -138,8 +138,12 @@ def load_sources(options: DataOptions) -> list[Source]:
     """Resolve and validate every --data entry; nothing heavier than the data files is touched."""
     options.check()
     dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
+    names = expand_names(options.data, dataset_dir)
+    if options.data_ratios is not None and len(names) != len(options.data):
+        raise UniftError(f"--data_ratios: --data {' '.join(options.data)} stands for {len(names)} datasets "
+                         f"({', '.join(names)}); list them and give one proportion each")
     sources = []
-    for name in options.data:
+    for name in names:
         entry = resolve_dataset(name, dataset_dir)
         files = data_files(entry.path)
         caps = [x for x in (options.max_samples, entry.num_samples) if x is not None]
@@ -364,7 +368,7 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
 def load_conversations(names: list[str], dataset_dir: Path | None = None) -> list[list[Message]]:
     """Every --data entry (names or paths), validated and merged in the given order."""
     conversations: list[list[Message]] = []
-    for name in names:
+    for name in expand_names(names, dataset_dir):
         entry = resolve_dataset(name, dataset_dir)
         skipped = Skipped()
         conversations += [c for _, c in iter_conversations(entry.path, entry.formatting, entry.columns,
