@@ -153,3 +153,12 @@ def test_offset_is_exact_across_read_chunks(tmp_path):
     path = tmp_path / "big.txt"
     path.write_bytes(prefix + b"\xff rest")
     assert f"invalid byte 0xff at byte offset {len(prefix)} " in str(not_utf8(Path(path)))
+
+
+def test_convert_leaves_them_out_and_says_so(tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text(jsonl(OK, {**OK, "output": ""}, OK), encoding="utf-8")
+    code, out, err = run(["data", "convert", "--data", str(path), "--to", "sharegpt", "--output",
+                          str(tmp_path / "out.jsonl")], capsys)
+    assert code == 0 and "wrote 2 sharegpt records" in out
+    assert "not converted: in: 1 record skipped, nothing to train on: in.jsonl: record 2" in err

@@ -100,6 +100,15 @@ def test_generate_and_predict(foreign, tmp_path, capsys):
     assert len(rows) == 3 and all(isinstance(r["prediction"], str) for r in rows)
 
 
+def test_eval_with_and_without_it(foreign, capsys):
+    _, folder = foreign
+    code, out, err = run(["eval", "--adapter_dir", str(folder), "--max_samples", "3", "--max_new_tokens", "4",
+                          "--compare_base", "--show", "0"], capsys)
+    assert code == 0, err
+    rows = [line.split()[0] for line in out.splitlines()[-2:]]
+    assert rows == ["base", "tuned"] and out.count("/3") == 2, out
+
+
 def test_merge_matches_the_adapter(foreign, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

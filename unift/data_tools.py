@@ -19,7 +19,7 @@ from typing import Any
 from unift.args import TrainArgs, check_ranges
 from unift.data import DataOptions, build_datasets, iter_conversations, load_sources, resolve_dataset
 from unift.data.convert import TARGETS, convert_record
-from unift.data.quality import skipped_summary
+from unift.data.quality import Skipped, skipped_summary
 from unift.data.registry import expand_names
 from unift.data.tokenize import IGNORE_INDEX
 from unift.errors import UniftError
@@ -200,9 +200,13 @@ def convert(data: list[str], target: str, output: str, dataset_dir: str | None =
     folder = Path(dataset_dir) if dataset_dir else None
     for name in expand_names(data, folder):
         entry = resolve_dataset(name, folder)
+        skipped = Skipped()
         for where, conversation in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags,
-                                                      limit=max_samples or entry.num_samples):
+                                                      limit=max_samples or entry.num_samples, skipped=skipped):
             records.append(convert_record(conversation, target, where))
+        line = skipped_summary(entry.name, skipped.as_dict())
+        if line:
+            print(f"not converted: {line}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:

@@ -40,7 +40,8 @@ class RunCard:
         if not Path(folder).is_dir():
             raise UniftError(f"{folder}: no such run folder")
         if not path.exists():
-            raise UniftError(f"{folder}: no {RUN_CARD} here; is it a folder written by `unift train`?")
+            raise UniftError(f"{folder}: neither {RUN_CARD} nor adapter_config.json here: not a run folder of "
+                             "`unift train` nor a PEFT adapter folder")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
