@@ -38,6 +38,8 @@ class Range:
     also: tuple = ()
 
     def contains(self, value: float) -> bool:
+        if value != value:  # NaN is in no range
+            return False
         if value in self.also:
             return True
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):

@@ -162,9 +162,8 @@ def build_predict(parser: argparse.ArgumentParser) -> None:
                         help="prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL "
                              "(or .txt, one prompt per line)")
     parser.add_argument("--result_dir", required=True, help="folder for predictions.jsonl (resumed if there)")
-    parser.add_argument("--batch_size", "--predict_batch_size", dest="batch_size", type=bounded(int, POSITIVE_INT),
-                        default=16,
-                        help="prompts generated together, left-padded (default: 16)")
+    parser.add_argument("--batch_size", "--predict_batch_size", dest="batch_size", default=16,
+                        type=bounded(int, POSITIVE_INT), help="prompts generated together, left-padded (default: 16)")
     parser.add_argument("--cutoff_len", type=bounded(int, POSITIVE_INT),
                         help="keep at most this many prompt tokens (the last ones)")
     parser.add_argument("--max_samples", type=bounded(int, POSITIVE_INT), help="only the first N records")
