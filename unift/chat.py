@@ -19,7 +19,8 @@ ADAPTER_HELP = "; /base and /tuned switch between the base model and the fine-tu
 
 
 def answer_once(engine: Engine, prompt: str, settings: GenerationSettings, system: str | None = None,
-                out: TextIO = sys.stdout) -> str:
+                out: TextIO | None = None) -> str:
+    out = out or sys.stdout  # looked up per call: callers (and tests) may have replaced it since import
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     return _stream_answer(engine, messages, settings, out, adapter=None)
@@ -65,7 +66,8 @@ def ctrl_c_interrupts() -> Iterator[None]:
 
 
 def chat_loop(engine: Engine, settings: GenerationSettings, system: str | None = None,
-              stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+              stdin: TextIO | None = None, out: TextIO | None = None) -> None:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     if not stdin.isatty():
         # Piped input: the whole of stdin is one prompt, answered once.
         prompt = stdin.read().strip()
