@@ -219,3 +219,53 @@ def test_qlora_run_reloads_through_the_engine_to_the_same_logits(tiny_model, wri
         expected = trained(input_ids=ids).logits.float()
         reloaded = Engine.load(str(result.output_dir)).model(input_ids=ids).logits.float()
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-4)
+
+
+def test_python_dash_m_unift_runs_the_cli():
+    """`python -m unift` is the same command line as `unift`."""
+    import subprocess
+    import sys
+
+    from after_training_helpers import REPO, env
+
+    proc = subprocess.run([sys.executable, "-m", "unift", "train", "--lora_r", "0"], capture_output=True,
+                          text=True, env={**env(), "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "--lora_r must be ≥ 1" in proc.stderr, proc.stderr[-2000:]
+    listing = subprocess.run([sys.executable, "-m", "unift", "list"], capture_output=True, text=True,
+                             env={**env(), "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert listing.returncode == 0 and "lora" in listing.stdout
+
+
+def test_every_numeric_train_flag_is_range_checked(capsys):
+    """Each int/float flag has a range, and a value outside it is one line naming the flag, before anything
+    loads (the model folder here does not even exist)."""
+    import dataclasses
+
+    from unift.args import _flag_type
+
+    for f in dataclasses.fields(TrainArgs):
+        scalar, _ = _flag_type(f.type)
+        if scalar not in (int, float) or f.metadata.get("choices"):
+            continue
+        bounds = f.metadata.get("range")
+        assert bounds is not None, f"--{f.name} has no range"
+        bad = next(v for v in (-2, -1, 0, 1, 1e9) if not bounds.contains(v))
+        value = str(int(bad)) if scalar is int else str(bad)
+        code, err = run_cli(["train", f"--{f.name}", value, "--model_name_or_path", "/no/such/model"], capsys)
+        assert code == 2 and err.strip().startswith(f"unift: error: --{f.name} must be "), (f.name, err)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["train", "--lora_r", "0"], "--lora_r must be ≥ 1 (got 0)"),
+    (["train", "--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1) (got 1.5)"),
+    (["train", "--max_steps", "0"], "--max_steps must be ≥ 1 or -1 (got 0)"),
+    (["data", "check", "--cutoff_len", "0"], "--cutoff_len must be ≥ 1 (got 0)"),
+    (["generate", "--top_p", "0"], "argument --top_p: must be in (0, 1] (got 0)"),
+    (["generate", "--max_new_tokens", "0"], "argument --max_new_tokens: must be ≥ 1 (got 0)"),
+    (["predict", "--input", "x", "--result_dir", "y", "--batch_size", "0"], "argument --batch_size/--predict_batch_size: must be ≥ 1"),
+    (["serve", "--max_batch", "0"], "argument --max_batch: must be ≥ 1 (got 0)"),
+    (["eval", "--show", "-1"], "argument --show: must be ≥ 0 (got -1)"),
+])
+def test_numeric_flags_name_the_flag_and_the_range(argv, expected, capsys):
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and expected in err

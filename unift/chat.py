@@ -3,7 +3,11 @@ One implementation serves `unift chat` (server.py) and `unift generate` without 
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import TextIO
 
 from unift.data import Message
@@ -15,7 +19,8 @@ ADAPTER_HELP = "; /base and /tuned switch between the base model and the fine-tu
 
 
 def answer_once(engine: Engine, prompt: str, settings: GenerationSettings, system: str | None = None,
-                out: TextIO = sys.stdout) -> str:
+                out: TextIO | None = None) -> str:
+    out = out or sys.stdout  # looked up per call: callers (and tests) may have replaced it since import
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     return _stream_answer(engine, messages, settings, out, adapter=None)
@@ -42,8 +47,27 @@ def _stream_answer(engine: Engine, messages: list[Message], settings: Generation
     return "".join(pieces).strip()
 
 
+@contextlib.contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """Make Ctrl-C raise KeyboardInterrupt for the duration of a terminal chat.
+
+    A process started with SIGINT ignored (a background job of a non-interactive shell, nohup, some CI
+    runners and test launchers) inherits SIG_IGN, and Python then never installs its own handler: the
+    terminal echoes ^C but nothing stops the answer. A person at the terminal means it, so take it back."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
 def chat_loop(engine: Engine, settings: GenerationSettings, system: str | None = None,
-              stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+              stdin: TextIO | None = None, out: TextIO | None = None) -> None:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     if not stdin.isatty():
         # Piped input: the whole of stdin is one prompt, answered once.
         prompt = stdin.read().strip()
@@ -54,6 +78,11 @@ def chat_loop(engine: Engine, settings: GenerationSettings, system: str | None =
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    with ctrl_c_interrupts():
+        _interactive(engine, settings, system, out)
+
+
+def _interactive(engine: Engine, settings: GenerationSettings, system: str | None, out: TextIO) -> None:
     help_text = HELP + (ADAPTER_HELP if engine.has_adapter else "")
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     use_adapter = True

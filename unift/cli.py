@@ -9,7 +9,17 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from unift.args import TrainArgs, add_arguments, load_yaml_defaults, parse_into
+from unift.args import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Range,
+    TrainArgs,
+    add_arguments,
+    bounded,
+    load_yaml_defaults,
+    parse_into,
+)
 from unift.errors import UniftError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
@@ -39,10 +49,15 @@ command("train", "fine-tune a model with a PEFT method", build_train, run_train)
 
 # ---- shared inference flags --------------------------------------------------------------------------
 
-def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = False,
+                    find_by_data: bool = False) -> None:
     group = parser.add_argument_group("model options")
+    if find_by_data:
+        group.add_argument("--data", nargs="+", dest="run_data", metavar="NAME",
+                           help="use the run `uniform_finetune.py --model_type T --data NAME` wrote under "
+                                "saved_models/ (the newest if several); the original toolkit's way")
     group.add_argument("--adapter_dir", "--lora_dir", dest="adapter_dir", required=adapter_required,
-                       help="run folder written by `unift train` (needs nothing else)")
+                       help="run folder written by `unift train` (needs nothing else), or any PEFT adapter folder")
     group.add_argument("--model_name_or_path", "--base_model", dest="model_name_or_path",
                        help="base or merged model folder (default: the run card's, else the embedded model)")
     group.add_argument("--model_type", help="model family (default: the run card's, else llama)")
@@ -58,16 +73,16 @@ def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
     group = parser.add_argument_group("decoding options (override the preset)")
     group.add_argument("--preset", default=preset, choices=sorted(PRESETS),
                        help=f"named decoding settings; 'original' = the original toolkit's (default: {preset})")
-    group.add_argument("--max_new_tokens", type=int)
+    group.add_argument("--max_new_tokens", type=bounded(int, POSITIVE_INT))
     group.add_argument("--do_sample", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
-    group.add_argument("--temperature", type=float)
-    group.add_argument("--top_p", type=float)
-    group.add_argument("--top_k", type=int)
-    group.add_argument("--num_beams", type=int)
-    group.add_argument("--repetition_penalty", type=float)
-    group.add_argument("--no_repeat_ngram_size", type=int)
+    group.add_argument("--temperature", type=bounded(float, POSITIVE))
+    group.add_argument("--top_p", type=bounded(float, Range(0, 1, low_open=True)))
+    group.add_argument("--top_k", type=bounded(int, NON_NEGATIVE))
+    group.add_argument("--num_beams", type=bounded(int, POSITIVE_INT))
+    group.add_argument("--repetition_penalty", type=bounded(float, POSITIVE))
+    group.add_argument("--no_repeat_ngram_size", type=bounded(int, NON_NEGATIVE))
     group.add_argument("--stop", nargs="+", help="stop strings")
-    group.add_argument("--seed", type=int, help="random seed for sampling (reproducible sampled answers)")
+    group.add_argument("--seed", type=bounded(int, NON_NEGATIVE), help="random seed for sampling (reproducible sampled answers)")
 
 
 def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +95,10 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 def load_engine(ns: argparse.Namespace):
     from unift.inference import Engine
     from unift.models.loading import parse_dtype
+    from unift.runcard import find_run
+
+    if getattr(ns, "run_data", None) and not ns.adapter_dir:
+        ns.adapter_dir = find_run(ns.run_data, ns.model_type)
 
     return Engine.load(ns.adapter_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
                        template=ns.template, trust_remote_code=ns.trust_remote_code,
@@ -98,7 +117,7 @@ def decoding(ns: argparse.Namespace):
 # ---- generate / chat ---------------------------------------------------------------------------------
 
 def build_generate(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser)
+    add_model_flags(parser, find_by_data=True)
     add_dtype_flag(parser)
     parser.add_argument("--prompt", help="answer this once and exit (without it: an interactive chat)")
     parser.add_argument("--system", help="system prompt")
@@ -119,7 +138,7 @@ command("generate", "answer one --prompt, or chat in the terminal", build_genera
 
 
 def build_chat(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser)
+    add_model_flags(parser, find_by_data=True)
     add_dtype_flag(parser)
     parser.add_argument("--system", help="system prompt")
     add_decoding_flags(parser, preset="chat")
@@ -143,10 +162,11 @@ def build_predict(parser: argparse.ArgumentParser) -> None:
                         help="prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL "
                              "(or .txt, one prompt per line)")
     parser.add_argument("--result_dir", required=True, help="folder for predictions.jsonl (resumed if there)")
-    parser.add_argument("--batch_size", "--predict_batch_size", dest="batch_size", type=int, default=16,
-                        help="prompts generated together, left-padded (default: 16)")
-    parser.add_argument("--cutoff_len", type=int, help="keep at most this many prompt tokens (the last ones)")
-    parser.add_argument("--max_samples", type=int, help="only the first N records")
+    parser.add_argument("--batch_size", "--predict_batch_size", dest="batch_size", default=16,
+                        type=bounded(int, POSITIVE_INT), help="prompts generated together, left-padded (default: 16)")
+    parser.add_argument("--cutoff_len", type=bounded(int, POSITIVE_INT),
+                        help="keep at most this many prompt tokens (the last ones)")
+    parser.add_argument("--max_samples", type=bounded(int, POSITIVE_INT), help="only the first N records")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     add_decoding_flags(parser, preset="greedy")
 
@@ -188,32 +208,29 @@ command("merge", "fold the adapter into the base model (merge.py)", build_merge,
 # ---- serve -------------------------------------------------------------------------------------------
 
 def build_serve(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser)
+    add_model_flags(parser, find_by_data=True)
     add_dtype_flag(parser)
     group = parser.add_argument_group("service options")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    group.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    group.add_argument("--port", type=bounded(int, Range(0, 65535)), default=7860, help="port (default: 7860)")
     group.add_argument("--api_key", default=os.environ.get("UNIFT_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 (and the key as the UI password); "
                             "default: $UNIFT_API_KEY")
     group.add_argument("--no_ui", action="store_true", help="serve the /v1 API alone, without the chat UI at /")
-    group.add_argument("--max_queue", type=int, default=256,
+    group.add_argument("--max_queue", type=bounded(int, POSITIVE_INT), default=256,
                        help="requests admitted at once (generating + waiting); more are answered 429 with "
                             "Retry-After (default: 256)")
-    group.add_argument("--max_batch", type=int, default=16,
+    group.add_argument("--max_batch", type=bounded(int, POSITIVE_INT), default=16,
                        help="concurrent requests generated together in one batch (default: 16)")
     group.add_argument("--served_model_name", help="model id in the API (default: the run folder's name)")
-    group.add_argument("--max_tokens_limit", type=int, default=4096, help="the largest max_tokens accepted")
-    group.add_argument("--cutoff_len", type=int, help="keep at most this many prompt tokens (the last ones)")
+    group.add_argument("--max_tokens_limit", type=bounded(int, POSITIVE_INT), default=4096, help="the largest max_tokens accepted")
+    group.add_argument("--cutoff_len", type=bounded(int, POSITIVE_INT), help="keep at most this many prompt tokens (the last ones)")
     add_decoding_flags(parser, preset="chat")
 
 
 def run_serve(ns: argparse.Namespace) -> None:
     from unift.serve import serve
 
-    for flag in ("max_queue", "max_batch"):
-        if getattr(ns, flag) < 1:
-            raise UniftError(f"--{flag} must be at least 1")
     engine = load_engine(ns)
     engine.max_queue = ns.max_queue
     engine.scheduler.max_batch = ns.max_batch
@@ -231,10 +248,10 @@ def build_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=["arith_test"], help="held-out data (default: arith_test)")
     parser.add_argument("--dataset_dir", help="folder with dataset_info.json")
     parser.add_argument("--compare_base", action="store_true", help="also score the base model (adapter off)")
-    parser.add_argument("--max_samples", type=int)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--show", type=int, default=3, help="print this many questions with each answer")
+    parser.add_argument("--max_samples", type=bounded(int, POSITIVE_INT))
+    parser.add_argument("--max_new_tokens", type=bounded(int, POSITIVE_INT), default=32)
+    parser.add_argument("--batch_size", type=bounded(int, POSITIVE_INT), default=16)
+    parser.add_argument("--show", type=bounded(int, NON_NEGATIVE), default=3, help="print this many questions with each answer")
 
 
 def run_eval(ns: argparse.Namespace) -> None:
@@ -283,7 +300,7 @@ def build_data(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--to", required=True, choices=TARGETS, help="the form to write")
     conv.add_argument("--output", required=True, help="file to write (.json: a list; .jsonl: one per line)")
     conv.add_argument("--dataset_dir", help="folder with dataset_info.json")
-    conv.add_argument("--max_samples", type=int, help="convert at most this many records per entry")
+    conv.add_argument("--max_samples", type=bounded(int, POSITIVE_INT), help="convert at most this many records per entry")
 
 
 def run_data(ns: argparse.Namespace) -> None:
@@ -322,13 +339,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (callers and tests swap it after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """unift's own messages as `[unift] ...` (rank 0 only); other libraries keep their own format."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     ours = logging.getLogger("unift")
     if not ours.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[unift] %(message)s"))
         ours.addHandler(handler)
         ours.propagate = False

@@ -16,15 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from unift.args import TrainArgs
+from unift.args import TrainArgs, check_ranges
 from unift.data import DataOptions, build_datasets, iter_conversations, load_sources, resolve_dataset
 from unift.data.convert import TARGETS, convert_record
+from unift.data.quality import Skipped, skipped_summary
+from unift.data.registry import expand_names
 from unift.data.tokenize import IGNORE_INDEX
 from unift.errors import UniftError
 
 CHECK_FIELDS = ("model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
                 "cutoff_len", "val_set_size", "max_samples", "train_on_prompt", "data_ratios", "streaming",
-                "num_proc", "overwrite_cache", "seed")
+                "num_proc", "overwrite_cache", "strict_data", "seed")
 OPEN, CLOSE = "⟦", "⟧"  # around trained text in plain output
 STREAM_SAMPLE = 1000
 
@@ -36,7 +38,7 @@ def _subset(cls: type, names: tuple[str, ...], name: str) -> type:
         if f.name in names:
             chosen.append((f.name, f.type, dataclasses.field(
                 default=f.default, default_factory=f.default_factory, metadata=f.metadata)))
-    return dataclasses.make_dataclass(name, chosen)
+    return dataclasses.make_dataclass(name, chosen, namespace={"__post_init__": check_ranges})
 
 
 CheckArgs = _subset(TrainArgs, CHECK_FIELDS, "CheckArgs")
@@ -151,6 +153,12 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         w(f"; dropped (no answer token left): {stats['dropped']}\n" if not options.streaming else "\n")
         w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")
         figures.update(truncated=truncated, trained=trained)
+    skipped = [line for s in stats["sources"] if (line := skipped_summary(s["name"], s.get("skipped")))]
+    if skipped:
+        w("\nskipped (--strict_data refuses them instead):\n")
+        for line in skipped:
+            w(f"  {line}\n")
+    figures["skipped"] = stats.get("skipped", 0)
     notes = [(s["name"], text, n) for s in stats["sources"] for text, n in s["notes"].items()]
     if notes:
         w("\nnotes:\n")
@@ -189,11 +197,16 @@ def convert(data: list[str], target: str, output: str, dataset_dir: str | None =
     if out.suffix.lower() not in (".json", ".jsonl"):
         raise UniftError(f"--output {output}: write .json or .jsonl")
     records = []
-    for name in data:
-        entry = resolve_dataset(name, Path(dataset_dir) if dataset_dir else None)
+    folder = Path(dataset_dir) if dataset_dir else None
+    for name in expand_names(data, folder):
+        entry = resolve_dataset(name, folder)
+        skipped = Skipped()
         for where, conversation in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags,
-                                                      limit=max_samples or entry.num_samples):
+                                                      limit=max_samples or entry.num_samples, skipped=skipped):
             records.append(convert_record(conversation, target, where))
+        line = skipped_summary(entry.name, skipped.as_dict())
+        if line:
+            print(f"not converted: {line}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:

@@ -23,7 +23,7 @@ from unift.data import Message, encode_prompt, get_template, resolve_template
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path, upcast_unquantized
-from unift.runcard import RunCard
+from unift.runcard import RunCard, read_card, tokenizer_folder
 from unift.runtime import torch_dtype
 
 # Written by `unift merge` beside the merged weights: the template and family the run was trained with,
@@ -111,8 +111,10 @@ class Engine:
         trust_remote_code: bool | None = None,
         dtype: torch.dtype | None = None,
     ) -> Engine:
-        """A run folder (adapter + card), a merged or base model folder, or the embedded model."""
-        card = RunCard.load(adapter_dir) if adapter_dir else None
+        """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
+        embedded model."""
+        card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
+                         template=template) if adapter_dir else None
         if card:
             base_model = base_model or card.base_model
             model_type = model_type or card.model_type
@@ -126,7 +128,7 @@ class Engine:
             model_type = model_type or merged.get("model_type")
             template = template or merged.get("template")
         spec = get_model_spec(model_type or "llama")
-        tokenizer = load_tokenizer(adapter_dir or path, trust_remote_code=trust, padding_side="left")
+        tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust, padding_side="left")
         chosen = resolve_template(template, spec.template, tokenizer)
         bits = card.quantization_bit if card else None
         # A quantized base is rebuilt exactly as training built it: quantized from the compute dtype.

@@ -28,7 +28,7 @@ from unift.errors import UniftError
 from unift.inference import MERGED_CARD
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import first_line, parse_dtype, resolve_model_path
-from unift.runcard import RunCard
+from unift.runcard import RunCard, read_card, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def merge(
     from unift.data import resolve_template
     from unift.peft import load_adapter  # also registers unift's own PEFT methods
 
-    card = RunCard.load(adapter_dir)
+    card = read_card(adapter_dir, base_model=base_model, model_type=model_type)
     out = Path(merged_dir)
     if out.resolve() == Path(adapter_dir).resolve():
         raise UniftError("--merged_dir must differ from --adapter_dir")
@@ -177,7 +177,7 @@ def merge(
     spec = get_model_spec(model_type or card.model_type)
     trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
     path = resolve_model_path(base_model or card.base_model)
-    tokenizer = load_tokenizer(adapter_dir, trust_remote_code=trust)
+    tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust)
     template = resolve_template(card.template, spec.template, tokenizer)
     # Merge in fp32 whatever the saved dtype, so the sum W + ΔW is not rounded twice.
     base = load_model(path, spec, dtype=torch.float32, trust_remote_code=trust)

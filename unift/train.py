@@ -30,7 +30,7 @@ from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
 from unift.peft import get_method, wrap_model
 from unift.progress import LOSS_PLOT, plot_losses, progress_callback, report_targets
-from unift.runcard import METRICS, RunCard
+from unift.runcard import METRICS, RunCard, default_run_dir
 from unift.runtime import (
     dtype_name,
     is_main_process,
@@ -47,8 +47,7 @@ log = logging.getLogger("unift")
 
 
 def default_output_dir(args: TrainArgs) -> str:
-    data = "+".join(Path(d).stem for d in args.data)
-    return str(Path("saved_models") / f"{args.model_type}_{data}" / args.peft_type)
+    return str(default_run_dir(args.model_type, args.data, args.peft_type))
 
 
 def prepare(args: TrainArgs) -> dict[str, Any]:
@@ -231,6 +230,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         base_model=None if args.model_name_or_path is None else ready["path"],
         trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
         base_dtype=base_dtype, versions=library_versions(), arguments=asdict(args), command=command_line(),
+        data={"skipped": stats.get("skipped", 0), "sources": [
+            {k: src.get(k) for k in ("name", "path", "records", "skipped", "dropped")} for src in stats["sources"]]},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     stop = StopOnSignal()

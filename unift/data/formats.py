@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unift.data.quality import Skipped, Untrainable, not_utf8
 from unift.data.templates import PROMPT_ROLES, TRAINED_ROLES, Message
 from unift.errors import UniftError
 
@@ -112,7 +113,15 @@ def _iter_json(path: Path) -> Iterator[Any]:
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(record number, record) for every record of one file, read lazily."""
+    """(record number, record) for every record of one file, read lazily. Text is UTF-8, with or without
+    a byte order mark; anything else is one line naming the byte offset."""
+    try:
+        yield from _records(path)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise UniftError(f"{path}: the file is empty")
@@ -258,7 +267,7 @@ def check_turns(messages: list[Message], where: str, field: str, notes: Counter)
         notes["leading assistant turns dropped"] += 1
         turns, numbers = turns[lead:], numbers[lead:]
     if not turns:
-        raise UniftError(f"{where}: field {field!r} has no user turn")
+        raise Untrainable(f"{where}: field {field!r} has no user turn")
     previous = None
     allowed = {None: PROMPT_ROLES[:1], "user": TRAINED_ROLES, "assistant": ("user",),
                "function_call": ("observation",), "observation": TRAINED_ROLES}
@@ -271,11 +280,11 @@ def check_turns(messages: list[Message], where: str, field: str, notes: Counter)
             expected = " or ".join(repr(r) for r in allowed[previous])
             raise UniftError(f"{where}: field {field!r} turn {number}: expected {expected} {after}, found {role!r}")
         if role in TRAINED_ROLES and not message["content"].strip():
-            raise UniftError(f"{where}: field {field!r} turn {number}: the {role} text is empty")
+            raise Untrainable(f"{where}: field {field!r} turn {number}: the {role} text is empty")
         previous = role
     if previous not in TRAINED_ROLES:
-        raise UniftError(f"{where}: field {field!r}: the conversation ends on a {previous} turn, with no answer "
-                         "to train on")
+        raise Untrainable(f"{where}: field {field!r}: the conversation ends on a {previous} turn, with no "
+                          "answer to train on")
     return system + turns
 
 
@@ -334,9 +343,9 @@ class AlpacaConverter(Converter):
         extra = self.clean(self._field(record, "query", where, required=False))
         output = self.clean(self._field(record, "response", where, required=True))
         if not instruction.strip() and not extra.strip():
-            raise UniftError(f"{where}: field {col['prompt']!r} is empty")
+            raise Untrainable(f"{where}: field {col['prompt']!r} is empty")
         if not output.strip():
-            raise UniftError(f"{where}: field {col['response']!r} is empty")
+            raise Untrainable(f"{where}: field {col['response']!r} is empty")
         if "\\n" in instruction + output and self.format == "alpaca":
             self.notes["records with literal \\n escapes (Alpaca-CoT data? use formatting 'cot')"] += 1
         messages: list[Message] = []
@@ -351,7 +360,7 @@ class AlpacaConverter(Converter):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise UniftError(f"{where}: field {col['history']!r} turn {turn} must be a [question, answer] pair")
             if not pair[1].strip():
-                raise UniftError(f"{where}: field {col['history']!r} turn {turn}: the answer is empty")
+                raise Untrainable(f"{where}: field {col['history']!r} turn {turn}: the answer is empty")
             messages += [{"role": "user", "content": self.clean(pair[0])},
                          {"role": "assistant", "content": self.clean(pair[1])}]
         prompt = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else (instruction + extra)
@@ -436,7 +445,7 @@ class ChatConverter(Converter):
         if not isinstance(turns, list):
             raise UniftError(f"{where}: {label} must be a list of turns, found {type(turns).__name__}")
         if not turns:
-            raise UniftError(f"{where}: {label} is empty")
+            raise Untrainable(f"{where}: {label} is empty")
         messages: list[Message] = []
         for number, turn in enumerate(turns, start=1):
             at = f"{where}: field {field!r} turn {number}"
@@ -478,7 +487,7 @@ class TextConverter(Converter):
     def __call__(self, record: dict, where: str) -> list[Message]:
         text = _string(record, self.col["prompt"], where, True, "prompt" if "prompt" in self.mapped else None)
         if not text.strip():
-            raise UniftError(f"{where}: field {self.col['prompt']!r} is empty")
+            raise Untrainable(f"{where}: field {self.col['prompt']!r} is empty")
         return [{"role": "text", "content": text}]
 
 
@@ -530,13 +539,17 @@ def to_conversations(path: Path, fmt: str | None = None, columns: dict | None = 
 def iter_conversations(
     path: Path, fmt: str | None = None, columns: dict | None = None, tags: dict | None = None,
     notes: Counter | None = None, formats: Counter | None = None, limit: int | None = None,
+    skipped: Skipped | None = None,
 ) -> Iterator[tuple[str, list[Message]]]:
     """(where, conversation) for the records of a file or folder, lazily, validated one by one.
-    `notes` collects counted remarks (e.g. dropped leading turns), `formats` the format of each file."""
+    `notes` collects counted remarks (e.g. dropped leading turns), `formats` the format of each file.
+    With `skipped`, records that cannot be trained are counted there and left out (see unift.data.quality);
+    without it they refuse the file."""
     fmt = normalize_format(fmt)
     produced = 0
     for file in data_files(path):
         converter: Converter | None = None
+        read = left_out = 0
         for number, record in iter_records(file):
             where = f"{file}: record {number}"
             if converter is None:
@@ -550,10 +563,21 @@ def iter_conversations(
                                         declared is not None)
                 if formats is not None:
                     formats[converter.format] += 1
-            yield where, converter(record, where)
+            read += 1
+            try:
+                conversation = converter(record, where)
+            except Untrainable as err:
+                if skipped is None:
+                    raise
+                skipped.add(err)
+                left_out += 1
+                continue
+            yield where, conversation
             produced += 1
             if limit is not None and produced >= limit:
                 break
+        if skipped is not None:
+            skipped.refuse_if_most(file, left_out, read)
         if converter is not None and notes is not None:
             notes.update(converter.notes)
         if limit is not None and produced >= limit:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from unift.data.formats import data_files, iter_conversations
-from unift.data.registry import DatasetEntry, resolve_dataset
+from unift.data.quality import Skipped, skipped_summary
+from unift.data.registry import DatasetEntry, expand_names, resolve_dataset
 from unift.data.templates import Message
 from unift.data.tokenize import IGNORE_INDEX, encode_conversation
 from unift.errors import UniftError
@@ -65,6 +66,7 @@ class DataOptions:
     streaming: bool = False
     num_proc: int | None = None
     overwrite_cache: bool = False
+    strict_data: bool = False  # refuse records that cannot be trained instead of skipping them
     stream_length: int = 0  # rows a streaming training set reports as its length (steps x batch)
 
     @classmethod
@@ -109,6 +111,8 @@ class Source:
     notes: dict[str, int] = field(default_factory=dict)
     conversations: list[list[Message]] | None = None  # None when a cache made reading unnecessary
     bytes: int = 0
+    skipped: dict = field(default_factory=dict)  # untrainable records left out: count, first few, reasons
+    strict: bool = False
 
     @property
     def name(self) -> str:
@@ -117,7 +121,7 @@ class Source:
     def iter(self, notes: Counter | None = None, limit: int | None = None) -> Iterator[tuple[str, list[Message]]]:
         cap = min(x for x in (self.limit, limit) if x is not None) if (self.limit or limit) else None
         return iter_conversations(self.entry.path, self.entry.formatting, self.entry.columns, self.entry.tags,
-                                  notes=notes, limit=cap)
+                                  notes=notes, limit=cap, skipped=Skipped(self.strict))
 
 
 def _digest(value: Any) -> str:
@@ -134,31 +138,43 @@ def load_sources(options: DataOptions) -> list[Source]:
     """Resolve and validate every --data entry; nothing heavier than the data files is touched."""
     options.check()
     dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
+    names = expand_names(options.data, dataset_dir)
+    if options.data_ratios is not None and len(names) != len(options.data):
+        raise UniftError(f"--data_ratios: --data {' '.join(options.data)} stands for {len(names)} datasets "
+                         f"({', '.join(names)}); list them and give one proportion each")
     sources = []
-    for name in options.data:
+    for name in names:
         entry = resolve_dataset(name, dataset_dir)
         files = data_files(entry.path)
         caps = [x for x in (options.max_samples, entry.num_samples) if x is not None]
         limit = min(caps) if caps else None
-        source = Source(entry, limit, _source_key(entry, files, limit), bytes=sum(f.stat().st_size for f in files))
+        source = Source(entry, limit, _source_key(entry, files, limit), bytes=sum(f.stat().st_size for f in files),
+                        strict=options.strict_data)
         notes: Counter = Counter()
         formats: Counter = Counter()
+        skipped = Skipped(options.strict_data)
         if options.streaming:
             # A stream is validated on its first records now, and record by record as training reads it.
             for _ in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags, notes=notes,
-                                        formats=formats, limit=min(STREAM_CHECK, limit or STREAM_CHECK)):
+                                        formats=formats, limit=min(STREAM_CHECK, limit or STREAM_CHECK),
+                                        skipped=skipped):
                 pass
-            source.formats, source.notes = dict(formats), dict(notes)
+            source.formats, source.notes, source.skipped = dict(formats), dict(notes), skipped.as_dict()
         else:
             marker = cache_root() / source.key / "source.json"
             known = _read_json(marker) if not options.overwrite_cache else None
-            if known:
+            if known and not (options.strict_data and known.get("skipped", {}).get("count")):
                 source.records, source.formats, source.notes = known["records"], known["formats"], known["notes"]
+                source.skipped = known.get("skipped", {})
             else:
                 source.conversations = [c for _, c in iter_conversations(
                     entry.path, entry.formatting, entry.columns, entry.tags, notes=notes, formats=formats,
-                    limit=limit)]
+                    limit=limit, skipped=skipped)]
                 source.records, source.formats, source.notes = len(source.conversations), dict(formats), dict(notes)
+                source.skipped = skipped.as_dict()
+        line = skipped_summary(source.name, source.skipped)
+        if line:  # nothing is left out silently: the training log says which records and why
+            log.warning("%s%s", line, " (in the records checked up front)" if options.streaming else "")
         sources.append(source)
     return sources
 
@@ -258,7 +274,7 @@ def tokenized_source(source: Source, template, tokenizer, options: DataOptions, 
         os.rename(tmp, folder)
         write_json_atomic(folder.parent / "source.json",
                     {"records": source.records, "formats": source.formats, "notes": source.notes,
-                     "path": str(source.entry.path)})
+                     "skipped": source.skipped, "path": str(source.entry.path)})
     return datasets.load_from_disk(str(folder))
 
 
@@ -337,9 +353,11 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
         "val": len(val_index),
         "truncated": sum(train_full["truncated"]) + sum(val_full["truncated"]),
         "dropped": sum(dropped),
+        "skipped": sum(s.skipped.get("count", 0) for s in sources),
         "sources": [
             {"name": s.name, "path": str(s.entry.path), "formats": s.formats, "records": s.records,
-             "dropped": dropped[n], "train": len(mixed[n]), "val": val_counts[n], "notes": s.notes}
+             "dropped": dropped[n], "train": len(mixed[n]), "val": val_counts[n], "notes": s.notes,
+             "skipped": s.skipped}
             for n, s in enumerate(sources)
         ],
     }
@@ -350,8 +368,12 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
 def load_conversations(names: list[str], dataset_dir: Path | None = None) -> list[list[Message]]:
     """Every --data entry (names or paths), validated and merged in the given order."""
     conversations: list[list[Message]] = []
-    for name in names:
+    for name in expand_names(names, dataset_dir):
         entry = resolve_dataset(name, dataset_dir)
+        skipped = Skipped()
         conversations += [c for _, c in iter_conversations(entry.path, entry.formatting, entry.columns,
-                                                           entry.tags, limit=entry.num_samples)]
+                                                           entry.tags, limit=entry.num_samples, skipped=skipped)]
+        line = skipped_summary(entry.name, skipped.as_dict())
+        if line:
+            log.warning("%s", line)
     return conversations

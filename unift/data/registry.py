@@ -1,8 +1,11 @@
 """The dataset registry: data/dataset_info.json maps names to files, formats and column mappings.
 
-The layout is LLaMA-Factory's (file_name, formatting, columns, tags, num_samples), so users can bring
-theirs unchanged: `--dataset_dir` points at the folder that holds it. Names not found there fall back to
-the bundled registry. A --data entry that is a path to a file or a folder is used directly.
+The layout is LLaMA-Factory's (file_name, formatting, columns, tags, num_samples, and hf_hub_url with
+subset, split and folder for hub datasets), so users can bring theirs unchanged: `--dataset_dir` points at
+the folder that holds it. Names not found there fall back to the bundled registry. A --data entry that is a
+path to a file or a folder is used directly; one that reads ORG/NAME is a hub dataset (unift.data.hub).
+unift adds one key: `combine`, a list of names trained together as one entry (the original toolkit's
+`alpaca-belle-cot` is alpaca + belle + cot).
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unift.data.formats import normalize_format
+from unift.data.hub import HubSpec, hub_path, parse_hub_id
 from unift.errors import UniftError
 
 REPO_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+HUB_KEYS = ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # other sources than the HF hub
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,12 @@ def _entry(name: str, raw: dict, dataset_dir: Path) -> DatasetEntry:
         raise UniftError(f"{where}: expected an object")
     if raw.get("ranking"):
         raise UniftError(f"{where}: preference data (ranking) is not supported by supervised fine-tuning")
-    if "file_name" not in raw:
+    if "file_name" not in raw and "hf_hub_url" not in raw:
         hub = next((f"{k} {raw[k]!r}" for k in HUB_KEYS if k in raw), None)
         if hub:
-            raise UniftError(f"{where} is a hub dataset ({hub}); unift reads local files: download it and "
-                             "set 'file_name'")
-        raise UniftError(f"{where} has no 'file_name'")
+            raise UniftError(f"{where} is not on the Hugging Face hub ({hub}); unift reads local files and "
+                             "hf_hub_url datasets: download it and set 'file_name'")
+        raise UniftError(f"{where} has no 'file_name' (or 'hf_hub_url')")
     for key in ("columns", "tags"):
         if not isinstance(raw.get(key, {}), dict):
             raise UniftError(f"{where}: {key!r} must be an object")
@@ -70,8 +74,14 @@ def _entry(name: str, raw: dict, dataset_dir: Path) -> DatasetEntry:
     num_samples = raw.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise UniftError(f"{where}: 'num_samples' must be a positive integer")
+    if "hf_hub_url" in raw:
+        spec = HubSpec(raw["hf_hub_url"], raw.get("file_name") or raw.get("folder"), raw.get("subset"),
+                       raw.get("split") or "train")
+        path = hub_path(spec, f"--data {name}")
+    else:
+        path = dataset_dir / raw["file_name"]
     return DatasetEntry(
-        name=name, path=dataset_dir / raw["file_name"], formatting=formatting,
+        name=name, path=path, formatting=formatting,
         columns=dict(raw.get("columns", {})), tags=dict(raw.get("tags", {})), num_samples=num_samples,
     )
 
@@ -90,5 +100,33 @@ def resolve_dataset(name_or_path: str, dataset_dir: Path | None = None) -> Datas
     for folder, registry in registries:
         if name_or_path in registry:
             return _entry(name_or_path, registry[name_or_path], folder)
+    spec = parse_hub_id(name_or_path)
+    if spec is not None:
+        return DatasetEntry(name=spec.path.rsplit("/", 1)[-1].split(".")[0] if spec.path else
+                            spec.repo.split("/")[1], path=hub_path(spec, f"--data {name_or_path}"))
     known = ", ".join(sorted({n for _, r in registries for n in r})) or "none"
-    raise UniftError(f"--data {name_or_path!r} is neither a file nor a registered dataset (known: {known})")
+    raise UniftError(f"--data {name_or_path!r} is neither a file, a registered dataset nor a hub dataset id "
+                     f"(ORG/NAME) (known names: {known})")
+
+
+def _registries(dataset_dir: Path | None) -> list[tuple[Path, dict[str, dict]]]:
+    dataset_dir = dataset_dir or default_dataset_dir()
+    found = [(dataset_dir, load_registry(dataset_dir))] if dataset_dir.is_dir() else []
+    if not found or dataset_dir.resolve() != REPO_DATA_DIR.resolve():
+        found.append((REPO_DATA_DIR, load_registry(REPO_DATA_DIR)))
+    return found
+
+
+def expand_names(names: list[str], dataset_dir: Path | None = None) -> list[str]:
+    """--data entries with registry `combine` entries replaced by the names they list."""
+    out: list[str] = []
+    for name in names:
+        raw = next((r[name] for _, r in _registries(dataset_dir) if name in r), None)
+        parts = raw.get("combine") if isinstance(raw, dict) else None
+        if parts is None:
+            out.append(name)
+        elif not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p != name for p in parts):
+            raise UniftError(f"dataset_info.json: {name!r}: 'combine' must be a list of other dataset names")
+        else:
+            out += expand_names(parts, dataset_dir)
+    return out

@@ -98,8 +98,10 @@ def streaming_bundle(sources: list[Source], template, tokenizer, options: DataOp
     stats = {
         "examples": options.stream_length + len(val), "train": options.stream_length, "val": len(val),
         "truncated": sum(r["truncated"] for r in val_full), "dropped": n_val - len(val_full), "streaming": True,
+        "skipped": sum(s.skipped.get("count", 0) for s in sources),
         "sources": [{"name": s.name, "path": str(s.entry.path), "formats": s.formats, "records": None,
-                     "dropped": None, "train": None, "val": None, "notes": s.notes} for s in sources],
+                     "dropped": None, "train": None, "val": None, "notes": s.notes,
+                     "skipped": s.skipped} for s in sources],
     }
     return DataBundle(StreamingRows(sources, template, tokenizer, options, set(held_out)), val, stats, sources,
                       None, val_full)
