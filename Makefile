@@ -35,7 +35,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 # The main job: fine-tune the embedded model on the bundled arithmetic task, then base vs tuned.
 demo: install
 	$(BIN)/unift train --config configs/arith_lora.yaml --output_dir $(RUN)
-	$(BIN)/unift eval --adapter_dir $(RUN) --compare_base --show 4
+	$(BIN)/unift eval --adapter_dir $(RUN) --compare_base --show 4 --max_new_tokens 48
 
 test: install-dev
 	$(BIN)/ruff check .

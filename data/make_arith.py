@@ -1,7 +1,10 @@
 """Generate the bundled arithmetic word-problem dataset (train and held-out test splits).
 
 The task is verifiable (the last line is "Answer: N") and the embedded SmolLM2-135M-Instruct gets it
-mostly wrong before tuning, but learns it in minutes on two CPU cores. Deterministic for a given seed:
+mostly wrong before tuning, but learns it in minutes on two CPU cores. Each answer shows its working the
+way one does it in one's head, tens first, then ones ("43 + 46: 43 + 40 = 83, 83 + 6 = 89."): a 135M
+model computing the sum in one step got about 80% of held-out problems right after tuning, with the
+two small steps over 90% in the same time. Deterministic for a given seed:
     python data/make_arith.py            # writes data/arith/train.jsonl and data/arith/test.jsonl
 """
 
@@ -26,6 +29,14 @@ SUB = [
 ]
 
 
+def working(a: int, op: str, b: int) -> str:
+    """a +/- b in two steps: the tens of b, then its ones."""
+    tens, ones = b // 10 * 10, b % 10
+    step = a + tens if op == "+" else a - tens
+    result = step + ones if op == "+" else step - ones
+    return f"{a} {op} {tens} = {step}, {step} {op} {ones} = {result}"
+
+
 def make_problem(rng: random.Random) -> dict:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -37,7 +48,7 @@ def make_problem(rng: random.Random) -> dict:
     return {
         "instruction": question.format(name=name, item=item, a=a, b=b),
         "input": "",
-        "output": f"{a} {op} {b} = {result}.\nAnswer: {result}",
+        "output": f"{a} {op} {b}: {working(a, op, b)}.\nAnswer: {result}",
     }
 
 
