@@ -1,10 +1,12 @@
-"""Batch predict throughput: the embedded SmolLM2-135M-Instruct answering the same prompts one by one
-(--batch_size 1) and in batches (--batch_size 16), in the same process, through `unift.predict.predict`.
+"""Batch predict throughput: the embedded SmolLM2-135M-Instruct (or a run) answering the same prompts at
+several batch sizes, in the same process, through `unift.predict.predict`.
 
-Prints rows/s and generated tokens/s for both and their ratio, and checks that batching (left padding)
-did not change the greedy answers.
+With --adapter_dir, each batch size runs twice: with the adapter merged into the weights in memory (what
+`Engine.load` does for additive adapters on fp32 bases) and with it kept apart. Prints rows/s and
+generated tokens/s per configuration, the ratio to batch 1, and whether batching or merging changed any
+greedy answer.
 
-    .venv/bin/python bench/predict_throughput.py [--prompts 64] [--batch_size 16] [--max_new_tokens 48]
+    .venv/bin/python bench/predict_throughput.py [--prompts 64] [--batch_sizes 1 4 16] [--max_new_tokens 48]
                                                  [--adapter_dir RUN] [--dtype fp32|bf16] [--threads N]
                                                  [--json out.json]
 """
@@ -27,12 +29,11 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--adapter_dir", help="a run folder (default: the embedded model alone)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, = cores); 1 is far "
-                        "faster for one-by-one decoding on a machine other processes are also using")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,37 +57,43 @@ def main() -> None:
     engine = Engine.load(args.adapter_dir, dtype=parse_dtype(args.dtype))
     load_seconds = time.perf_counter() - started
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    # Warm-up (first-call kernel setup), so neither contender pays for it.
+    # Warm-up (first-call kernel setup), so no configuration pays for it.
     engine.generate([[{"role": "user", "content": "Hi"}]] * 2, GenerationSettings(max_new_tokens=4), batch_size=2)
 
+    modes = ["merged", "adapter apart"] if engine.merged else ["as loaded"]
     results = {}
-    for label, batch in (("one by one", 1), (f"batch {args.batch_size}", args.batch_size)):
-        summary = predict(engine, data, work / f"b{batch}", settings, batch_size=batch, progress=False)
-        answers = [json.loads(line)["prediction"] for line in summary.path.read_text().splitlines()]
-        results[label] = {"batch_size": batch, "rows": summary.predicted, "seconds": round(summary.seconds, 2),
-                          "rows_per_second": round(summary.rows_per_second, 3),
-                          "generated_tokens": summary.completion_tokens,
-                          "generated_tokens_per_second": round(summary.tokens_per_second, 1), "answers": answers}
-    one, many = results.values()
-    same = sum(a == b for a, b in zip(one["answers"], many["answers"]))
+    for mode in modes:
+        if mode == "adapter apart":
+            engine.model.unmerge_adapter()
+            engine.merged = False
+        for batch in args.batch_sizes:
+            label = f"{mode}, batch {batch}"
+            summary = predict(engine, data, work / f"{mode}-{batch}".replace(" ", "-"), settings,
+                              batch_size=batch, progress=False)
+            answers = [json.loads(line)["prediction"] for line in summary.path.read_text().splitlines()]
+            results[label] = {"mode": mode, "batch_size": batch, "rows": summary.predicted,
+                              "seconds": round(summary.seconds, 2),
+                              "rows_per_second": round(summary.rows_per_second, 3),
+                              "generated_tokens": summary.completion_tokens,
+                              "generated_tokens_per_second": round(summary.tokens_per_second, 1),
+                              "answers": answers}
+    first = next(iter(results.values()))
+    for r in results.values():
+        r["identical_answers"] = sum(a == b for a, b in zip(first["answers"], r["answers"]))
     report = {
         "model": engine.name, "dtype": args.dtype, "prompts": len(rows), "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_seconds": round(load_seconds, 1),
         "load_average": os.getloadavg(),
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()},
-        "rows_per_second_ratio": round(many["rows_per_second"] / one["rows_per_second"], 2),
-        "tokens_per_second_ratio": round(many["generated_tokens_per_second"] / one["generated_tokens_per_second"],
-                                         2),
-        "identical_answers": f"{same}/{len(rows)}",
     }
-    print(f"\n{'':<12}{'rows/s':>10}{'gen tok/s':>12}{'seconds':>10}{'tokens':>9}")
+    width = max(len(k) for k in results) + 2
+    print(f"\n{'':<{width}}{'rows/s':>9}{'gen tok/s':>11}{'vs first':>10}{'seconds':>9}{'same answers':>14}")
     for label, r in results.items():
-        print(f"{label:<12}{r['rows_per_second']:>10.3f}{r['generated_tokens_per_second']:>12.1f}"
-              f"{r['seconds']:>10.1f}{r['generated_tokens']:>9}")
-    print(f"\nbatched / one by one: {report['rows_per_second_ratio']}x rows/s, "
-          f"{report['tokens_per_second_ratio']}x generated tokens/s; identical greedy answers: "
-          f"{report['identical_answers']} ({args.dtype}, {report['threads']} threads, load average "
-          f"{report['load_average'][0]:.1f})")
+        ratio = r["generated_tokens_per_second"] / first["generated_tokens_per_second"]
+        print(f"{label:<{width}}{r['rows_per_second']:>9.3f}{r['generated_tokens_per_second']:>11.1f}"
+              f"{ratio:>9.2f}x{r['seconds']:>9.1f}{r['identical_answers']:>9}/{len(rows)}")
+    print(f"\n({args.dtype}, {report['threads']} threads, load average {report['load_average'][0]:.1f}; "
+          f"'same answers' compares each configuration's greedy answers with the first row's)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
