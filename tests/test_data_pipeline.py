@@ -65,14 +65,18 @@ def test_max_samples_per_source_and_mixing_ratios(tmp_path, tokenizer):
     assert not held_out & set(decoded_answers(tokenizer, mixed.train))  # upsampling never leaks val rows
 
 
-def test_answers_cut_off_entirely_are_dropped_and_counted(tmp_path, tokenizer):
+def test_long_prompts_are_cut_and_long_answers_dropped_and_counted(tmp_path, tokenizer):
     rows = numbered(4, "a")
-    rows[0]["instruction"] = "long " * 200
+    rows[0]["instruction"] = "long " * 200  # kept: the prompt loses its front, the answer stays whole
+    rows[1]["output"] = "long " * 200  # the answer alone exceeds the cutoff: dropped
     path = write_rows(tmp_path / "a.jsonl", rows)
     data = build(tokenizer, data=[str(path)], cutoff_len=64)
-    assert data.stats["dropped"] == 1 and len(data.train) == 3
-    with pytest.raises(UniftError, match="no example has an answer token within --cutoff_len 8"):
-        build(tokenizer, data=[str(path)], cutoff_len=8)
+    assert (data.stats["dropped"], data.stats["long_answers"], data.stats["truncated"]) == (1, 1, 1)
+    assert sorted(decoded_answers(tokenizer, data.train)) == [f"a answer {i}<|im_end|>\n" for i in (0, 2, 3)]
+    kept = build(tokenizer, data=[str(path)], cutoff_len=64, truncation="keep")
+    assert (kept.stats["dropped"], kept.stats["long_answers"], len(kept.train)) == (0, 1, 4)
+    with pytest.raises(UniftError, match="no example has an answer token within --cutoff_len 4"):
+        build(tokenizer, data=[str(path)], cutoff_len=4)
 
 
 def test_second_run_reuses_the_cache_without_reading_or_tokenizing(tmp_path, tokenizer, monkeypatch):

@@ -177,8 +177,10 @@ class TrainArgs:
                           "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))
     dataset_dir: str | None = opt(None, "folder with dataset_info.json (default: ./data, else the bundled one)",
                                   group="data")
-    cutoff_len: int = opt(512, "maximum tokens per example (longer ones are truncated)", group="data",
-                          range=POSITIVE_INT)
+    cutoff_len: int = opt(512, "maximum tokens per example (longer ones lose the prompt and earlier turns "
+                          "first, so the answer keeps its end)", group="data", range=POSITIVE_INT)
+    truncation: str = opt("drop", "an answer longer than --cutoff_len on its own: drop the example, or keep it "
+                          "cut at the end (it then never ends)", group="data", choices=("drop", "keep"))
     val_set_size: float = opt(0, "held-out examples for evaluation (a count, or a fraction < 1)", group="data",
                                 range=NON_NEGATIVE)
     max_samples: int | None = opt(None, "use at most this many examples from each --data entry", group="data",

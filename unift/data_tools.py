@@ -25,8 +25,8 @@ from unift.data.tokenize import IGNORE_INDEX
 from unift.errors import UniftError
 
 CHECK_FIELDS = ("model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
-                "cutoff_len", "val_set_size", "max_samples", "train_on_prompt", "data_ratios", "streaming",
-                "num_proc", "overwrite_cache", "strict_data", "seed")
+                "cutoff_len", "truncation", "val_set_size", "max_samples", "train_on_prompt", "data_ratios",
+                "streaming", "num_proc", "overwrite_cache", "strict_data", "seed")
 OPEN, CLOSE = "⟦", "⟧"  # around trained text in plain output
 STREAM_SAMPLE = 1000
 
@@ -149,8 +149,11 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         kept = sum(min(n, options.cutoff_len) for n in lengths)
         trained = sum(columns["trained"])
         w(f"truncated by --cutoff_len {options.cutoff_len}: {truncated} of {len(lengths)} "
-          f"({100 * truncated / len(lengths):.1f}%)")
+          f"({100 * truncated / len(lengths):.1f}%) lost prompt or earlier turns")
         w(f"; dropped (no answer token left): {stats['dropped']}\n" if not options.streaming else "\n")
+        fate = "dropped" if options.truncation == "drop" else "kept cut at the end, without their end token"
+        w(f"answers longer than the cutoff on their own: {stats.get('long_answers', 0)} ({fate}; "
+          f"--truncation {options.truncation})\n")
         w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")
         figures.update(truncated=truncated, trained=trained)
     skipped = [line for s in stats["sources"] if (line := skipped_summary(s["name"], s.get("skipped")))]

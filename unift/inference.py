@@ -20,6 +20,7 @@ import torch
 
 from unift.batching import Scheduler, TextStream, truncate_at_stop
 from unift.data import Message, encode_prompt, get_template, resolve_template
+from unift.data.templates import end_of_turn
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path, upcast_unquantized
@@ -92,6 +93,7 @@ class Engine:
         self.card = card
         self.name = name
         self.lock = threading.Lock()  # one generation at a time per model
+        self.end_of_turn = end_of_turn(template, tokenizer)
         self.eos_ids = self._eos_ids()
         self.max_queue = max_queue  # requests admitted at once (running + waiting)
         self._admitted = 0
@@ -147,8 +149,13 @@ class Engine:
         return engine
 
     def _eos_ids(self) -> list[int]:
+        """The tokenizer's EOS, the generation config's, and the template's end-of-turn token: a base
+        checkpoint tuned with ChatML ends answers with <|im_end|> while its EOS is <|endoftext|>."""
         ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+        marker = self.end_of_turn
+        marker_ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None),
+                       marker_ids if len(marker_ids) == 1 else None):
             if isinstance(source, int):
                 ids.add(source)
             elif isinstance(source, list):
@@ -156,6 +163,11 @@ class Engine:
         return sorted(ids)
 
     def stops(self, settings: GenerationSettings) -> tuple[str, ...]:
+        """The caller's stop strings, plus the template's end-of-turn text where it is not one token (a
+        tokenizer that does not know <eoa> as a token still stops on the text)."""
+        marker = self.end_of_turn
+        if marker and len(self.tokenizer(marker, add_special_tokens=False)["input_ids"]) > 1:
+            return tuple(dict.fromkeys([*settings.stop, marker]))
         return tuple(settings.stop)
 
     @property
@@ -297,6 +309,7 @@ class Engine:
                     adapter: bool | None = None, max_prompt_tokens: int | None = None) -> TextStream:
         """Like stream(), but the returned object also reports token counts and the finish reason. Streams
         of concurrent callers are generated together (unift.batching)."""
+        settings = replace(settings, stop=self.stops(settings))
         return self.scheduler.submit(self.prompt_ids(prompt, max_prompt_tokens), settings,
                                      self._adapter_default if adapter is None else adapter)
 

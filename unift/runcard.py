@@ -25,7 +25,9 @@ class RunCard:
     base_dtype: str = "fp32"  # dtype of the frozen base weights during training
     versions: dict[str, str] = field(default_factory=dict)
     arguments: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)  # per source: records used, skipped (which, why), dropped
+    # per source: records used, skipped (which, why), dropped; and what --cutoff_len did: examples whose
+    # front was cut ("truncated"), answers too long on their own ("long_answers": dropped or kept cut)
+    data: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     created: str = ""
 

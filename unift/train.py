@@ -231,7 +231,9 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
         base_dtype=base_dtype, versions=library_versions(), arguments=asdict(args), command=command_line(),
         data={"skipped": stats.get("skipped", 0), "sources": [
-            {k: src.get(k) for k in ("name", "path", "records", "skipped", "dropped")} for src in stats["sources"]]},
+            {k: src.get(k) for k in ("name", "path", "records", "skipped", "dropped")} for src in stats["sources"]],
+            # what --cutoff_len did: examples whose front was cut, answers too long on their own
+            **{k: stats.get(k) for k in ("examples", "truncated", "long_answers", "dropped", "truncation")}},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     stop = StopOnSignal()

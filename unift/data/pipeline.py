@@ -33,13 +33,13 @@ from unift.data.formats import data_files, iter_conversations
 from unift.data.quality import Skipped, skipped_summary
 from unift.data.registry import DatasetEntry, expand_names, resolve_dataset
 from unift.data.templates import Message
-from unift.data.tokenize import IGNORE_INDEX, encode_conversation
+from unift.data.tokenize import IGNORE_INDEX, TRUNCATION, encode_conversation
 from unift.errors import UniftError
 from unift.runtime import cache_dir, write_json_atomic
 
 log = logging.getLogger("unift")
 
-CACHE_VERSION = 1  # bump when tokenization changes, so old cache entries are not reused
+CACHE_VERSION = 2  # bump when tokenization changes, so old cache entries are not reused
 CACHE_MIN_RECORDS = 1000  # below this, tokenizing in memory is faster than writing and reading a cache
 RECORDS_PER_WORKER = 5000  # auto --num_proc: one worker per this many records (no pool for small data)
 STREAM_CHECK = 1000  # records per source validated up front in streaming mode
@@ -63,6 +63,7 @@ class DataOptions:
     data_ratios: list[float] | None = None
     seed: int = 42
     train_on_prompt: bool = False
+    truncation: str = "drop"  # an answer longer than cutoff_len alone: "drop" the example or "keep" it cut
     streaming: bool = False
     num_proc: int | None = None
     overwrite_cache: bool = False
@@ -80,6 +81,8 @@ class DataOptions:
             raise UniftError("--data: give at least one dataset name or path")
         if self.cutoff_len < 1:
             raise UniftError(f"--cutoff_len must be positive, not {self.cutoff_len}")
+        if self.truncation not in TRUNCATION:
+            raise UniftError(f"--truncation {self.truncation!r}: choose one of {', '.join(TRUNCATION)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise UniftError(f"--max_samples must be positive, not {self.max_samples}")
         if self.val_set_size < 0:
@@ -199,10 +202,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _encode_batch(batch: dict[str, list], template, tokenizer, cutoff_len: int,
-                  train_on_prompt: bool) -> dict[str, list]:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trained": []}
+                  train_on_prompt: bool, truncation: str = "drop") -> dict[str, list]:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trained": [],
+                            "long_answer": []}
     for text in batch["conversation"]:
-        enc = encode_conversation(json.loads(text), template, tokenizer, cutoff_len, train_on_prompt)
+        enc = encode_conversation(json.loads(text), template, tokenizer, cutoff_len, train_on_prompt, truncation)
+        out["long_answer"].append(enc.long_answer)
         out["input_ids"].append(enc.input_ids)
         out["labels"].append(enc.labels)
         out["length"].append(enc.length)
@@ -242,7 +247,7 @@ def _tokenize(conversations: list[list[Message]], template, tokenizer, options: 
             _encode_batch, batched=True, batch_size=256, num_proc=workers if workers > 1 else None,
             remove_columns=["conversation"], new_fingerprint=key, desc="tokenizing",
             fn_kwargs={"template": template, "tokenizer": tokenizer, "cutoff_len": options.cutoff_len,
-                       "train_on_prompt": options.train_on_prompt},
+                       "train_on_prompt": options.train_on_prompt, "truncation": options.truncation},
         )
 
 
@@ -251,7 +256,8 @@ def tokenized_source(source: Source, template, tokenizer, options: DataOptions, 
     import datasets
     from filelock import FileLock
 
-    key = _digest([source.key, tok_fp, repr(template), options.cutoff_len, options.train_on_prompt])
+    key = _digest([source.key, tok_fp, repr(template), options.cutoff_len, options.train_on_prompt,
+                   options.truncation])
     folder = cache_root() / source.key / key
     if folder.is_dir() and not options.overwrite_cache:
         return datasets.load_from_disk(str(folder))
@@ -322,8 +328,10 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
     rng = random.Random(options.seed)
     pool = []
     dropped = []
+    long_answers = 0
     for number, table in enumerate(tables):
         trained = table["trained"]
+        long_answers += sum(table["long_answer"])
         pool += [(number, i) for i, n in enumerate(trained) if n > 0]
         dropped.append(sum(1 for n in trained if n == 0))
     if not pool:
@@ -354,6 +362,8 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
         "truncated": sum(train_full["truncated"]) + sum(val_full["truncated"]),
         "dropped": sum(dropped),
         "skipped": sum(s.skipped.get("count", 0) for s in sources),
+        "long_answers": long_answers,  # answers longer than the cutoff alone: dropped, or kept cut
+        "truncation": options.truncation,
         "sources": [
             {"name": s.name, "path": str(s.entry.path), "formats": s.formats, "records": s.records,
              "dropped": dropped[n], "train": len(mixed[n]), "val": val_counts[n], "notes": s.notes,

@@ -76,12 +76,13 @@ class StreamingRows(torch.utils.data.IterableDataset):
 
 
 def encode_row(conversation: list[Message], template, tokenizer, options: DataOptions) -> dict[str, Any] | None:
-    enc = encode_conversation(conversation, template, tokenizer, options.cutoff_len, options.train_on_prompt)
+    enc = encode_conversation(conversation, template, tokenizer, options.cutoff_len, options.train_on_prompt,
+                              options.truncation)
     trained = sum(label != IGNORE_INDEX for label in enc.labels)
     if not trained:
         return None
     return {"input_ids": enc.input_ids, "labels": enc.labels, "length": enc.length, "truncated": enc.truncated,
-            "trained": trained}
+            "trained": trained, "long_answer": enc.long_answer}
 
 
 def streaming_bundle(sources: list[Source], template, tokenizer, options: DataOptions) -> DataBundle:
@@ -99,6 +100,7 @@ def streaming_bundle(sources: list[Source], template, tokenizer, options: DataOp
         "examples": options.stream_length + len(val), "train": options.stream_length, "val": len(val),
         "truncated": sum(r["truncated"] for r in val_full), "dropped": n_val - len(val_full), "streaming": True,
         "skipped": sum(s.skipped.get("count", 0) for s in sources),
+        "long_answers": sum(r["long_answer"] for r in val_full), "truncation": options.truncation,
         "sources": [{"name": s.name, "path": str(s.entry.path), "formats": s.formats, "records": None,
                      "dropped": None, "train": None, "val": None, "notes": s.notes,
                      "skipped": s.skipped} for s in sources],

@@ -12,6 +12,7 @@ A conversation is a list of messages {"role": ..., "content": str}. Roles:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from unift.errors import UniftError
@@ -189,7 +190,9 @@ register_template(FormatTemplate(
 ))
 register_template(FormatTemplate(
     name="chatglm", prefix="[gMASK]<sop>", system="<|system|>\n{content}",
-    user="<|user|>\n{content}<|assistant|>\n", assistant="{content}",
+    # GLM's own format ends an answer with nothing (the next <|user|> ends it): teach EOS, which its
+    # generation config stops on, or a tuned model never learns to stop.
+    user="<|user|>\n{content}<|assistant|>\n", assistant="{content}{eos}",
     observation="<|observation|>\n{content}<|assistant|>\n", aliases=("glm",),
     description="GLM-4 / ChatGLM",
 ))
@@ -208,6 +211,28 @@ register_template(FormatTemplate(
     name="bloom", user="Human: {content}\n\nAssistant: ", assistant="{content}{eos}\n\n",
     observation="Observation: {content}\n\nAssistant: ", description="BELLE-style Human/Assistant for BLOOM",
 ))
+
+
+_SENTINEL = "\u2063unift-answer\u2063"  # text no real answer contains
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def end_of_turn(template: FormatTemplate | TokenizerTemplate, tokenizer) -> str:
+    """The marker that ends an answer in this template's rendering ("<|im_end|>", "<eoa>", the EOS token),
+    or "" when the rendering ends an answer with nothing (GLM-4's own chat template): training then
+    appends EOS to every answer, and generation stops on the marker in every command."""
+    cache = _END_OF_TURN.setdefault(tokenizer, {}) if tokenizer is not None else {}
+    key = (template.name, getattr(tokenizer, "chat_template", None))
+    if key not in cache:
+        text = template.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}],
+                               add_generation_prompt=False, tokenizer=tokenizer)
+        after = text.split(_SENTINEL, 1)[1].strip() if _SENTINEL in text else ""
+        known = [*(getattr(tokenizer, "all_special_tokens", None) or []),
+                 *(tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {})]
+        special = sorted({str(t) for t in known}, key=len, reverse=True)
+        marker = next((t for t in special if t and after.startswith(t)), None)
+        cache[key] = marker if marker is not None else (after.split()[0] if after else "")
+    return cache[key]
 
 
 def get_template(name: str) -> FormatTemplate | TokenizerTemplate:

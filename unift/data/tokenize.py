@@ -10,16 +10,53 @@ Plain-text conversations (one "text" message) are trained whole, followed by EOS
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
-from unift.data.templates import TRAINED_ROLES, Message
+from unift.data.templates import TRAINED_ROLES, Message, end_of_turn
 from unift.errors import UniftError
 
 IGNORE_INDEX = -100
+TRUNCATION = ("drop", "keep")  # what to do with an answer that alone exceeds --cutoff_len
+_CONTEXT_CHARS = 32  # text before a piece that SentencePiece-style tokenizers see while encoding it
+
+_PREFIXING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def _raw(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def adds_prefix_space(tokenizer) -> bool:
+    """Whether the tokenizer puts a space marker before text it starts on (SentencePiece's dummy prefix:
+    Llama 2, InternLM, Baichuan). Such tokenizers must encode a piece in the context of the text before it,
+    or each piece would start with an extra "▁"."""
+    if tokenizer not in _PREFIXING:
+        tokens = tokenizer.convert_ids_to_tokens(_raw(tokenizer, "a"))
+        _PREFIXING[tokenizer] = bool(tokens) and tokens[0][:1] in ("▁", "Ġ")
+    return _PREFIXING[tokenizer]
+
+
+def bos_to_add(tokenizer) -> int | None:
+    """The BOS id when the tokenizer itself starts every text with it (Llama 2 and other SentencePiece
+    models), so conversations rendered without it (alpaca, vicuna, chatml, ...) still get it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if with_special[:1] == [bos] and _raw(tokenizer, "a")[:1] != [bos] else None
+
+
+def _ids(tokenizer, text: str, before: str = "") -> list[int]:
+    """Token ids of `text` as they are inside the whole rendering, where `before` precedes it."""
+    if not text:
+        return []
+    if before and adds_prefix_space(tokenizer):
+        context = before[-_CONTEXT_CHARS:]
+        head, joined = _raw(tokenizer, context), _raw(tokenizer, context + text)
+        if joined[: len(head)] == head:
+            return joined[len(head):]
+    return _raw(tokenizer, text)
 
 
 def is_text(messages: list[Message]) -> bool:
@@ -34,9 +71,13 @@ def _not_prefix(template) -> UniftError:
 
 
 def _pieces(messages: list[Message], template, tokenizer) -> tuple[list[tuple[str, bool]], str]:
-    """(text, is_answer) pieces up to the end of the last trained turn, and that rendered text."""
+    """(text, is_answer) pieces up to the end of the last trained turn, and that rendered text.
+
+    Where the template ends an answer with nothing (GLM-4's own chat template), EOS is appended to the
+    answer piece, so the model learns to stop."""
     pieces: list[tuple[str, bool]] = []
     done = ""
+    eos = "" if end_of_turn(template, tokenizer) else (getattr(tokenizer, "eos_token", None) or "")
     for i, message in enumerate(messages):
         if message["role"] not in TRAINED_ROLES:
             continue
@@ -44,7 +85,7 @@ def _pieces(messages: list[Message], template, tokenizer) -> tuple[list[tuple[st
         full = template.render(messages[: i + 1], add_generation_prompt=False, tokenizer=tokenizer)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise _not_prefix(template)
-        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        pieces += [(prompt[len(done):], False), (full[len(prompt):] + eos, True)]
         done = full
     return pieces, done
 
@@ -56,25 +97,58 @@ def segments(messages: list[Message], template, tokenizer) -> list[tuple[str, bo
     return _pieces(messages, template, tokenizer)[0]
 
 
+def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer) -> list[tuple[list[int], bool]]:
+    """Each piece's ids in the context of the text before it, BOS first where the tokenizer expects it."""
+    encoded: list[tuple[list[int], bool]] = []
+    before = ""
+    for text, is_answer in pieces:
+        encoded.append((_ids(tokenizer, text, before), is_answer))
+        before += text
+    bos = bos_to_add(tokenizer)
+    first = next((ids for ids, _ in encoded if ids), [])
+    if bos is not None and first[:1] != [bos]:
+        encoded.insert(0, ([bos], False))
+    return encoded
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
+    truncated: bool  # the prompt or earlier turns were cut to fit --cutoff_len
     length: int = 0  # tokens before the cutoff
+    long_answer: bool = False  # the last answer alone exceeds --cutoff_len (dropped, or kept cut)
 
 
 def encode_conversation(
-    messages: list[Message], template, tokenizer, cutoff_len: int, train_on_prompt: bool = False
+    messages: list[Message], template, tokenizer, cutoff_len: int, train_on_prompt: bool = False,
+    truncation: str = "drop",
 ) -> Encoded:
+    """input_ids and labels. Too long: the prompt and earlier turns are cut from the front, so the last
+    answer keeps its end-of-turn token. An answer that alone exceeds the cutoff is dropped (its labels all
+    masked, so the row is left out) or, with truncation="keep", trained cut at the end (without an end)."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, is_answer in segments(messages, template, tokenizer):
-        ids = _ids(tokenizer, text)
+    answer = 0  # tokens of the last trained turn (the last piece)
+    for ids, is_answer in _encode_pieces(segments(messages, template, tokenizer), tokenizer):
         input_ids += ids
         labels += ids if (is_answer or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+        answer = len(ids) if is_answer else answer
     length = len(input_ids)
-    return Encoded(input_ids[:cutoff_len], labels[:cutoff_len], length > cutoff_len, length)
+    if length <= cutoff_len:
+        return Encoded(input_ids, labels, False, length)
+    if is_text(messages):  # continued pre-training: no prompt to give up, the text is cut at the end
+        return Encoded(input_ids[:cutoff_len], labels[:cutoff_len], True, length)
+    bos = bos_to_add(tokenizer)
+    keep_bos = bos is not None and input_ids[:1] == [bos]
+    if answer + int(keep_bos) >= cutoff_len:
+        cut_ids, cut_labels = input_ids[:cutoff_len], labels[:cutoff_len]
+        if truncation != "keep":
+            cut_labels = [IGNORE_INDEX] * len(cut_labels)
+        return Encoded(cut_ids, cut_labels, False, length, long_answer=True)
+    tail = cutoff_len - int(keep_bos)
+    head_ids, head_labels = ([bos], [IGNORE_INDEX]) if keep_bos else ([], [])
+    return Encoded(head_ids + input_ids[-tail:], head_labels + labels[-tail:], True, length)
 
 
 def encode_prompt(messages: list[Message], template, tokenizer) -> list[int]:
@@ -85,23 +159,25 @@ def encode_prompt(messages: list[Message], template, tokenizer) -> list[int]:
     if not prompt.startswith(done):
         raise _not_prefix(template)
     ids: list[int] = []
-    for text, _ in pieces:
-        ids += _ids(tokenizer, text)
-    return ids + _ids(tokenizer, prompt[len(done):])
+    for piece_ids, _ in _encode_pieces([*pieces, (prompt[len(done):], False)], tokenizer):
+        ids += piece_ids
+    return ids
 
 
 def tokenize_conversations(
-    conversations: list[list[Message]], template, tokenizer, cutoff_len: int, train_on_prompt: bool = False
+    conversations: list[list[Message]], template, tokenizer, cutoff_len: int, train_on_prompt: bool = False,
+    truncation: str = "drop",
 ) -> tuple[list[dict], dict]:
-    """Encode all conversations; drop those whose answer was cut off entirely. Returns rows and stats."""
-    rows, truncated, dropped = [], 0, 0
+    """Encode all conversations; drop those left without an answer token. Returns rows and stats."""
+    rows, truncated, dropped, long_answers = [], 0, 0, 0
     for messages in conversations:
-        enc = encode_conversation(messages, template, tokenizer, cutoff_len, train_on_prompt)
+        enc = encode_conversation(messages, template, tokenizer, cutoff_len, train_on_prompt, truncation)
         truncated += enc.truncated
+        long_answers += enc.long_answer
         if all(label == IGNORE_INDEX for label in enc.labels):
             dropped += 1
             continue
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     if not rows:
         raise UniftError(f"no example has an answer token within --cutoff_len {cutoff_len}; raise it")
-    return rows, {"examples": len(rows), "truncated": truncated, "dropped": dropped}
+    return rows, {"examples": len(rows), "truncated": truncated, "dropped": dropped, "long_answers": long_answers}
