@@ -172,7 +172,8 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         if row is None or not show:
             continue
         size = len(row["input_ids"])
-        cut = f", cut from {row['length']}" if row["length"] > size else ""
+        where = "at the end: its answer alone is too long" if row.get("long_answer") else "at the front"
+        cut = f", cut from {row['length']} {where}" if row["length"] > size else ""
         w(f"\nfirst example of {source['name']} ({size} tokens{cut}; trained text {legend}, the rest masked):\n")
         w(marked(row["input_ids"], row["labels"], tokenizer, color) + "\n")
     return figures
