@@ -41,6 +41,8 @@ def variants(embedded_dir, tmp_path_factory):
 def engine_for(tiny_model, tokenizer_dir, template: str) -> Engine:
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
     tokenizer = load_tokenizer(str(tokenizer_dir), padding_side="left")
+    # As in a real checkpoint, the generation config stops on the tokenizer's EOS (and nothing else).
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     return Engine(model, tokenizer, TEMPLATES[template])
 
 
