@@ -63,6 +63,10 @@ class TrainingForward:
     @classmethod
     def supported(cls, model: nn.Module) -> str:
         """'' if the label-only loss can stand in for this model's own, else why not."""
+        if not type(model).__module__.startswith("transformers."):
+            # Its backbone's outputs and its handling of packed rows (cu_seq_lens) are unknown: a packed row
+            # would silently attend across examples.
+            return "it runs its own modelling code (--trust_remote_code)"
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if not isinstance(head, nn.Linear):
             return "its output layer is not a plain linear layer"

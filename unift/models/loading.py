@@ -125,6 +125,9 @@ def load_model(
         raise UniftError(f"cannot load {path} as {spec.name}: {first_line(err)}{hint}") from err
     except OSError as err:
         raise UniftError(f"cannot load a model from {path}: {first_line(err)}") from err
+    if config.model_type == "llama":
+        for key, value in spec.config_overrides:  # InternLM 1 converted to llama: its projections have biases
+            setattr(config, key, value)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or default_dtype()}
     if quantization_bit:
         kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32, quant_storage)

@@ -25,6 +25,9 @@ class ModelSpec:
     # How packed (padding-free) rows keep their examples apart: "position_ids" (restarting positions; the
     # family's causal mask follows them), "alibi_blocks" (Bloom), or "" (not supported: batches are padded).
     packing: str = "position_ids"
+    # Set on copies made for a checkpoint whose module names differ (unift.peft.targets.spec_from_model):
+    attention_output: str = ""  # the attention output projection, when its name is not a known one
+    found_in_model: bool = False  # targets and roles were read from the loaded model
 
 
 MODELS: dict[str, ModelSpec] = {}

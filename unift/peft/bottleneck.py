@@ -323,7 +323,8 @@ ATTENTION_OUTPUTS = ("o_proj", "dense", "out_proj", "c_proj", "wo")
 
 def attention_inputs(spec: Any) -> list[str]:
     """The attention projections that read the hidden states (q/k/v or a fused qkv), not the output one."""
-    return [t for t in spec.attention_targets if t not in ATTENTION_OUTPUTS]
+    outputs = (*ATTENTION_OUTPUTS, getattr(spec, "attention_output", ""))
+    return [t for t in spec.attention_targets if t not in outputs]
 
 
 class BottleneckModel(BaseTuner):

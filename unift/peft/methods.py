@@ -12,6 +12,7 @@ from unift.errors import UniftError
 from unift.models.registry import ModelSpec
 from unift.peft.bottleneck import attention_inputs, default_targets
 from unift.peft.registry import MethodSpec, register_method, target_modules
+from unift.peft.targets import require_roles
 
 LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 QUANT_OPTIONS = ("quantization_bit", "load_in_8bit")
@@ -179,6 +180,8 @@ def ia3_targets(spec: ModelSpec) -> tuple[list[str], list[str]]:
 def _ia3_config(options: Any, spec: ModelSpec):
     from peft import IA3Config
 
+    if not options.lora_target_modules:
+        require_roles(spec, "ia3", ("attention_targets", "mlp_output"))
     default, feedforward = ia3_targets(spec)
     targets = target_modules(options, spec, tuple(default))
     feedforward = [t for t in targets if t in feedforward]
@@ -238,9 +241,15 @@ register_method(MethodSpec(
 
 # ---- bottleneck adapters (our plugin) -----------------------------------------------------------------
 
+PLACEMENT_ROLES = {"houlsby": ("mlp_targets",), "pfeiffer": ("mlp_output",), "parallel": ("attention_targets",)}
+
+
 def _adapters_config(options: Any, spec: ModelSpec):
     from unift.peft.bottleneck import BottleneckConfig
 
+    if not options.lora_target_modules:
+        require_roles(spec, f"adapters --adapter_type {options.adapter_type}",
+                      PLACEMENT_ROLES.get(options.adapter_type, ()))
     try:
         return BottleneckConfig(
             task_type=_causal_lm(),

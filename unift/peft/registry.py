@@ -163,6 +163,10 @@ def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(getattr(options, "gradient_checkpointing", False))
         )
+    if not method.prompt_learning and not getattr(options, "lora_target_modules", None):
+        from unift.peft.targets import spec_from_model
+
+        spec = spec_from_model(spec, model)  # the family's names, or the checkpoint's own linear layers
     config = method.build(options, spec)
     try:
         wrapped = get_peft_model(model, config)
