@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-dev demo train eval test lint bench clean-venv
+.PHONY: install install-dev demo train eval test lint bench gpu-check clean-venv
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ lint: install-dev
 
 bench: install
 	$(BIN)/python bench/train_throughput.py
+
+# On a CUDA machine: LoRA and QLoRA train -> generate -> merge -> predict, peak GPU memory and tokens/s.
+gpu-check: install
+	PYTHON=$(BIN)/python bench/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

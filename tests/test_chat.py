@@ -15,7 +15,7 @@ import termios
 import time
 
 import pytest
-from after_training_helpers import PYTHON, REPO, env, trained_run
+from after_training_helpers import PYTHON, REPO, env, run_folder, trained_run
 
 from unift.chat import chat_loop
 from unift.inference import GenerationSettings
@@ -98,6 +98,23 @@ def test_history_is_fed_back_and_reset_forgets_it(monkeypatch):
     text = out.getvalue()
     assert "commands:" in text and "(conversation cleared)" in text and "unknown command /nope" in text
     assert "Bot> answer 1\n" in text  # the leading space of the first piece is dropped
+
+
+def test_base_switch_changes_the_answer_of_an_adapter_that_changes_it(monkeypatch, tiny_model, tmp_path):
+    from unift.inference import Engine
+
+    engine = Engine.load(str(run_folder(tiny_model("llama"), tmp_path / "run", "lora")))
+    settings = GenerationSettings(max_new_tokens=6)
+    question = [{"role": "user", "content": "What is 2 plus 3?"}]
+    tuned, base = (engine.generate([question], settings, adapter=a)[0].text for a in (True, False))
+    assert tuned != base
+    lines = iter(["What is 2 plus 3?", "/reset", "/base", "What is 2 plus 3?", "/reset", "/tuned",
+                  "What is 2 plus 3?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out = io.StringIO()
+    chat_loop(engine, settings, stdin=FakeTTY(), out=out)
+    answers = [line.removeprefix("Bot> ").strip() for line in out.getvalue().splitlines() if line.startswith("Bot> ")]
+    assert answers == [tuned, base, tuned]
 
 
 # ---- the real command in a pseudo-terminal ---------------------------------------------------------------

@@ -66,12 +66,21 @@ def test_math_of_each_variant():
 
 
 def test_branch_runs_in_fp32_under_bf16_autocast():
-    base = nn.Linear(8, 8)
-    layer = Linear(base, "default", BottleneckConfig(adapter_type="parallel", bottleneck_size=4))
-    x = torch.randn(2, 8)
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64)
+    layer = Linear(base, "default", BottleneckConfig(adapter_type="parallel", bottleneck_size=16))
+    with torch.no_grad():  # weights of a trained size, so bf16 rounding would show in the result
+        for weights in (layer.bottleneck_down["default"].weight, layer.bottleneck_up["default"].weight):
+            weights.normal_(0, 0.5)
+    x = torch.randn(4, 64)
+    reference = layer.branch("default", x)  # no autocast: fp32 throughout
     with torch.autocast("cpu", dtype=torch.bfloat16):
         branch = layer.branch("default", x)
-    assert branch.dtype == torch.float32  # the input dtype: the adapter itself was not autocast to bf16
+        # What the same layers give when autocast is left on: far from the fp32 reference.
+        down, up = layer.bottleneck_down["default"], layer.bottleneck_up["default"]
+        autocast = up(layer.bottleneck_act["default"](down(x))).float() * layer.scale("default")
+    assert (autocast - reference).abs().max() > 1e-3
+    torch.testing.assert_close(branch, reference, atol=1e-6, rtol=1e-6)
     assert layer.bottleneck_down["default"].weight.dtype == torch.float32
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from after_training_helpers import free_port, trained_run
+from after_training_helpers import free_port, run_folder
 
 from unift.inference import PRESETS, GenerationSettings
 
@@ -22,10 +22,12 @@ QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
+def engine(tiny_model, tmp_path_factory):
     from unift.inference import Engine
 
-    return Engine.load(str(trained_run(tiny_model("llama"))))
+    # An adapter moved well away from the identity, so that "run" and "run:base" answer differently (the
+    # 2-step trained run's adapter leaves the greedy answers of the tiny model unchanged).
+    return Engine.load(str(run_folder(tiny_model("llama"), tmp_path_factory.mktemp("serve") / "run", "lora")))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,13 @@ def test_chat_completion_plain_and_streaming(client, engine):
 
 def test_base_model_id_switches_the_adapter_off(client, engine):
     reply = client.chat.completions.create(model="run:base", messages=QUESTION, max_tokens=5, temperature=0)
-    assert reply.choices[0].message.content == engine.generate([QUESTION], GREEDY5, adapter=False)[0].text
+    base = engine.generate([QUESTION], GREEDY5, adapter=False)[0].text
+    assert reply.choices[0].message.content == base
+    tuned = client.chat.completions.create(model="run", messages=QUESTION, max_tokens=5, temperature=0)
+    assert tuned.choices[0].message.content == engine.generate([QUESTION], GREEDY5)[0].text != base
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="run:base", messages=QUESTION, max_tokens=5, temperature=0, stream=True) if c.choices)
+    assert streamed == base
 
 
 def test_completions_plain_and_streaming_with_stop(client, engine):

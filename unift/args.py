@@ -131,6 +131,8 @@ class TrainArgs:
     size: str | None = opt(None, "model size label, informational (the original toolkit's --size)", group="model")
     template: str | None = opt(None, "prompt template (default: the family's; 'auto' = tokenizer's)", group="model")
     trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
+    device: str = opt("auto", "where training runs: auto (the first GPU, else the CPU), cpu, cuda or mps; pick "
+                      "a GPU with CUDA_VISIBLE_DEVICES", group="model")
     quantization_bit: int | None = opt(None, "load the base in 4 or 8 bits (bitsandbytes)", group="model",
                                        choices=(4, 8))
     compute_dtype: str = opt("auto", "compute dtype: auto (bf16 where the CPU/GPU supports it), fp32, bf16, fp16",

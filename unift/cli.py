@@ -20,6 +20,7 @@ from unift.args import (
     load_yaml_defaults,
     parse_into,
 )
+from unift.devices import DEVICE_HELP
 from unift.errors import UniftError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
@@ -65,6 +66,7 @@ def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = Fa
     group.add_argument("--trust_remote_code", action="store_true", default=None,
                        help="allow modelling code shipped with the checkpoint")
     group.add_argument("--size", help="informational, accepted for the original toolkit's commands")
+    group.add_argument("--device", default="auto", help=f"where the model runs: {DEVICE_HELP}")
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
@@ -102,7 +104,7 @@ def load_engine(ns: argparse.Namespace):
 
     return Engine.load(ns.adapter_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
                        template=ns.template, trust_remote_code=ns.trust_remote_code,
-                       dtype=parse_dtype(getattr(ns, "dtype", None)))
+                       dtype=parse_dtype(getattr(ns, "dtype", None)), device=ns.device)
 
 
 def decoding(ns: argparse.Namespace):
@@ -199,7 +201,7 @@ def run_merge(ns: argparse.Namespace) -> None:
 
     merge(ns.adapter_dir, ns.merged_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
           compute_dtype=ns.compute_dtype, trust_remote_code=ns.trust_remote_code, overwrite=ns.overwrite,
-          export=ns.export)
+          export=ns.export, device=ns.device)
 
 
 command("merge", "fold the adapter into the base model (merge.py)", build_merge, run_merge)
@@ -259,7 +261,8 @@ def run_eval(ns: argparse.Namespace) -> None:
 
     evaluate(ns.adapter_dir, ns.data, compare_base=ns.compare_base, max_samples=ns.max_samples,
              max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, show=ns.show,
-             base_model=ns.model_name_or_path, model_type=ns.model_type, dataset_dir=ns.dataset_dir)
+             base_model=ns.model_name_or_path, model_type=ns.model_type, dataset_dir=ns.dataset_dir,
+             device=ns.device)
 
 
 command("eval", "exact match on a held-out split, optionally beside the base model", build_eval, run_eval)

@@ -55,9 +55,9 @@ def exact_match(
 def evaluate(
     adapter_dir: str | None, data: list[str], *, compare_base: bool = False, max_samples: int | None = None,
     max_new_tokens: int = 32, batch_size: int = 16, show: int = 3, base_model: str | None = None,
-    model_type: str | None = None, dataset_dir: str | None = None,
+    model_type: str | None = None, dataset_dir: str | None = None, device: str | None = None,
 ) -> list[EvalResult]:
-    engine = Engine.load(adapter_dir, base_model=base_model, model_type=model_type)
+    engine = Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device)
     conversations = load_conversations(data, Path(dataset_dir) if dataset_dir else None)[:max_samples]
     settings = replace(PRESETS["greedy"], max_new_tokens=max_new_tokens)
     results = []

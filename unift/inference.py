@@ -112,9 +112,13 @@ class Engine:
         template: str | None = None,
         trust_remote_code: bool | None = None,
         dtype: torch.dtype | None = None,
+        device: str | None = None,
     ) -> Engine:
         """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
-        embedded model."""
+        embedded model, placed on --device (default: the first GPU, else the CPU) in that device's dtype
+        unless `dtype` is given."""
+        from unift.devices import device_map_for, dtype_for, resolve_device
+
         card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
                          template=template) if adapter_dir else None
         if card:
@@ -135,8 +139,11 @@ class Engine:
         bits = card.quantization_bit if card else None
         # A quantized base is rebuilt exactly as training built it: quantized from the compute dtype.
         compute = torch_dtype(card.compute_dtype) if bits else torch.float32
+        placed_on = resolve_device(device)
+        dtype = dtype or dtype_for(placed_on)
+        placement = {"": placed_on} if bits else device_map_for(placed_on, path, dtype)
         model = load_model(path, spec, quantization_bit=bits, compute_dtype=compute,
-                           dtype=dtype, trust_remote_code=trust)
+                           dtype=dtype, trust_remote_code=trust, device_map=placement)
         if bits:
             upcast_unquantized(model)
         if card:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from unift.devices import device_map_for, resolve_device
 from unift.errors import UniftError
 from unift.inference import MERGED_CARD
 from unift.models import get_model_spec, load_model, load_tokenizer
@@ -153,6 +154,7 @@ def merge(
     trust_remote_code: bool | None = None,
     overwrite: bool = False,
     export: str | None = None,
+    device: str | None = None,
 ) -> Path:
     """Fold the adapter of a run folder into its base; write `merged_dir`; return it."""
     from peft import PeftConfig
@@ -180,7 +182,10 @@ def merge(
     tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust)
     template = resolve_template(card.template, spec.template, tokenizer)
     # Merge in fp32 whatever the saved dtype, so the sum W + ΔW is not rounded twice.
-    base = load_model(path, spec, dtype=torch.float32, trust_remote_code=trust)
+    # On a GPU when the fp32 weights fit on one, else on the CPU (a model spread over devices is not merged).
+    placement = device_map_for(resolve_device(device), path, torch.float32)
+    base = load_model(path, spec, dtype=torch.float32, trust_remote_code=trust,
+                      device_map=None if placement == "auto" else placement)
     saved_dtype = _target_dtype(compute_dtype, card, path, trust)
     base_keys = set(base.state_dict())
     if card.quantization_bit:
@@ -189,7 +194,7 @@ def merge(
     model = load_adapter(base, adapter_dir)
     model.eval()
     probe = tokenizer(template.render(PROBE, add_generation_prompt=True, tokenizer=tokenizer),
-                      add_special_tokens=False, return_tensors="pt")["input_ids"]
+                      add_special_tokens=False, return_tensors="pt")["input_ids"].to(base.device)
     before = _probe_logits(model, probe)
     if export and export != "gguf":
         raise UniftError(f"--export {export!r}: only gguf is supported")
@@ -217,6 +222,7 @@ def merge(
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     install_chat_template(tokenizer, template)
+    stop_on_end_of_turn(merged, tokenizer, template)
     tokenizer.padding_side = "left"  # what batched generation with a causal LM wants
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +250,20 @@ def merge(
     elif export:
         raise UniftError(f"--export {export!r}: only gguf is supported")
     return out
+
+
+def stop_on_end_of_turn(model, tokenizer, template) -> None:
+    """Tools that read only the merged folder (transformers, vLLM) stop where the template ends a turn."""
+    from unift.data.templates import end_of_turn
+
+    marker = end_of_turn(template, tokenizer)
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    if len(ids) != 1 or model.generation_config is None:
+        return
+    current = model.generation_config.eos_token_id
+    current = [] if current is None else [current] if isinstance(current, int) else list(current)
+    if ids[0] not in current:
+        model.generation_config.eos_token_id = [*current, ids[0]] if current else ids[0]
 
 
 def _target_dtype(compute_dtype: str | None, card: RunCard, path: str, trust: bool) -> torch.dtype:

@@ -26,13 +26,14 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_compute_dtype(name: str) -> str:
+def resolve_compute_dtype(name: str, device: str | None = None) -> str:
     """'auto' -> bf16 where the hardware runs it fast, else fp16 on GPU / fp32 on CPU."""
+    on_gpu = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if name != "auto":
-        if name == "fp16" and not torch.cuda.is_available():
+        if name == "fp16" and not on_gpu:
             raise UniftError("--compute_dtype fp16 needs a GPU; on CPU use bf16 or fp32")
         return name
-    if torch.cuda.is_available():
+    if on_gpu:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_bf16() else "fp32"
 

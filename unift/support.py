@@ -70,7 +70,9 @@ def support_table() -> str:
         _matrix_table()
         + "\n\nyes = trained, saved, reloaded to identical logits and generated with the KV cache by "
         "tests/test_peft_matrix.py on a tiny model of that family's native transformers class. Checkpoints "
-        f"that need --trust_remote_code run their own modelling code, which these tests do not cover ({remote}).\n\n"
+        f"that need --trust_remote_code run their own modelling code ({remote}); tests/test_remote_code.py "
+        "trains, reloads, generates with the KV cache and merges LoRA through a tiny ChatGLM-style model of "
+        "that kind, with the targets found in the model (every linear layer but the output head).\n\n"
         + _methods_table()
     )
 

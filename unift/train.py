@@ -25,6 +25,7 @@ from unift.checkpoints import (
 )
 from unift.data import DataOptions, build_datasets, load_sources, resolve_template
 from unift.data.collate import PackingCollator, PaddingCollator, batch_tokens
+from unift.devices import training_device
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path
@@ -72,8 +73,9 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
-    dtype = resolve_compute_dtype(args.compute_dtype)
-    on_gpu = torch.cuda.is_available()
+    device = ready["device"]
+    dtype = resolve_compute_dtype(args.compute_dtype, device)
+    on_gpu = device != "cpu"
     save_strategy = "steps" if args.save_steps else "epoch"
     has_val = len(ready["val"]) > 0
     targs = TrainingArguments(
@@ -193,7 +195,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     resume = resolve_resume(args)
     ready = prepare(args)
     spec, method = ready["spec"], ready["method"]
-    dtype = resolve_compute_dtype(args.compute_dtype)
+    ready["device"] = device = training_device(args.device)
+    dtype = resolve_compute_dtype(args.compute_dtype, device)
     bits = method.quantization_bit or args.quantization_bit
     ready["quantization_bit"] = bits
     wanted = parse_optimizations(args.optimizations)
@@ -201,13 +204,14 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         ready["path"], spec, quantization_bit=bits, compute_dtype=torch_dtype(dtype),
         dtype=frozen_base_dtype(wanted, torch_dtype(dtype), bool(bits)), trust_remote_code=args.trust_remote_code,
         quant_storage=torch_dtype(dtype) if bits == 4 and sharded_quantized_storage(args) else None,
+        device_map={"": "cpu"} if bits and device == "cpu" else None,  # else the process's own GPU
     )
     model.config.use_cache = False
     base_dtype = dtype_name(model.dtype)
     # Methods may need the schedule length (AdaLoRA's total_step); the options carry it beside the flags.
     options = SimpleNamespace(**asdict(args), total_steps=total_optimizer_steps(args, len(ready["train"])))
     model = wrap_model(model, method, options, spec)
-    accel = prepare_training(model, spec, method, wanted, device="cuda" if torch.cuda.is_available() else "cpu",
+    accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
                              compute=torch_dtype(dtype), padding_free_asked=args.padding_free)
     trainable, total = model.get_nb_trainable_parameters()
     stats = ready["stats"]
