@@ -27,6 +27,8 @@ STEPS = 4
 # Methods that start as (or near) the identity and move slowly get a larger step so 4 steps show a fall.
 LEARNING_RATE = {"ia3": 5e-2, "vera": 5e-2, "prompt": 5e-2, "prefix": 3e-2, "adalora": 3e-2}
 IDS = torch.tensor([[1, 2, 3, 4, 5, 6]])
+PROMPTS = [[{"role": "user", "content": "What is the code word number 3?"}], [{"role": "user", "content": "Hi"}],
+           [{"role": "user", "content": "Say the code word number 5, then the code word number 6, please."}]]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -79,9 +81,15 @@ def check_generation(engine: Engine) -> None:
     full = forward_logits(engine.model, out.sequences)[:, IDS.shape[1] - 1:-1]
     cached = torch.stack(out.logits, dim=1)
     assert torch.allclose(cached, full, atol=1e-3, rtol=1e-4), (cached - full).abs().max()
-    prompts = [[{"role": "user", "content": "What is the code word number 3?"}], [{"role": "user", "content": "Hi"}]]
-    completions = engine.generate(prompts, GenerationSettings(max_new_tokens=3), batch_size=2)
-    assert len(completions) == 2 and all(c.completion_tokens >= 1 for c in completions)
+    # Batched with left padding (prompts of different lengths) = one by one, token for token: prompt-learning
+    # methods put their virtual tokens before the padding, the classic place for this to break.
+    settings = GenerationSettings(max_new_tokens=5)
+    batched = engine.generate(PROMPTS, settings, batch_size=len(PROMPTS))
+    alone = [engine.generate([prompt], settings)[0] for prompt in PROMPTS]
+    assert [(c.text, c.completion_tokens) for c in batched] == [(c.text, c.completion_tokens) for c in alone]
+    assert all(c.completion_tokens >= 1 for c in batched)
+    streams = [engine.open_stream(prompt, settings) for prompt in PROMPTS]  # batched by the scheduler
+    assert ["".join(stream).strip() for stream in streams] == [c.text for c in alone]
 
 
 @pytest.mark.parametrize(("model_type", "peft_type"), WORKS, ids=[f"{m}-{p}" for m, p in WORKS])

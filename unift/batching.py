@@ -231,10 +231,11 @@ class Scheduler:
                 return []
             first = self._waiting.popleft()
             batch = [first]
+            same_length = self.engine.equal_lengths(first.adapter)  # see Engine.equal_lengths
             for request in list(self._waiting):
                 if len(batch) >= self.max_batch:
                     break
-                if request.key() == first.key():
+                if request.key() == first.key() and (not same_length or len(request.ids) == len(first.ids)):
                     self._waiting.remove(request)
                     batch.append(request)
             self.stats["batches"] += 1

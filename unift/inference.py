@@ -101,6 +101,8 @@ class Engine:
         self._adapter_default = True  # flipped by base_only()
         self.scheduler = Scheduler(self, max_batch)  # streamed answers, batched across concurrent requests
         self.merged = False  # the adapter folded into the weights in memory (see merge_in_memory)
+        config = getattr(model, "peft_config", {}).get("default")
+        self._virtual_tokens_first = str(getattr(config, "peft_type", "")).endswith(("PROMPT_TUNING", "P_TUNING"))
 
     @classmethod
     def load(
@@ -262,12 +264,24 @@ class Engine:
         batch_size: int = 8, *, adapter: bool | None = None, max_prompt_tokens: int | None = None,
     ) -> list[Completion]:
         """Answers for many prompts, batched with left padding, in the order given."""
-        results: list[Completion] = []
-        for start in range(0, len(conversations), batch_size):
-            batch = conversations[start:start + batch_size]
-            results += self._generate_batch([self.prompt_ids(p, max_prompt_tokens) for p in batch],
-                                            settings, adapter)
-        return results
+        encoded = [self.prompt_ids(p, max_prompt_tokens) for p in conversations]
+        groups: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):  # one group, or one per prompt length (see equal_lengths)
+            groups.setdefault(len(ids) if self.equal_lengths(adapter) else 0, []).append(i)
+        results: list[Completion | None] = [None] * len(encoded)
+        for group in groups.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                for i, done in zip(chunk, self._generate_batch([encoded[i] for i in chunk], settings, adapter)):
+                    results[i] = done
+        return results  # type: ignore[return-value]
+
+    def equal_lengths(self, adapter: bool | None) -> bool:
+        """Whether rows must share a length to be batched: prompt and p-tuning put their virtual tokens in
+        front of the left padding and peft drops position ids, so a padded row would see its prompt at
+        shifted positions and answer differently than alone."""
+        enabled = self._adapter_default if adapter is None else adapter
+        return bool(enabled and self.has_adapter and self._virtual_tokens_first)
 
     def _generate_batch(self, encoded: list[list[int]], settings: GenerationSettings,
                         adapter: bool | None) -> list[Completion]:
