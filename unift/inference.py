@@ -21,6 +21,7 @@ import torch
 from unift.batching import Scheduler, TextStream, truncate_at_stop
 from unift.data import Message, encode_prompt, get_template, resolve_template
 from unift.data.templates import end_of_turn
+from unift.data.tokenize import bos_to_add
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path, upcast_unquantized
@@ -253,7 +254,10 @@ class Engine:
         if not ids:
             raise UniftError("the prompt is empty")
         if max_prompt_tokens and len(ids) > max_prompt_tokens:
-            ids = ids[-max_prompt_tokens:]  # keep the end: the question and the assistant header
+            # keep the end (the question and the assistant header), and BOS where the tokenizer adds it
+            bos = bos_to_add(self.tokenizer) if ids[0] == self.tokenizer.bos_token_id else None
+            keep_bos = bos is not None and max_prompt_tokens > 1
+            ids = [bos, *ids[-(max_prompt_tokens - 1):]] if keep_bos else ids[-max_prompt_tokens:]
         return ids
 
     # ---- batched generation --------------------------------------------------------------------------
