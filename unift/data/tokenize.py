@@ -21,6 +21,7 @@ TRUNCATION = ("drop", "keep")  # what to do with an answer that alone exceeds --
 _CONTEXT_CHARS = 32  # text before a piece that SentencePiece-style tokenizers see while encoding it
 
 _PREFIXING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _raw(tokenizer, text: str) -> list[int]:
@@ -43,8 +44,11 @@ def bos_to_add(tokenizer) -> int | None:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return None
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if with_special[:1] == [bos] and _raw(tokenizer, "a")[:1] != [bos] else None
+    known = _ADDS_BOS.setdefault(tokenizer, {})
+    if bos not in known:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        known[bos] = with_special[:1] == [bos] and _raw(tokenizer, "a")[:1] != [bos]
+    return bos if known[bos] else None
 
 
 def _ids(tokenizer, text: str, before: str = "") -> list[int]:
