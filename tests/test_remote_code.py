@@ -184,3 +184,16 @@ def test_internlm_config_overrides_apply_when_loading(tmp_path):
     loaded = load_model(str(tmp_path), get_model_spec("internlm"))
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.bias, torch.full((16,), 0.5))
     assert load_model(str(tmp_path), get_model_spec("llama")).model.layers[0].self_attn.q_proj.bias is None
+
+
+def test_partly_matching_defaults_name_the_layers_left_out(caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32))
+    attention = model.model.layers[0].self_attn
+    attention.W_pack = attention.q_proj  # Baichuan's fused q/k/v projection in place of q/k/v_proj
+    del attention.q_proj, attention.k_proj, attention.v_proj
+    with caplog.at_level(logging.WARNING, logger="unift"):
+        assert spec_from_model(get_model_spec("llama"), model) is get_model_spec("llama")
+    assert "q_proj k_proj v_proj match no layer" in caplog.text and "W_pack" in caplog.text

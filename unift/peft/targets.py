@@ -69,9 +69,17 @@ def spec_from_model(spec: ModelSpec, model: Any) -> ModelSpec:
     (and roles) are the model's own linear layers. Says which layers it chose."""
     layers = linear_layers(model)
     names = [n for n, _ in layers]
-    if not names or _matches(names, spec.lora_targets):
-        return spec
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    if not names:
+        return spec
+    if _matches(names, spec.lora_targets):
+        missing = [t for t in spec.lora_targets if t not in leaves]
+        others = [n for n in leaves if n not in spec.lora_targets]
+        if missing and others:  # e.g. Baichuan's fused W_pack where llama has q/k/v_proj
+            log.warning("--model_type %s: default targets %s match no layer of this checkpoint, and its layers %s "
+                        "are not targeted; name them with --lora_target_modules to adapt them", spec.name,
+                        " ".join(missing), " ".join(others))
+        return spec
     roles: dict[str, str] = {}
     modules: dict[str, Any] = {}
     for name, module in layers:
