@@ -74,4 +74,5 @@ def test_data_check_and_the_run_card_count_them(tmp_path, capsys, tiny_model):
                  "fp32", "--lora_r", "2", "--report_to", "none"])
     assert code == 0
     card = json.loads((out_dir / "unift_run.json").read_text())
-    assert card["data_stats"] == {"examples": 5, "truncated": 1, "long_answers": 1, "dropped": 1, "truncation": "drop"}
+    counts = {k: card["data"][k] for k in ("examples", "truncated", "long_answers", "dropped", "truncation")}
+    assert counts == {"examples": 5, "truncated": 1, "long_answers": 1, "dropped": 1, "truncation": "drop"}
