@@ -89,7 +89,9 @@ def check_generation(engine: Engine) -> None:
     assert [(c.text, c.completion_tokens) for c in batched] == [(c.text, c.completion_tokens) for c in alone]
     assert all(c.completion_tokens >= 1 for c in batched)
     streams = [engine.open_stream(prompt, settings) for prompt in PROMPTS]  # batched by the scheduler
-    assert ["".join(stream).strip() for stream in streams] == [c.text for c in alone]
+    streamed = [("".join(stream).strip(), stream.completion_tokens) for stream in streams]
+    # a stream holds back half of a multi-byte character at the end (decoded at once it shows as U+FFFD)
+    assert streamed == [(c.text.rstrip("\ufffd").strip(), c.completion_tokens) for c in alone]
 
 
 @pytest.mark.parametrize(("model_type", "peft_type"), WORKS, ids=[f"{m}-{p}" for m, p in WORKS])
