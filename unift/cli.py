@@ -292,6 +292,26 @@ command("eval", "exact match, perplexity, BLEU/ROUGE-L and multiple-choice exams
         build_eval, run_eval)
 
 
+# ---- experiment --------------------------------------------------------------------------------------
+
+def build_experiment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="experiment YAML (see configs/experiments/)")
+    parser.add_argument("--preset", default="small", help="which of the file's presets (default: small)")
+    parser.add_argument("--output_dir", help="folder of the runs and reports (default: experiments/NAME-PRESET)")
+    parser.add_argument("--runs", nargs="+", help="only these runs (by name)")
+
+
+def run_experiment(ns: argparse.Namespace) -> None:
+    from unift.experiment import run_experiment as run
+
+    command_text = f"unift experiment {ns.file} --preset {ns.preset}" + (f" --runs {' '.join(ns.runs)}" if ns.runs else "")
+    run(ns.file, ns.preset, ns.output_dir, ns.runs, command=command_text)
+
+
+command("experiment", "a sweep of train + eval runs: results table, loss curves, bar chart (resumable)",
+        build_experiment, run_experiment)
+
+
 # ---- list --------------------------------------------------------------------------------------------
 
 def build_list(parser: argparse.ArgumentParser) -> None:
