@@ -198,3 +198,16 @@ def test_exam_picks_the_most_likely_option(tiny, tmp_path):
             costs.append(independent_nll(model, e.input_ids, labels)[0])
         assert picked == LETTERS[costs.index(min(costs))]
     assert result.total == 3 and set(result.as_dict()["subjects"]) == {"astronomy", "心理"}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--exam", "missing.csv"], "unift: error: missing.csv: no such exam file or folder"),
+    (["--extractor", "first_word"], "unift: error: --extractor 'first_word': choose one of"),
+    (["--metrics", "f1"], "unift: error: --metrics: unknown f1; choose from em, ppl, bleu, rouge"),
+])
+def test_eval_bad_flags_fail_in_one_line_before_loading_a_model(capsys, flags, message):
+    from unift.cli import main
+
+    assert main(["eval", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1

@@ -146,8 +146,8 @@ def shot_pool(engine: Engine, options: EvalOptions) -> list[list[Message]]:
     return load_conversations(list(names), Path(options.dataset_dir) if options.dataset_dir else None)
 
 
-def run_evaluation(engine: Engine, options: EvalOptions) -> dict[str, Any]:
-    """Every setup on every task; returns the results document (what eval_results.json holds)."""
+def load_tasks(options: EvalOptions) -> tuple[dict[str, list], dict[str, tuple]]:
+    """Held-out conversations and exam questions, read and checked before any model loads."""
     from unift.evals.exams import load_exam
 
     dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
@@ -160,6 +160,12 @@ def run_evaluation(engine: Engine, options: EvalOptions) -> dict[str, Any]:
         questions = load_exam(options.exam)[:options.max_samples]
         pool = load_exam(options.shots_from) if options.shots_from and options.num_shots else questions
         exams["exam"] = (questions, pool)
+    return tasks, exams
+
+
+def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dict] | None = None) -> dict[str, Any]:
+    """Every setup on every task; returns the results document (what eval_results.json holds)."""
+    tasks, exams = loaded or load_tasks(options)
     pool = shot_pool(engine, options)
     document: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -185,8 +191,9 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
 
     if not options.data and not options.exam:
         raise UniftError("nothing to evaluate: pass --data and/or --exam")
+    loaded = load_tasks(options)  # bad data fails in a second, before the model loads
     engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type)
-    document = run_evaluation(engine, options)
+    document = run_evaluation(engine, options, loaded)
     document["adapter_dir"] = adapter_dir
     dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
     print_examples(document, {n: load_conversations([n], dataset_dir) for n in options.data[:1]}, options.show)
