@@ -91,16 +91,19 @@ def test_perplexity_of_adapter_and_merged_model_agree(tiny_model, tmp_path, caps
                             for c in CONVERSATIONS), encoding="utf-8")
     assert main(["merge", "--adapter_dir", str(run), "--merged_dir", str(tmp_path / "merged")]) == 0
     flags = ["--data", str(data), "--metrics", "ppl", "--show", "0"]
-    assert main(["eval", "--adapter_dir", str(run), "--compare_base", *flags]) == 0
+    assert main(["eval", "--adapter_dir", str(run), "--compare_base", "--num_shots", "1", "--shots_from", str(data),
+                 "--plot", *flags]) == 0
     tuned = json.loads((run / "eval_results.json").read_text())
+    assert (run / "eval_perplexity.png").stat().st_size > 0 and (run / "eval_perplexity_corpus.png").exists()
     assert main(["eval", "--model_name_or_path", str(tmp_path / "merged"), *flags,
                  "--output", str(tmp_path / "merged.json")]) == 0
     merged = json.loads((tmp_path / "merged.json").read_text())
     out = capsys.readouterr().out
     assert "perplexity (mean of per-example)" in out and "perplexity (corpus, per token)" in out
-    assert [r["label"] for r in tuned["setups"]] == ["base 0-shot", "tuned"]
+    assert [r["label"] for r in tuned["setups"]] == ["base 0-shot", "base 1-shot", "tuned"]
     key = str(data)  # results are keyed by the --data entry as given
-    base_ppl, tuned_ppl = (row["tasks"][key]["perplexity"] for row in tuned["setups"])
+    base_ppl, shot_ppl, tuned_ppl = (row["tasks"][key]["perplexity"] for row in tuned["setups"])
+    assert shot_ppl != pytest.approx(base_ppl, rel=1e-3)  # the solved example in context changes the scores
     merged_ppl = merged["setups"][0]["tasks"][key]["perplexity"]
     assert math.isclose(tuned_ppl, merged_ppl, rel_tol=1e-3)
     assert not math.isclose(tuned_ppl, base_ppl, rel_tol=1e-3)

@@ -81,7 +81,9 @@ def check_generation(engine: Engine) -> None:
     assert torch.allclose(cached, full, atol=1e-3, rtol=1e-4), (cached - full).abs().max()
     prompts = [[{"role": "user", "content": "What is the code word number 3?"}], [{"role": "user", "content": "Hi"}]]
     completions = engine.generate(prompts, GenerationSettings(max_new_tokens=3), batch_size=2)
-    assert len(completions) == 2 and all(c.completion_tokens >= 1 for c in completions)
+    # the trained question gets an answer; the untrained "Hi" may end at once (a tiny model may answer EOS)
+    assert len(completions) == 2 and completions[0].completion_tokens >= 1
+    assert all(c.finish_reason == "stop" or c.completion_tokens == 3 for c in completions)
 
 
 @pytest.mark.parametrize(("model_type", "peft_type"), WORKS, ids=[f"{m}-{p}" for m, p in WORKS])
