@@ -55,7 +55,6 @@ def child(method: str, ns: argparse.Namespace) -> dict:
 
     logging.basicConfig(level=logging.WARNING)
     from unift.cli import main
-    from unift.evaluate import evaluate
 
     out = Path(ns.work) / method
     argv = ["train", "--peft_type", method, "--data", "arith", "--max_steps", str(ns.steps),
@@ -69,23 +68,32 @@ def child(method: str, ns: argparse.Namespace) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     curve = [point["loss"] for point in metrics["loss_curve"]]
     tail = curve[-min(5, len(curve)):]  # one batch is noisy: the final loss is the mean of the last 5 steps
-    results = evaluate(str(out), ["arith_test"], max_samples=ns.eval_samples, max_new_tokens=24, show=0)
+    held_out = held_out_figures(str(out), ns)
     return {
         "method": method, "settings": " ".join(SETTINGS.get(method, [])),
         "trainable": metrics["trainable_parameters"], "total": metrics["total_parameters"],
         "tokens_per_second": metrics["tokens_per_second"], "peak_rss_mib": metrics["peak_rss_mib"],
         "first_loss": curve[0], "final_loss": sum(tail) / len(tail),
-        "exact_match": results[-1].exact_match, "eval_total": results[-1].total,
+        **held_out,
         "compute_dtype": metrics.get("compute_dtype"), "train_seconds": metrics["wall_seconds"],
         "seconds": time.perf_counter() - started,
     }
 
 
-def base_exact_match(ns: argparse.Namespace) -> dict:
-    from unift.evaluate import evaluate
+def held_out_figures(run: str | None, ns: argparse.Namespace) -> dict:
+    """Exact match of greedy answers and perplexity of the reference answers on `arith_test`."""
+    from unift.evaluate import EvalOptions, evaluate
 
-    results = evaluate(None, ["arith_test"], max_samples=ns.eval_samples, max_new_tokens=24, show=0)
-    return {"method": "base", "exact_match": results[-1].exact_match, "eval_total": results[-1].total}
+    options = EvalOptions(data=["arith_test"], metrics=("em", "ppl"), max_samples=ns.eval_samples,
+                          max_new_tokens=48, show=0)
+    document = evaluate(run, options, output=str(Path(ns.work) / f"eval-{Path(run or 'base').name}.json"))
+    figures = document["setups"][-1]["tasks"]["arith_test"]
+    return {"exact_match": figures["exact_match"], "eval_total": figures["examples"],
+            "perplexity": figures["perplexity"]}
+
+
+def base_exact_match(ns: argparse.Namespace) -> dict:
+    return {"method": "base", **held_out_figures(None, ns)}
 
 
 def machine(threads: int | None) -> str:
@@ -107,19 +115,19 @@ def table(rows: list[dict], ns: argparse.Namespace, command: str) -> str:
     base = next((r for r in rows if r["method"] == "base"), None)
     lines = [
         "| peft_type | settings | trainable params | tokens/s | peak RSS (MiB) | first loss | final loss* "
-        "| exact match |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| held-out perplexity | exact match |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["method"] == "base":
             continue
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['method']} | {r['error']} | | | | | | | |")
             continue
         share = 100 * r["trainable"] / r["total"]
         lines.append(
             f"| {r['method']} | `{r['settings']}` | {r['trainable']:,} ({share:.2f}%) | {r['tokens_per_second']:.0f} "
-            f"| {r['peak_rss_mib']:.0f} | {r['first_loss']:.3f} | {r['final_loss']:.3f} "
+            f"| {r['peak_rss_mib']:.0f} | {r['first_loss']:.3f} | {r['final_loss']:.3f} | {r['perplexity']:.3f} "
             f"| {100 * r['exact_match']:.0f}% ({round(r['exact_match'] * r['eval_total'])}/{r['eval_total']}) |"
         )
     dtype = next((r.get("compute_dtype") for r in rows if r.get("compute_dtype")), "?")
@@ -129,7 +137,8 @@ def table(rows: list[dict], ns: argparse.Namespace, command: str) -> str:
         f"Measured {date.today().isoformat()} on {machine(getattr(ns, 'threads', None))}; compute dtype {dtype}. Command: `{command}`.",
         f"Each method: {ns.steps} optimizer steps of {ns.batch} `arith` examples (<= 128 tokens, same order and "
         f"seed), unift's defaults otherwise (LoRA family r=8, alpha=16, every linear layer; 20 virtual tokens); "
-        f"exact match = greedy answer on the first {ns.eval_samples} `arith_test` problems."
+        f"exact match = greedy answer on the first {ns.eval_samples} `arith_test` problems; held-out perplexity = "
+        f"mean over those problems of exp(mean NLL of the reference answer's tokens) (`unift eval`)."
         + (f" The untuned base model scores {100 * base['exact_match']:.0f}%." if base else ""),
         "The machine's 2 cores were shared with other work while this ran, so tokens/s are indicative only; "
         "the losses and exact matches do not depend on it. QLoRA's 4-bit base saves little at 135M parameters "

@@ -54,7 +54,8 @@ def test_math_of_each_variant():
     base = nn.Linear(6, 4)
     x = torch.randn(3, 6)
     for kind in ("houlsby", "pfeiffer", "parallel"):
-        layer = Linear(base, "default", BottleneckConfig(adapter_type=kind, bottleneck_size=5, scaling=0.5))
+        layer = Linear(base, "default", BottleneckConfig(adapter_type=kind, bottleneck_size=5, scaling=0.5,
+                                                         init_weights="bert"))
         down, up = layer.bottleneck_down["default"], layer.bottleneck_up["default"]
 
         def branch(h, down=down, up=up):
@@ -63,6 +64,24 @@ def test_math_of_each_variant():
         expected = {"houlsby": lambda: base(x + branch(x)), "pfeiffer": lambda: base(x) + branch(base(x)),
                     "parallel": lambda: base(x) + branch(x)}[kind]()
         assert torch.allclose(layer(x), expected, atol=1e-6), kind
+
+
+@pytest.mark.parametrize("kind", ["houlsby", "pfeiffer", "parallel"])
+def test_default_init_starts_as_the_identity_and_bert_does_not(tiny_model, kind):
+    """mam_adapter (the default) zeroes the up projection: before training the model is the base model.
+    bert draws both projections from N(0, 0.02): the model changes before the first step."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from unift.args import TrainArgs
+
+    folder = tiny_model("llama")
+    base_logits = logits(AutoModelForCausalLM.from_pretrained(folder).eval())
+    assert TrainArgs().adapter_init == "mam_adapter"
+    for init, identity in (("mam_adapter", True), ("bert", False)):
+        config = get_method("adapters").build(options(adapter_type=kind, adapter_init=init), get_model_spec("llama"))
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), config).eval()
+        assert torch.equal(logits(model), base_logits) is identity, init
 
 
 def test_branch_runs_in_fp32_under_bf16_autocast():

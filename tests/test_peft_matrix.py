@@ -87,7 +87,8 @@ def check_generation(engine: Engine) -> None:
     batched = engine.generate(PROMPTS, settings, batch_size=len(PROMPTS))
     alone = [engine.generate([prompt], settings)[0] for prompt in PROMPTS]
     assert [(c.text, c.completion_tokens) for c in batched] == [(c.text, c.completion_tokens) for c in alone]
-    assert all(c.completion_tokens >= 1 for c in batched)
+    # the trained question gets an answer; an untrained one may end at once (a tiny model may answer EOS)
+    assert batched[0].completion_tokens >= 1
     streams = [engine.open_stream(prompt, settings) for prompt in PROMPTS]  # batched by the scheduler
     streamed = [("".join(stream).strip(), stream.completion_tokens) for stream in streams]
     # a stream holds back half of a multi-byte character at the end (decoded at once it shows as U+FFFD)

@@ -172,8 +172,9 @@ class TrainArgs:
     adapter_dropout: float = opt(0.0, "dropout on the adapter input", group="adapters", range=PROBABILITY)
     adapter_scaling: str = opt("1.0", "output scale: a number, or 'learned' (a trained scalar per layer)",
                                group="adapters", check=_check_adapter_scaling)
-    adapter_init: str = opt("bert", "bert (normal 0.02, the original toolkit's) or mam_adapter (starts as "
-                            "the identity)", group="adapters", choices=("bert", "mam_adapter"))
+    adapter_init: str = opt("mam_adapter", "mam_adapter (up projection zero: starts as the identity) or bert "
+                            "(normal 0.02, the original toolkit's default: changes the model before training)",
+                            group="adapters", choices=("bert", "mam_adapter"))
     # data
     data: list[str] = opt(["arith"], "dataset names from dataset_info.json, or paths to files or folders; "
                           "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))

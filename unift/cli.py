@@ -247,25 +247,71 @@ command("serve", "web service: OpenAI-compatible API under /v1 and a chat UI at 
 
 def build_eval(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
-    parser.add_argument("--data", nargs="+", default=["arith_test"], help="held-out data (default: arith_test)")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="held-out conversations, the last answer being the reference (default: arith_test "
+                             "unless --exam is given)")
     parser.add_argument("--dataset_dir", help="folder with dataset_info.json")
+    parser.add_argument("--exam", nargs="+", default=[],
+                        help="multiple-choice exam files or folders (MMCU JSON, C-Eval / CMMLU / MMLU CSV)")
+    parser.add_argument("--metrics", nargs="+", default=["em", "ppl"], help="for --data: em ppl bleu rouge "
+                        "(default: em ppl)")
+    parser.add_argument("--extractor", default="answer",
+                        help="what exact match compares: answer (the Answer:/答案： line, default), last_number, "
+                             "final_line, exact, or regex:PATTERN (its first group)")
     parser.add_argument("--compare_base", action="store_true", help="also score the base model (adapter off)")
+    parser.add_argument("--num_shots", type=bounded(int, NON_NEGATIVE), default=0,
+                        help="also score the base model with this many solved examples in context")
+    parser.add_argument("--shots_from", nargs="+",
+                        help="where the solved examples come from (default: the run's training data; for "
+                             "--exam: the other questions of the same subject)")
+    parser.add_argument("--choice", default="letter", choices=["letter", "text"],
+                        help="exams: score the option letter (default) or the option text")
     parser.add_argument("--max_samples", type=bounded(int, POSITIVE_INT))
     parser.add_argument("--max_new_tokens", type=bounded(int, POSITIVE_INT), default=32)
     parser.add_argument("--batch_size", type=bounded(int, POSITIVE_INT), default=16)
+    parser.add_argument("--cutoff_len", type=bounded(int, POSITIVE_INT), default=2048,
+                        help="longest scored sequence (tokens)")
     parser.add_argument("--show", type=bounded(int, NON_NEGATIVE), default=3, help="print this many questions with each answer")
+    parser.add_argument("--output", help="results file (default: <adapter_dir or .>/eval_results.json)")
+    parser.add_argument("--plot", action="store_true", help="also write PNG bar charts beside the results")
 
 
 def run_eval(ns: argparse.Namespace) -> None:
-    from unift.evaluate import evaluate
+    from unift.evaluate import EvalOptions, evaluate
 
-    evaluate(ns.adapter_dir, ns.data, compare_base=ns.compare_base, max_samples=ns.max_samples,
-             max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, show=ns.show,
-             base_model=ns.model_name_or_path, model_type=ns.model_type, dataset_dir=ns.dataset_dir,
-             device=ns.device)
+    data = ns.data if ns.data is not None else ([] if ns.exam else ["arith_test"])
+    options = EvalOptions(
+        data=data, exam=ns.exam, metrics=tuple(ns.metrics), extractor=ns.extractor, compare_base=ns.compare_base,
+        num_shots=ns.num_shots, shots_from=ns.shots_from, choice=ns.choice, max_samples=ns.max_samples,
+        max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, cutoff_len=ns.cutoff_len, show=ns.show,
+        dataset_dir=ns.dataset_dir,
+    )
+    evaluate(ns.adapter_dir, options, base_model=ns.model_name_or_path, model_type=ns.model_type,
+             output=ns.output, plot=ns.plot, device=ns.device)
 
 
-command("eval", "exact match on a held-out split, optionally beside the base model", build_eval, run_eval)
+command("eval", "exact match, perplexity, BLEU/ROUGE-L and multiple-choice exams; base vs few-shot vs tuned",
+        build_eval, run_eval)
+
+
+# ---- experiment --------------------------------------------------------------------------------------
+
+def build_experiment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="experiment YAML (see configs/experiments/)")
+    parser.add_argument("--preset", default="small", help="which of the file's presets (default: small)")
+    parser.add_argument("--output_dir", help="folder of the runs and reports (default: experiments/NAME-PRESET)")
+    parser.add_argument("--runs", nargs="+", help="only these runs (by name)")
+
+
+def run_experiment(ns: argparse.Namespace) -> None:
+    from unift.experiment import run_experiment as run
+
+    command_text = f"unift experiment {ns.file} --preset {ns.preset}" + (f" --runs {' '.join(ns.runs)}" if ns.runs else "")
+    run(ns.file, ns.preset, ns.output_dir, ns.runs, command=command_text)
+
+
+command("experiment", "a sweep of train + eval runs: results table, loss curves, bar chart (resumable)",
+        build_experiment, run_experiment)
 
 
 # ---- list --------------------------------------------------------------------------------------------

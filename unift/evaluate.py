@@ -1,83 +1,216 @@
-"""Exact-match evaluation on a held-out split: the tuned model, and optionally the base beside it."""
+"""`unift eval`: the figures the seed reports measure, for the base model, an adapter or a merged model.
+
+Per held-out set (--data): exact match with a chosen answer extractor, perplexity of the reference answers
+(unift.evals.likelihood), BLEU and ROUGE-L; per exam (--exam): multiple-choice accuracy per subject and
+overall (unift.evals.exams). Rows of the table are setups of the same model: the base zero-shot, the base
+with --num_shots solved examples in context, and the tuned model (zero-shot), all on the same questions.
+Every figure goes to eval_results.json beside the run; a Markdown table is printed; --plot draws PNGs.
+"""
 
 from __future__ import annotations
 
-import re
+import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from unift.data import Message, load_conversations
-from unift.inference import PRESETS, Engine, GenerationSettings
+from unift.data import Message, encode_conversation, load_conversations
+from unift.errors import UniftError
+from unift.evals.extract import answer_line, get_extractor
+from unift.inference import PRESETS, Engine
 
-# The bundled sets end with an answer line: "Answer: 42" (English) or "答案：42" / "答案：四十七" (Chinese).
-ANSWER = re.compile(r"(?:Answer:|答案[:：])\s*([^\s。.,，]+(?:[.,]\d+)*)")
+METRICS = ("em", "ppl", "bleu", "rouge")
+RESULTS = "eval_results.json"
+
+final_answer = answer_line  # the default extractor, under its historical name
 
 
-def final_answer(text: str) -> str:
-    """The value after the last answer marker when there is one, else the whole text, normalised."""
-    found = ANSWER.findall(text)
-    if found:
-        return found[-1].replace(",", "")
-    return " ".join(text.split()).lower()
+@dataclass(frozen=True)
+class Setup:
+    """One row of the table: the model with its adapter on or off, and k solved examples in context."""
+
+    label: str
+    adapter: bool
+    shots: int = 0
 
 
 @dataclass
-class EvalResult:
-    label: str
-    correct: int
-    total: int
-    seconds: float
-    predictions: list[str]
+class EvalOptions:
+    data: list[str] = field(default_factory=list)
+    exam: list[str] = field(default_factory=list)
+    metrics: tuple[str, ...] = ("em", "ppl")
+    extractor: str = "answer"
+    compare_base: bool = False
+    num_shots: int = 0
+    shots_from: list[str] | None = None  # default: the run's training data (exams: the exam itself)
+    choice: str = "letter"  # exams: score the option letter, or the option text
+    max_samples: int | None = None
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    cutoff_len: int = 2048
+    show: int = 3
+    dataset_dir: str | None = None
 
-    @property
-    def exact_match(self) -> float:
-        return self.correct / self.total if self.total else 0.0
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise UniftError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        if self.num_shots < 0:
+            raise UniftError(f"--num_shots must be 0 or more, not {self.num_shots}")
+        if self.choice not in ("letter", "text"):
+            raise UniftError(f"--choice must be letter or text, not {self.choice!r}")
+        get_extractor(self.extractor)  # a bad name or regex fails before any model loads
 
 
-def split_prompts(conversations: list[list[Message]]) -> tuple[list[list[Message]], list[str]]:
-    prompts = [c[:-1] for c in conversations]
-    references = [c[-1]["content"] for c in conversations]
-    return prompts, references
+def setups(has_adapter: bool, options: EvalOptions) -> list[Setup]:
+    rows = []
+    if not has_adapter or options.compare_base:
+        rows.append(Setup("base 0-shot", False, 0))
+        if options.num_shots:
+            rows.append(Setup(f"base {options.num_shots}-shot", False, options.num_shots))
+    if has_adapter:
+        rows.append(Setup("tuned", True, 0))
+    return rows
 
 
-def exact_match(
-    engine: Engine, conversations: list[list[Message]], label: str, settings: GenerationSettings,
-    batch_size: int,
-) -> EvalResult:
-    prompts, references = split_prompts(conversations)
+def with_shots(conversation: list[Message], pool: list[list[Message]], k: int) -> list[Message]:
+    """k solved examples from the pool as earlier turns of the conversation (never the question itself)."""
+    shots = [c for c in pool if c != conversation][:k]
+    return [m for c in shots for m in c] + conversation
+
+
+def generation_task(engine: Engine, conversations: list[list[Message]], setup: Setup, pool: list[list[Message]],
+                    options: EvalOptions) -> dict[str, Any]:
+    """Exact match / BLEU / ROUGE-L of greedy answers and perplexity of the references, for one setup."""
+    from unift.evals.likelihood import last_answer_labels, perplexity, score_rows
+
+    figures: dict[str, Any] = {"examples": len(conversations)}
+    shown = [with_shots(c, pool, setup.shots) if setup.shots else c for c in conversations]
     started = time.perf_counter()
-    outputs = [c.text for c in engine.generate(prompts, settings, batch_size=batch_size)]
-    correct = sum(final_answer(o) == final_answer(r) for o, r in zip(outputs, references))
-    return EvalResult(label, correct, len(prompts), time.perf_counter() - started, outputs)
+    if "ppl" in options.metrics:
+        rows = []
+        for c in shown:
+            encoded = encode_conversation(c, engine.template, engine.tokenizer, cutoff_len=10**9)
+            rows.append((encoded.input_ids, last_answer_labels(encoded.labels)))
+        with engine.adapter_enabled(setup.adapter):
+            scored = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, options.batch_size,
+                                options.cutoff_len)
+        ppl = perplexity(scored)
+        figures["perplexity"] = ppl.mean_example
+        figures["perplexity_corpus"] = ppl.corpus
+        figures["answer_loss"] = ppl.mean_loss
+        figures["answer_tokens"] = ppl.tokens
+    if {"em", "bleu", "rouge"} & set(options.metrics):
+        settings = replace(PRESETS["greedy"], max_new_tokens=options.max_new_tokens)
+        prompts = [c[:-1] for c in shown]
+        outputs = [c.text for c in engine.generate(prompts, settings, batch_size=options.batch_size,
+                                                   adapter=setup.adapter, max_prompt_tokens=options.cutoff_len)]
+        references = [c[-1]["content"] for c in conversations]
+        figures["predictions"] = outputs
+        if "em" in options.metrics:
+            extract = get_extractor(options.extractor)
+            correct = sum(bool(extract(r)) and extract(o) == extract(r) for o, r in zip(outputs, references))
+            figures.update(exact_match=correct / len(references), correct=correct)
+        if "bleu" in options.metrics:
+            from unift.evals.text_metrics import bleu
+
+            figures["bleu"] = bleu(outputs, references)
+        if "rouge" in options.metrics:
+            from unift.evals.text_metrics import rouge_l
+
+            figures["rouge_l"] = rouge_l(outputs, references)
+    figures["seconds"] = time.perf_counter() - started
+    return figures
 
 
-def evaluate(
-    adapter_dir: str | None, data: list[str], *, compare_base: bool = False, max_samples: int | None = None,
-    max_new_tokens: int = 32, batch_size: int = 16, show: int = 3, base_model: str | None = None,
-    model_type: str | None = None, dataset_dir: str | None = None, device: str | None = None,
-) -> list[EvalResult]:
-    engine = Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device)
-    conversations = load_conversations(data, Path(dataset_dir) if dataset_dir else None)[:max_samples]
-    settings = replace(PRESETS["greedy"], max_new_tokens=max_new_tokens)
-    results = []
-    if compare_base and engine.has_adapter:
-        with engine.base_only():
-            results.append(exact_match(engine, conversations, "base", settings, batch_size))
-    results.append(exact_match(engine, conversations, "tuned" if engine.has_adapter else "base", settings,
-                               batch_size))
-    print_report(results, conversations, show)
-    return results
+def exam_task(engine: Engine, questions, pool, setup: Setup, options: EvalOptions) -> dict[str, Any]:
+    from unift.evals.exams import score_exam
+
+    started = time.perf_counter()
+    with engine.adapter_enabled(setup.adapter):
+        result = score_exam(engine.model, engine.tokenizer, engine.template, questions, shots_pool=pool,
+                            num_shots=setup.shots, batch_size=options.batch_size, choice=options.choice,
+                            max_len=options.cutoff_len)
+    return {**result.as_dict(), "predictions": result.predictions, "seconds": time.perf_counter() - started}
 
 
-def print_report(results: list[EvalResult], conversations: list[list[Message]], show: int) -> None:
-    prompts, references = split_prompts(conversations)
-    for i in range(min(show, len(prompts))):
-        print(f"\nQ: {prompts[i][-1]['content']}")
-        print(f"   reference: {references[i]!r}")
-        for r in results:
-            mark = "ok " if final_answer(r.predictions[i]) == final_answer(references[i]) else "bad"
-            print(f"   {r.label:>9} [{mark}]: {r.predictions[i]!r}")
-    print(f"\n{'model':<10} {'exact match':>12} {'correct':>10} {'seconds':>8}")
-    for r in results:
-        print(f"{r.label:<10} {100 * r.exact_match:>11.1f}% {r.correct:>5}/{r.total:<4} {r.seconds:>8.1f}")
+def shot_pool(engine: Engine, options: EvalOptions) -> list[list[Message]]:
+    if not options.num_shots or not options.data:
+        return []
+    names = options.shots_from or (engine.card.arguments.get("data") if engine.card else None)
+    if not names:
+        raise UniftError("--num_shots needs examples to show: pass --shots_from DATA (a run folder uses its "
+                         "training data by default)")
+    return load_conversations(list(names), Path(options.dataset_dir) if options.dataset_dir else None)
+
+
+def load_tasks(options: EvalOptions) -> tuple[dict[str, list], dict[str, tuple]]:
+    """Held-out conversations and exam questions, read and checked before any model loads."""
+    from unift.evals.exams import load_exam
+
+    dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
+    tasks = {name: load_conversations([name], dataset_dir)[:options.max_samples] for name in options.data}
+    for name, conversations in tasks.items():
+        if not conversations:
+            raise UniftError(f"--data {name}: no examples")
+    exams = {}
+    if options.exam:
+        questions = load_exam(options.exam)[:options.max_samples]
+        pool = load_exam(options.shots_from) if options.shots_from and options.num_shots else questions
+        exams["exam"] = (questions, pool)
+    return tasks, exams
+
+
+def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dict] | None = None) -> dict[str, Any]:
+    """Every setup on every task; returns the results document (what eval_results.json holds)."""
+    tasks, exams = loaded or load_tasks(options)
+    pool = shot_pool(engine, options)
+    document: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": engine.name, "peft_type": engine.card.peft_type if engine.card else None,
+        "options": {k: v for k, v in options.__dict__.items()}, "setups": [],
+    }
+    for setup in setups(engine.has_adapter, options):
+        row: dict[str, Any] = {"label": setup.label, "adapter": setup.adapter, "shots": setup.shots, "tasks": {}}
+        for name, conversations in tasks.items():
+            row["tasks"][name] = generation_task(engine, conversations, setup, pool, options)
+        for name, (questions, exam_pool) in exams.items():
+            row["tasks"][name] = exam_task(engine, questions, exam_pool, setup, options)
+        document["setups"].append(row)
+    return document
+
+
+def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str | None = None,
+             model_type: str | None = None, output: str | None = None, plot: bool = False,
+             engine: Engine | None = None, device: str | None = None) -> dict[str, Any]:
+    """Load, evaluate, print the table, write eval_results.json (and PNGs with plot); returns the document."""
+    from unift.evals.report import markdown_table, plot_results, print_examples
+    from unift.runtime import write_json_atomic
+
+    if not options.data and not options.exam:
+        raise UniftError("nothing to evaluate: pass --data and/or --exam")
+    loaded = load_tasks(options)  # bad data fails in a second, before the model loads
+    engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device)
+    document = run_evaluation(engine, options, loaded)
+    document["adapter_dir"] = adapter_dir
+    dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
+    print_examples(document, {n: load_conversations([n], dataset_dir) for n in options.data[:1]}, options.show)
+    print("\n" + markdown_table(document))
+    target = Path(output) if output else Path(adapter_dir or ".") / RESULTS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, document)
+    print(f"\nwrote {target}")
+    if plot:
+        for png in plot_results(document, target.parent):
+            print(f"wrote {png}")
+    return document
+
+
+def figure(document: dict[str, Any], label: str, task: str, key: str) -> float:
+    """One number from a results document (nan when absent)."""
+    for row in document["setups"]:
+        if row["label"] == label:
+            return row["tasks"].get(task, {}).get(key, math.nan)
+    return math.nan

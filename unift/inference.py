@@ -216,6 +216,13 @@ class Engine:
             if self.merged:
                 self.model.merge_adapter()
 
+    @contextlib.contextmanager
+    def adapter_enabled(self, enabled: bool | None = None):
+        """The model with the adapter on or off (None: the default), for forward passes of one's own
+        (scoring), holding the lock like generation does."""
+        with self.lock, self._adapter_state(enabled):
+            yield self.model
+
     # ---- admission (a bounded queue in front of the lock) ------------------------------------------
 
     def acquire_slot(self) -> None:

@@ -85,7 +85,10 @@ class BottleneckConfig(PeftConfig):
     non_linearity: str = field(default="tanh", metadata={"help": "between down and up: " + ", ".join(NON_LINEARITIES)})
     adapter_dropout: float = field(default=0.0)
     scaling: float | str = field(default=1.0, metadata={"help": "a number or 'learned'"})
-    init_weights: str = field(default="bert", metadata={"help": "bert (normal 0.02) or mam_adapter (up = 0)"})
+    # mam_adapter by default: a fresh adapter is the identity, so training starts from the base model. The
+    # original toolkit defaulted to bert, whose random up projection perturbs the model before any step.
+    init_weights: str = field(default="mam_adapter",
+                              metadata={"help": "mam_adapter (up = 0, the identity) or bert (normal 0.02)"})
     modules_to_save: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
