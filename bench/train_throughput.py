@@ -39,7 +39,10 @@ LEVERS = ["none", "base_dtype", "base_dtype,fast_dropout", "base_dtype,fast_drop
 def unift_contender(data: Path, out: Path, optimizations: str | None) -> dict:
     args = ["--data", str(data), "--output_dir", str(out), "--epochs", "1", "--per_gpu_train_batch_size", "4",
             "--lora_r", "8", "--lora_alpha", "16", "--cutoff_len", "128", "--learning_rate", "1e-4",
-            "--logging_steps", "4", "--save_steps", "100000", "--save_total_limit", "1"]
+            "--logging_steps", "4", "--save_steps", "100000", "--save_total_limit", "1",
+            # the same 64 examples as the other contenders, which cut long answers at the cutoff rather
+            # than leave them out (unift's default drops answers that alone exceed --cutoff_len)
+            "--truncation", "keep"]
     if optimizations:
         args += ["--optimizations", optimizations]
     _, peak = measured_run(sys.executable, str(REPO / "uniform_finetune.py"), args)
