@@ -105,8 +105,9 @@ def test_eval_with_and_without_it(foreign, capsys):
     code, out, err = run(["eval", "--adapter_dir", str(folder), "--max_samples", "3", "--max_new_tokens", "4",
                           "--compare_base", "--show", "0"], capsys)
     assert code == 0, err
-    rows = [line.split()[0] for line in out.splitlines()[-2:]]
-    assert rows == ["base", "tuned"] and out.count("/3") == 2, out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| base") or
+            line.startswith("| tuned")]
+    assert rows == ["base 0-shot", "tuned"] and out.count("/3)") == 2, out
 
 
 def test_merge_matches_the_adapter(foreign, tmp_path, capsys):
