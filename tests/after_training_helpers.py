@@ -77,3 +77,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cli_result(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `unift ARGV` in this process: (exit code, stdout, stderr)."""
+    from unift.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

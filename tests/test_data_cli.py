@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from after_training_helpers import cli_result
 from test_data_formats import alpaca_rows, messages_rows, sharegpt_rows, write_rows
 
-from unift.cli import main
 from unift.data import to_conversations
 
 
@@ -17,13 +17,8 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    err = "".join(line for line in captured.err.splitlines(True) if not line.startswith("[unift]"))  # log lines
-    return code, captured.out, err
+    code, out, err = cli_result(argv, capsys)
+    return code, out, "".join(line for line in err.splitlines(True) if not line.startswith("[unift]"))  # log lines
 
 
 def test_data_check_shows_counts_formats_lengths_truncation_and_the_marked_example(tmp_path, capsys, embedded_dir):

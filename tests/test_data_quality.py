@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from after_training_helpers import cli_result
 
-from unift.cli import main
 from unift.data import DataOptions, load_sources
 
 OK = {"instruction": "Say hi.", "input": "", "output": "Hi."}
@@ -19,13 +19,6 @@ def jsonl(*rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # (file name, one untrainable record, the reason reported for it)
@@ -57,7 +50,7 @@ def test_untrainable_records_are_skipped_counted_and_named(tmp_path, name, bad, 
 def test_strict_data_refuses_them(tmp_path, capsys, name, bad, reason):
     path = tmp_path / name
     path.write_text(jsonl(GOOD[name], GOOD[name], bad), encoding="utf-8")
-    code, _, err = run(["train", "--data", str(path), "--strict_data", "--model_name_or_path",
+    code, _, err = cli_result(["train", "--data", str(path), "--strict_data", "--model_name_or_path",
                         str(tmp_path / "no_model_here")], capsys)
     assert code == 2
     assert err == f"unift: error: {path}: record 3: {reason} (--strict_data refuses records that cannot be trained)\n"
@@ -66,7 +59,7 @@ def test_strict_data_refuses_them(tmp_path, capsys, name, bad, reason):
 def test_a_file_of_mostly_unusable_records_is_a_mapping_mistake(tmp_path, capsys):
     path = tmp_path / "mapped_wrong.jsonl"
     path.write_text(jsonl(OK, {**OK, "output": ""}, {**OK, "output": ""}), encoding="utf-8")
-    code, _, err = run(["train", "--data", str(path), "--model_name_or_path", str(tmp_path / "nowhere")], capsys)
+    code, _, err = cli_result(["train", "--data", str(path), "--model_name_or_path", str(tmp_path / "nowhere")], capsys)
     assert code == 2
     assert err == (f"unift: error: {path}: 2 of 3 records cannot be trained (e.g. {path}: record 2: field "
                    "'output' is empty); check the format and column mapping\n")
@@ -75,7 +68,7 @@ def test_a_file_of_mostly_unusable_records_is_a_mapping_mistake(tmp_path, capsys
 def test_data_check_reports_skipped_records(tiny_model, tmp_path, capsys):
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps([OK, {**OK, "output": ""}, OK, OK]), encoding="utf-8")
-    code, out, _ = run(["data", "check", "--data", str(path), "--model_name_or_path", str(tiny_model("llama")),
+    code, out, _ = cli_result(["data", "check", "--data", str(path), "--model_name_or_path", str(tiny_model("llama")),
                         "--no_example"], capsys)
     assert code == 0
     assert "alpaca: 1 record skipped, nothing to train on: alpaca.json: record 2 [field 'output' is empty (1)]" in out
@@ -90,7 +83,7 @@ def test_stanford_alpaca_style_file_trains_with_the_empty_record_reported(tiny_m
     path = tmp_path / "alpaca_data.json"
     path.write_text(json.dumps(rows, indent=4), encoding="utf-8")
     out_dir = tmp_path / "run"
-    code, _, err = run(["train", "--data", str(path), "--model_name_or_path", str(tiny_model("llama")),
+    code, _, err = cli_result(["train", "--data", str(path), "--model_name_or_path", str(tiny_model("llama")),
                         "--max_steps", "1", "--output_dir", str(out_dir), "--cutoff_len", "64",
                         "--compute_dtype", "fp32", "--report_to", "none"], capsys)
     assert code == 0, err
@@ -131,7 +124,7 @@ def test_other_encodings_are_one_line_naming_the_byte_offset(tmp_path, capsys, s
     offset = len(good) + (chinese.index("你") if suffix != ".json" else chinese.encode("gbk").index("你".encode("gbk")))
     path = tmp_path / f"gbk{suffix}"
     path.write_bytes(data)
-    code, _, err = run(["train", "--data", str(path), "--model_name_or_path", str(tmp_path / "nowhere")], capsys)
+    code, _, err = cli_result(["train", "--data", str(path), "--model_name_or_path", str(tmp_path / "nowhere")], capsys)
     assert code == 2
     assert err == (f"unift: error: {path}: not UTF-8 text: invalid byte 0x{data[offset]:02x} at byte offset "
                    f"{offset} (convert the file to UTF-8, e.g. iconv -f GBK -t UTF-8)\n")
@@ -140,7 +133,7 @@ def test_other_encodings_are_one_line_naming_the_byte_offset(tmp_path, capsys, s
 def test_utf16_is_named(tmp_path, capsys):
     path = tmp_path / "utf16.json"
     path.write_text(json.dumps([OK]), encoding="utf-16")
-    code, _, err = run(["train", "--data", str(path), "--model_name_or_path", str(tmp_path / "nowhere")], capsys)
+    code, _, err = cli_result(["train", "--data", str(path), "--model_name_or_path", str(tmp_path / "nowhere")], capsys)
     assert (code, err) == (2, f"unift: error: {path}: the file is UTF-16 (byte order mark at byte 0); save it as "
                               "UTF-8\n")
 
@@ -158,7 +151,7 @@ def test_offset_is_exact_across_read_chunks(tmp_path):
 def test_convert_leaves_them_out_and_says_so(tmp_path, capsys):
     path = tmp_path / "in.jsonl"
     path.write_text(jsonl(OK, {**OK, "output": ""}, OK), encoding="utf-8")
-    code, out, err = run(["data", "convert", "--data", str(path), "--to", "sharegpt", "--output",
+    code, out, err = cli_result(["data", "convert", "--data", str(path), "--to", "sharegpt", "--output",
                           str(tmp_path / "out.jsonl")], capsys)
     assert code == 0 and "wrote 2 sharegpt records" in out
     assert "not converted: in: 1 record skipped, nothing to train on: in.jsonl: record 2" in err

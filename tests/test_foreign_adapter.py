@@ -11,9 +11,7 @@ import time
 import httpx
 import pytest
 import torch
-from after_training_helpers import PYTHON, REPO, env, free_port
-
-from unift.cli import main
+from after_training_helpers import PYTHON, REPO, cli_result, env, free_port
 
 PROMPT = "What is 2 plus 2?"
 
@@ -45,13 +43,6 @@ def reference_logits(base, folder, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_engine_loads_it_exactly_and_says_what_it_guessed(foreign, caplog):
@@ -87,13 +78,13 @@ def test_flags_override_the_guesses(foreign, caplog):
 
 def test_generate_and_predict(foreign, tmp_path, capsys):
     _, folder = foreign
-    code, out, err = run(["generate", "--adapter_dir", str(folder), "--prompt", PROMPT, "--max_new_tokens", "6"],
+    code, out, err = cli_result(["generate", "--adapter_dir", str(folder), "--prompt", PROMPT, "--max_new_tokens", "6"],
                          capsys)
     assert code == 0, err
     assert out.strip() and err.count("has no unift_run.json") == 1
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i}?"}) + "\n" for i in range(3)))
-    code, _, err = run(["predict", "--lora_dir", str(folder), "--data", str(prompts), "--result_dir",
+    code, _, err = cli_result(["predict", "--lora_dir", str(folder), "--data", str(prompts), "--result_dir",
                         str(tmp_path / "out"), "--max_new_tokens", "4"], capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
@@ -102,7 +93,7 @@ def test_generate_and_predict(foreign, tmp_path, capsys):
 
 def test_eval_with_and_without_it(foreign, capsys):
     _, folder = foreign
-    code, out, err = run(["eval", "--adapter_dir", str(folder), "--max_samples", "3", "--max_new_tokens", "4",
+    code, out, err = cli_result(["eval", "--adapter_dir", str(folder), "--max_samples", "3", "--max_new_tokens", "4",
                           "--compare_base", "--show", "0"], capsys)
     assert code == 0, err
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| base") or
@@ -115,7 +106,7 @@ def test_merge_matches_the_adapter(foreign, tmp_path, capsys):
 
     base, folder = foreign
     merged = tmp_path / "merged"
-    code, _, err = run(["merge", "--lora_dir", str(folder), "--merged_dir", str(merged)], capsys)
+    code, _, err = cli_result(["merge", "--lora_dir", str(folder), "--merged_dir", str(merged)], capsys)
     assert code == 0, err
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(merged)
