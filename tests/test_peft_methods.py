@@ -81,7 +81,7 @@ def test_adalora_schedule_must_fit_the_run(tiny_model, data_file, tmp_path, caps
 # ---- QLoRA on CPU ----------------------------------------------------------------------------------------
 
 def test_qlora_trains_evaluates_and_trains_again(tiny_model, data_file, tmp_path):
-    """The AVX512-BF16 trap (STACK.md): an evaluation (a no-grad forward) repacks bitsandbytes' 4-bit
+    """The AVX512-BF16 trap (docs/performance.md, "Platform notes"): an evaluation (a no-grad forward) repacks bitsandbytes' 4-bit
     weights, after which training gets wrong gradients and the saved state is corrupted. Evaluating every
     3 steps, the loss must keep falling after each evaluation and the saved adapter must reload to the
     outputs of the trained model. Runs with the compute dtype users get (bf16 where the CPU has it)."""

@@ -18,7 +18,7 @@ from unift.errors import UniftError
 
 @cache
 def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run ~4x faster than fp32 on such CPUs (STACK.md)."""
+    """AVX512-BF16 or AMX: bf16 matmuls run ~4x faster than fp32 on such CPUs (docs/performance.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -168,7 +168,7 @@ def bnb_config(bits: int, compute_dtype: torch.dtype, quant_storage: torch.dtype
 
 
 def disable_cpu_bf16_repack(model) -> int:
-    """Work around the bitsandbytes CPU trap (see STACK.md).
+    """Work around the bitsandbytes CPU trap (docs/performance.md, "Platform notes").
 
     On CPUs with AVX512-BF16 the first no-grad forward repacks 4-bit weights, after which gradients
     through gemv_4bit are silently wrong and the state dict is corrupted. Turning the repack off keeps
