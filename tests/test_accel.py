@@ -223,12 +223,17 @@ def test_lean_layers_match_the_originals(model_type):
     assert_close_grads(got[1], want[1], tol=1e-6)
 
 
-def test_packed_attention_in_half_precision_matches_fp32():
+@pytest.mark.parametrize("token_major", [True, False], ids=["as-models-give-it", "heads-first-memory"])
+def test_packed_attention_in_half_precision_matches_fp32(token_major):
     torch.manual_seed(0)
     heads, kv_heads, dim, edges = 6, 2, 16, [0, 7, 19, 24]
-    q = torch.randn(1, heads, 24, dim, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, kv_heads, 24, dim, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, kv_heads, 24, dim, dtype=torch.bfloat16, requires_grad=True)
+
+    def tensor(h):  # models hand over transposed views of [1, tokens, heads, dim]
+        if token_major:
+            return torch.randn(1, 24, h, dim, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        return torch.randn(1, h, 24, dim, dtype=torch.bfloat16, requires_grad=True)
+
+    q, k, v = tensor(heads), tensor(kv_heads), tensor(kv_heads)
     out = _PackedCausalAttention.apply(q, k, v, edges, None)
     grad = torch.randn_like(out)
     out.backward(grad)

@@ -55,9 +55,19 @@ def encoded_rows(tokenizer):
     return rows
 
 
-@pytest.mark.parametrize("peft_type", [None, "prompt"])
-def test_perplexity_equals_an_independent_computation(tiny, tiny_model, peft_type):
+@pytest.mark.parametrize("peft_type,trim,budget", [(None, True, None), (None, False, None), (None, True, 1),
+                                                   ("prompt", True, None)])
+def test_perplexity_equals_an_independent_computation(tiny, tiny_model, peft_type, trim, budget, monkeypatch):
+    """Also with the logits limited to the answer positions (trim) or not, and with a logits budget that
+    allows one row per forward pass."""
+    from unift.evals import likelihood
+
     model, tokenizer = tiny
+    assert likelihood.accepts_logits_to_keep(model)
+    if not trim:
+        monkeypatch.setattr(likelihood, "accepts_logits_to_keep", lambda model: False)
+    if budget:
+        monkeypatch.setattr(likelihood, "LOGITS_BUDGET", budget)
     if peft_type:  # virtual tokens prepend positions to the logits: the scorer must read the right ones
         from peft import PromptTuningConfig, get_peft_model
         from transformers import AutoModelForCausalLM

