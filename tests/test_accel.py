@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -272,3 +273,23 @@ def test_bitsandbytes_is_kept_out_of_train_processes_that_do_not_quantize():
                            (["train", "--quantization_bit", "8"], False)):
         out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
         assert out.stdout.split() == [str(kept_out), str(kept_out), str(not kept_out)], out.stdout + out.stderr
+
+
+def test_deepspeed_is_kept_out_of_train_processes_that_do_not_use_it(tmp_path):
+    """transformers imports an installed deepspeed at start-up; `unift train` without --deepspeed (on the
+    command line or in its --config file) or an accelerate DeepSpeed launch keeps it out."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.fail("deepspeed (a dev dependency) must be installed for this test")
+    probe = ("import sys; from unift.runtime import keep_deepspeed_out; print(keep_deepspeed_out(sys.argv[1:])); "
+             "import transformers.integrations.deepspeed as t, accelerate.utils as a; "
+             "print(bool(t.is_deepspeed_available()), bool(a.is_deepspeed_available()))")
+    config = tmp_path / "ds.yaml"
+    config.write_text("deepspeed: configs/deepspeed/zero2.json\n")
+    cases = ((["train", "--data", "x"], {}, True), (["train", "--deepspeed", "zero2.json"], {}, False),
+             (["train", "--config", str(config)], {}, False),
+             (["train", "--data", "x"], {"ACCELERATE_USE_DEEPSPEED": "true"}, False))
+    for argv, env, kept_out in cases:
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        assert out.stdout.split() == [str(kept_out), str(not kept_out), str(not kept_out)], (
+            argv, out.stdout + out.stderr)

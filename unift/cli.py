@@ -424,9 +424,10 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
         argv = [command_name, *argv]
     debug = "--debug" in argv
     if own_process and argv and argv[0] == "train":
-        from unift.runtime import keep_bitsandbytes_out
+        from unift.runtime import keep_bitsandbytes_out, keep_deepspeed_out
 
         keep_bitsandbytes_out(argv)
+        keep_deepspeed_out(argv)
     setup_logging()
     try:
         ns = parse(argv)

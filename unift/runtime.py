@@ -105,13 +105,35 @@ def keep_bitsandbytes_out(argv: list[str]) -> bool:
     raw command line (and the --config file) before anything imports PEFT. Returns whether it did."""
     if "bitsandbytes" in sys.modules or "peft" in sys.modules:
         return False  # decided already, or too late to matter
+    text = _command_text(argv)
+    if text is None or any(word in text for word in QUANTIZING_WORDS):
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    return True
+
+
+def _command_text(argv: list[str]) -> str | None:
+    """The command line and its --config file as one text; None if the file cannot be read."""
     text = " ".join(argv)
     if "--config" in argv[:-1]:
         try:
             text += Path(argv[argv.index("--config") + 1]).read_text(encoding="utf-8")
         except OSError:
-            return False  # the parser reports the missing file; no guessing here
-    if any(word in text for word in QUANTIZING_WORDS):
+            return None  # the parser reports the missing file; no guessing here
+    return text
+
+
+def keep_deepspeed_out(argv: list[str]) -> bool:
+    """For `unift train` runs that do not use DeepSpeed, keep it out of the process as bitsandbytes above:
+    transformers imports an installed deepspeed at start-up (~30 MB, a log line about the accelerator)
+    whether or not the run uses it. `accelerate launch` with a DeepSpeed config says so in the
+    environment. Returns whether it did."""
+    if "deepspeed" in sys.modules or "transformers" in sys.modules:
         return False
-    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return False
+    text = _command_text(argv)
+    if text is None or "deepspeed" in text:
+        return False
+    sys.modules["deepspeed"] = None  # type: ignore[assignment]
     return True
