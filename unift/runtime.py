@@ -95,45 +95,38 @@ def library_versions() -> dict[str, str]:
 QUANTIZING_WORDS = ("qlora", "quantization_bit", "load_in_8bit", "load_in_4bit")
 
 
-def keep_bitsandbytes_out(argv: list[str]) -> bool:
-    """For `unift train` runs that cannot need bitsandbytes, keep it out of the process.
-
-    PEFT imports bitsandbytes whenever it is installed, and that import alone costs ~125 MB of memory and
-    about a second (it pulls in torch's compiler stack). A None entry in sys.modules is Python's own way
-    to say a module is absent: `import bitsandbytes` raises ImportError and `importlib.util.find_spec`
-    returns None, which is how PEFT and transformers decide that it is not installed. Decided from the
-    raw command line (and the --config file) before anything imports PEFT. Returns whether it did."""
-    if "bitsandbytes" in sys.modules or "peft" in sys.modules:
+def _keep_out(module: str, argv: list[str], *, imported_by: str, wanted_if: tuple[str, ...]) -> bool:
+    """Mark `module` absent for this process unless a word of `wanted_if` appears on the command line or in
+    its --config file. A None entry in sys.modules is Python's own way to say a module is absent: `import`
+    raises ImportError and `importlib.util.find_spec` returns None, which is how PEFT, transformers and
+    accelerate decide that it is not installed. Decided before `imported_by` loads (it imports the module
+    at start-up); returns whether it did."""
+    if module in sys.modules or imported_by in sys.modules:
         return False  # decided already, or too late to matter
-    text = _command_text(argv)
-    if text is None or any(word in text for word in QUANTIZING_WORDS):
-        return False
-    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
-    return True
-
-
-def _command_text(argv: list[str]) -> str | None:
-    """The command line and its --config file as one text; None if the file cannot be read."""
     text = " ".join(argv)
     if "--config" in argv[:-1]:
         try:
             text += Path(argv[argv.index("--config") + 1]).read_text(encoding="utf-8")
         except OSError:
-            return None  # the parser reports the missing file; no guessing here
-    return text
+            return False  # the parser reports the missing file; no guessing here
+    if any(word in text for word in wanted_if):
+        return False
+    sys.modules[module] = None  # type: ignore[assignment]
+    return True
+
+
+def keep_bitsandbytes_out(argv: list[str]) -> bool:
+    """For `unift train` runs that cannot need bitsandbytes, keep it out of the process: PEFT imports it
+    whenever it is installed, and that import alone costs ~125 MB of memory and about a second (it pulls
+    in torch's compiler stack)."""
+    return _keep_out("bitsandbytes", argv, imported_by="peft", wanted_if=QUANTIZING_WORDS)
 
 
 def keep_deepspeed_out(argv: list[str]) -> bool:
-    """For `unift train` runs that do not use DeepSpeed, keep it out of the process as bitsandbytes above:
-    transformers imports an installed deepspeed at start-up whether or not the run uses it (a log line
-    about the accelerator; peak RSS on the standard workload measured ~1,540 MiB with it, ~1,400 without). `accelerate launch` with a DeepSpeed config says so in the
-    environment. Returns whether it did."""
-    if "deepspeed" in sys.modules or "transformers" in sys.modules:
-        return False
+    """For `unift train` runs that do not use DeepSpeed, keep it out of the process: transformers imports
+    an installed deepspeed at start-up whether or not the run uses it (a log line about the accelerator;
+    peak RSS on the standard workload measured ~1,540 MiB with it, ~1,400 without). `accelerate launch`
+    with a DeepSpeed config says so in the environment."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         return False
-    text = _command_text(argv)
-    if text is None or "deepspeed" in text:
-        return False
-    sys.modules["deepspeed"] = None  # type: ignore[assignment]
-    return True
+    return _keep_out("deepspeed", argv, imported_by="transformers", wanted_if=("deepspeed",))
