@@ -119,6 +119,21 @@ def test_perplexity_of_adapter_and_merged_model_agree(tiny_model, tmp_path, caps
     assert not math.isclose(tuned_ppl, base_ppl, rel_tol=1e-3)
 
 
+def test_shown_examples_are_the_ones_evaluated(tiny_model, tmp_path, capsys):
+    """--show larger than --max_samples shows the evaluated questions only (it indexed past the
+    predictions when the examples were read again, uncut)."""
+    from unift.cli import main
+
+    run = run_folder(tiny_model("llama"), tmp_path / "run", "lora", perturb=0.05, template="chatml")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": c[0]["content"], "input": "", "output": c[1]["content"]}) + "\n"
+                            for c in CONVERSATIONS), encoding="utf-8")
+    assert main(["eval", "--adapter_dir", str(run), "--data", str(data), "--metrics", "em", "--max_samples", "1",
+                 "--show", "3", "--max_new_tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\nQ: ") == 1 and CONVERSATIONS[0][0]["content"] in out
+
+
 @pytest.mark.parametrize(("name", "text", "expected"), [
     ("answer", "so 3 + 4 = 7.\nAnswer: 7", "7"),
     ("answer", "答案：四十七", "四十七"),

@@ -195,8 +195,8 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
     engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device)
     document = run_evaluation(engine, options, loaded)
     document["adapter_dir"] = adapter_dir
-    dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
-    print_examples(document, {n: load_conversations([n], dataset_dir) for n in options.data[:1]}, options.show)
+    # the questions already read (and cut to --max_samples), which the predictions line up with
+    print_examples(document, {n: loaded[0][n] for n in options.data[:1]}, options.show)
     print("\n" + markdown_table(document))
     target = Path(output) if output else Path(adapter_dir or ".") / RESULTS
     target.parent.mkdir(parents=True, exist_ok=True)
