@@ -163,7 +163,8 @@ def test_fast_dropout_is_bernoulli_reproducible_and_backward_matches():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("half", [False, True])
-def test_fused_lora_matches_peft(dropout, half):
+@pytest.mark.parametrize("base_inside", [True, False])
+def test_fused_lora_matches_peft(dropout, half, base_inside):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -176,6 +177,11 @@ def test_fused_lora_matches_peft(dropout, half):
             module.cast_input_dtype_enabled = False  # as unift trains a half-precision base
     fused = copy.deepcopy(reference)
     assert fuse_lora_layers(fused)[0] == 2
+    base_calls = []
+    if not base_inside:  # a base the fused function cannot compute itself (a hook, as on a quantized base)
+        for module in fused.modules():
+            if hasattr(module, "base_layer"):
+                module.base_layer.register_forward_hook(lambda *_: base_calls.append(1))
     if dropout:
         # PEFT's layer given the very masks the fused layer draws (same seeds, same order)
         for module in reference.modules():
@@ -191,6 +197,7 @@ def test_fused_lora_matches_peft(dropout, half):
         y.float().pow(2).sum().backward()
         outs.append(y.float())
         grads.append([xi.grad.float()] + [p.grad.float() for n, p in model.named_parameters() if p.requires_grad])
+    assert len(base_calls) == (0 if base_inside else 2)  # which path ran
     for got, want in zip([outs[1], *grads[1]], [outs[0], *grads[0]]):
         if half:  # bf16 rounds in a different order: compare as a whole, to 1% of the norm
             assert (got - want).norm() <= 1e-2 * want.norm(), (got - want).norm() / want.norm()
