@@ -36,12 +36,20 @@ FIXED = ("base_dtype", "padding_free")  # chosen at load time: kept in every var
 
 def wanted(variant: str) -> tuple[str, ...]:
     from unift.accel import OPTIMIZATIONS, parse_optimizations
+    from unift.errors import UniftError
 
     if variant.startswith("all-"):
         left_out = set(variant[4:].split("-"))
+        unknown = left_out - set(SWITCHABLE)
+        if unknown:
+            raise SystemExit(f"--variants {variant}: can leave out only {', '.join(SWITCHABLE)}, "
+                             f"not {', '.join(sorted(unknown))}")
         names = [n for n in OPTIMIZATIONS if n not in left_out]
     else:
-        names = list(parse_optimizations(variant))
+        try:
+            names = list(parse_optimizations(variant))
+        except UniftError as err:
+            raise SystemExit(f"--variants {variant}: {err}") from None
     return tuple(n for n in OPTIMIZATIONS if n in names or n in FIXED)
 
 
@@ -108,6 +116,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="passes over the examples (more pairs, steadier)")
     parser.add_argument("--variants", nargs="+", default=["all", *(f"all-{n}" for n in SWITCHABLE)])
     ns = parser.parse_args()
+    if not ns.data.is_file():
+        parser.error(f"--data {ns.data}: no such file")
     for variant in ns.variants:
         wanted(variant)  # a misspelt name fails before the model loads
     from unift.args import TrainArgs, add_arguments, parse_into

@@ -2,10 +2,13 @@
 with the same global batch and seed. Each rank sees different examples, together the one-process run's;
 the ranks hold identical parameters after every step; losses and adapter equal the one-process run's.
 
-Tolerance (fp32): losses 1e-5 relative; parameters: 999 in 1000 within 1e-6 and all within 1e-4 (1% of
-the learning rate). The sum over ranks rounds differently from one process's sum, and where a gradient is
-as small as Adam's epsilon (1e-8) that rounding becomes a visible part of the step: measured, one of 16,384
-parameters 6.5e-5 apart, the rest within 1.5e-6. In bf16 the two runs part by about the learning rate on some parameters after two steps, with or without
+Tolerance (fp32): losses 1e-5 relative; parameters: 99 in 100 within 1e-6, 999 in 1000 within 1e-5 and all
+within 1e-3 (10% of the learning rate). The sum over ranks rounds differently from one process's sum, and where a gradient is
+as small as Adam's epsilon (1e-8) that rounding becomes a visible part of the step (Adam moves such a
+coordinate by up to about lr whatever its size): measured, one of 16,384 parameters 6.5e-5 apart; after a
+change that only reordered fp32 sums in the fused LoRA layer, two 2.3e-4 apart, and by step 5 their effect
+on the other parameters put 25 of 16,384 beyond 1e-6 (none other beyond 1e-5). A real fault (a rank's
+gradient missing, or counted twice) moves most parameters by about the learning rate. In bf16 the two runs part by about the learning rate on some parameters after two steps, with or without
 --optimizations: rounding differs with the batch shape, and Adam's first steps move every coordinate by
 about lr whatever the sign of a near-zero gradient, so the test trains in fp32. Dropout is off: each
 process draws its own masks, so dropout can never match a one-process run."""
@@ -47,8 +50,9 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def assert_same_weights(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     diff = (a.float() - b.float()).abs()
-    assert diff.max() <= 1e-4, f"{what}: {diff.max():.2e} apart"
-    assert (diff > 1e-6).float().mean() <= 1e-3, f"{what}: {(diff > 1e-6).sum()} of {diff.numel()} beyond 1e-6"
+    assert diff.max() <= 1e-3, f"{what}: {diff.max():.2e} apart"
+    for bound, share in ((1e-6, 1e-2), (1e-5, 1e-3)):
+        assert (diff > bound).float().mean() <= share, f"{what}: {(diff > bound).sum()} of {diff.numel()} beyond {bound}"
 
 
 def torchrun(worker_args: list[str], cwd: Path, port: int) -> list[str]:
