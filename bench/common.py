@@ -33,6 +33,16 @@ def write_workload(source: Path, n: int, folder: Path) -> Path:
     return path
 
 
+def standard_train_args(data: Path, out: Path, epochs: int = 1) -> list[str]:
+    """`unift train` flags for the standard workload (LoRA r=8 on the embedded model, cutoff 128, batch 4,
+    lr 1e-4, no checkpoint in between). `--truncation keep`: the same examples as the other contenders, which
+    cut long answers at the cutoff rather than leave them out (unift's default drops answers that alone
+    exceed --cutoff_len)."""
+    return ["--data", str(data), "--output_dir", str(out), "--epochs", str(epochs), "--per_gpu_train_batch_size",
+            "4", "--lora_r", "8", "--lora_alpha", "16", "--cutoff_len", "128", "--learning_rate", "1e-4",
+            "--logging_steps", "4", "--save_steps", "100000", "--save_total_limit", "1", "--truncation", "keep"]
+
+
 # Runs a Python script (a console script works too) and prints its own peak RSS when it exits, however
 # it exits: each contender's figure is its own process's, with nothing of the benchmark's.
 _REPORT_PEAK = (

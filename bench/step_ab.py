@@ -26,9 +26,8 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine, write_workload  # noqa: E402
+from common import machine, standard_train_args, write_workload  # noqa: E402
 
 SWITCHABLE = ("fused_lora", "fast_dropout", "lean_layers", "cpu_attention", "label_loss")
 FIXED = ("base_dtype", "padding_free")  # chosen at load time: kept in every variant
@@ -127,10 +126,7 @@ def main() -> None:
     switcher.install()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_workload(ns.data, ns.examples, Path(tmp))
-        flags = ["--data", str(data), "--output_dir", str(Path(tmp) / "run"), "--epochs", str(ns.epochs),
-                 "--per_gpu_train_batch_size", "4", "--lora_r", "8", "--lora_alpha", "16", "--cutoff_len", "128",
-                 "--learning_rate", "1e-4", "--logging_steps", "1000", "--save_steps", "100000",
-                 "--save_total_limit", "1", "--truncation", "keep"]
+        flags = standard_train_args(data, Path(tmp) / "run", ns.epochs)
         parser_ = argparse.ArgumentParser()
         add_arguments(parser_, TrainArgs)
         train(parse_into(TrainArgs, parser_.parse_args(flags)))

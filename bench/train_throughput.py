@@ -26,7 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, machine, matmul_peak_gflops, measured_run, median, write_workload  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    machine,
+    matmul_peak_gflops,
+    measured_run,
+    median,
+    standard_train_args,
+    write_workload,
+)
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # --levers: each speed-up added to the ones before it (the order of docs/performance.md's table)
@@ -37,12 +45,7 @@ LEVERS = ["none", "base_dtype", "base_dtype,fast_dropout", "base_dtype,fast_drop
 
 
 def unift_contender(data: Path, out: Path, optimizations: str | None) -> dict:
-    args = ["--data", str(data), "--output_dir", str(out), "--epochs", "1", "--per_gpu_train_batch_size", "4",
-            "--lora_r", "8", "--lora_alpha", "16", "--cutoff_len", "128", "--learning_rate", "1e-4",
-            "--logging_steps", "4", "--save_steps", "100000", "--save_total_limit", "1",
-            # the same 64 examples as the other contenders, which cut long answers at the cutoff rather
-            # than leave them out (unift's default drops answers that alone exceed --cutoff_len)
-            "--truncation", "keep"]
+    args = standard_train_args(data, out)
     if optimizations:
         args += ["--optimizations", optimizations]
     _, peak = measured_run(sys.executable, str(REPO / "uniform_finetune.py"), args)

@@ -25,7 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, machine, matmul_peak_gflops, measured_run, median, write_workload  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    machine,
+    matmul_peak_gflops,
+    measured_run,
+    median,
+    standard_train_args,
+    write_workload,
+)
 
 LF_COMMON = {
     "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": 8, "lora_alpha": 16,
@@ -50,12 +58,7 @@ def llamafactory(venv: Path, model: Path, data_dir: Path, out: Path, examples: i
 
 
 def unift(data: Path, out: Path, *extra: str) -> dict:
-    args = [*extra, "--data", str(data), "--output_dir", str(out), "--epochs", "1", "--per_gpu_train_batch_size", "4",
-            "--lora_r", "8", "--lora_alpha", "16", "--cutoff_len", "128", "--learning_rate", "1e-4",
-            "--logging_steps", "4", "--save_steps", "100000", "--save_total_limit", "1",
-            # the same 64 examples as the other contenders, which cut long answers at the cutoff rather
-            # than leave them out (unift's default drops answers that alone exceed --cutoff_len)
-            "--truncation", "keep"]
+    args = [*extra, *standard_train_args(data, out)]
     _, peak = measured_run(sys.executable, str(REPO / "uniform_finetune.py"), args)
     m = json.loads((out / "metrics.json").read_text())
     return {"samples_per_second": m["samples_per_second"], "peak_rss_mib": peak, "train_loss": m["train_loss"],
