@@ -58,6 +58,7 @@ class Switcher:
 
     def __init__(self, variants: list[str]) -> None:
         self.variants = variants
+        self.sets = {v: wanted(v) for v in variants}  # a misspelt name fails here, before the model loads
         self.times: dict[str, list[float]] = {v: [] for v in variants}
         self.batches = 0
 
@@ -93,7 +94,7 @@ class Switcher:
         order = self.variants if self.batches % 2 == 0 else self.variants[::-1]
         self.batches += 1
         for variant in order:
-            self.use(wanted(variant))
+            self.use(self.sets[variant])
             started = time.perf_counter()
             with trainer.compute_loss_context_manager():
                 loss = trainer.compute_loss(model, inputs)
@@ -117,12 +118,10 @@ def main() -> None:
     ns = parser.parse_args()
     if not ns.data.is_file():
         parser.error(f"--data {ns.data}: no such file")
-    for variant in ns.variants:
-        wanted(variant)  # a misspelt name fails before the model loads
+    switcher = Switcher(ns.variants)
     from unift.args import TrainArgs, add_arguments, parse_into
     from unift.train import train
 
-    switcher = Switcher(ns.variants)
     switcher.install()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_workload(ns.data, ns.examples, Path(tmp))

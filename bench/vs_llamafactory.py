@@ -130,7 +130,7 @@ def main() -> None:
           f" parameters = {100 * share:.0f}% of the bf16 matmul peak")
     if ns.json:
         ns.json.write_text(json.dumps({"peak_gflops": peaks, "runs": runs, "table": table,
-                                               "speed_ratio_per_round": paired}, indent=2))
+                                       "speed_ratio_per_round": paired}, indent=2))
 
 
 if __name__ == "__main__":
