@@ -84,8 +84,8 @@ def held_out_figures(run: str | None, ns: argparse.Namespace) -> dict:
     """Exact match of greedy answers and perplexity of the reference answers on `arith_test`."""
     from unift.evaluate import EvalOptions, evaluate
 
-    options = EvalOptions(data=["arith_test"], metrics=("em", "ppl"), max_samples=ns.eval_samples,
-                          max_new_tokens=48, show=0)
+    # new tokens: unift eval's default, room for the longest reference answer
+    options = EvalOptions(data=["arith_test"], metrics=("em", "ppl"), max_samples=ns.eval_samples, show=0)
     document = evaluate(run, options, output=str(Path(ns.work) / f"eval-{Path(run or 'base').name}.json"))
     figures = document["setups"][-1]["tasks"]["arith_test"]
     return {"exact_match": figures["exact_match"], "eval_total": figures["examples"],

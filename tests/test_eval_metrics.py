@@ -134,6 +134,33 @@ def test_shown_examples_are_the_ones_evaluated(tiny_model, tmp_path, capsys):
     assert out.count("\nQ: ") == 1 and CONVERSATIONS[0][0]["content"] in out
 
 
+def test_eval_dtype_and_default_answer_length(tiny_model, tmp_path):
+    """--dtype bf16 scores the model in bf16 (recorded in the results) with a perplexity close to fp32's:
+    the flag reaches the loaded weights, not just the options. Without --max_new_tokens, answers may run
+    to the longest reference answer and a quarter more (a fixed default cut long worked answers short)."""
+    from transformers import AutoTokenizer
+
+    from unift.cli import main
+
+    run = run_folder(tiny_model("llama"), tmp_path / "run", "lora", perturb=0.05, template="chatml")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": c[0]["content"], "input": "", "output": c[1]["content"]}) + "\n"
+                            for c in CONVERSATIONS), encoding="utf-8")
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", "--adapter_dir", str(run), "--data", str(data), "--show", "0", "--dtype", dtype,
+                     "--output", str(out)]) == 0
+        results[dtype] = json.loads(out.read_text())
+    assert (results["fp32"]["dtype"], results["bf16"]["dtype"]) == ("float32", "bfloat16")
+    fp32, bf16 = (results[d]["setups"][0]["tasks"][str(data)] for d in ("fp32", "bf16"))
+    assert fp32["perplexity"] != bf16["perplexity"]
+    assert math.isclose(fp32["perplexity"], bf16["perplexity"], rel_tol=0.05)
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    longest = max(len(tokenizer(c[1]["content"], add_special_tokens=False)["input_ids"]) for c in CONVERSATIONS)
+    assert longest > 8 and fp32["max_new_tokens"] == longest + max(8, longest // 4)
+
+
 @pytest.mark.parametrize(("name", "text", "expected"), [
     ("answer", "so 3 + 4 = 7.\nAnswer: 7", "7"),
     ("answer", "答案：四十七", "四十七"),

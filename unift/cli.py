@@ -89,7 +89,7 @@ def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
 
 def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                        help="weights dtype for generation (default: fp32 on CPU, bf16/fp16 on GPU); bf16 makes "
+                        help="weights dtype (default: fp32 on CPU, bf16/fp16 on GPU); bf16 makes "
                              "batched generation ~2.4x faster on CPUs with AVX512-BF16, but greedy answers then "
                              "depend on the batch size")
 
@@ -247,6 +247,7 @@ command("serve", "web service: OpenAI-compatible API under /v1 and a chat UI at 
 
 def build_eval(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
+    add_dtype_flag(parser)
     parser.add_argument("--data", nargs="+", default=None,
                         help="held-out conversations, the last answer being the reference (default: arith_test "
                              "unless --exam is given)")
@@ -267,7 +268,9 @@ def build_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--choice", default="letter", choices=["letter", "text"],
                         help="exams: score the option letter (default) or the option text")
     parser.add_argument("--max_samples", type=bounded(int, POSITIVE_INT))
-    parser.add_argument("--max_new_tokens", type=bounded(int, POSITIVE_INT), default=32)
+    parser.add_argument("--max_new_tokens", type=bounded(int, POSITIVE_INT),
+                        help="longest generated answer (default: the longest reference answer's length and a "
+                             "quarter more)")
     parser.add_argument("--batch_size", type=bounded(int, POSITIVE_INT), default=16)
     parser.add_argument("--cutoff_len", type=bounded(int, POSITIVE_INT), default=2048,
                         help="longest scored sequence (tokens)")
@@ -278,6 +281,7 @@ def build_eval(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(ns: argparse.Namespace) -> None:
     from unift.evaluate import EvalOptions, evaluate
+    from unift.models.loading import parse_dtype
 
     data = ns.data if ns.data is not None else ([] if ns.exam else ["arith_test"])
     options = EvalOptions(
@@ -287,7 +291,7 @@ def run_eval(ns: argparse.Namespace) -> None:
         dataset_dir=ns.dataset_dir,
     )
     evaluate(ns.adapter_dir, options, base_model=ns.model_name_or_path, model_type=ns.model_type,
-             output=ns.output, plot=ns.plot, device=ns.device)
+             output=ns.output, plot=ns.plot, device=ns.device, dtype=parse_dtype(ns.dtype))
 
 
 command("eval", "exact match, perplexity, BLEU/ROUGE-L and multiple-choice exams; base vs few-shot vs tuned",

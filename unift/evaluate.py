@@ -14,12 +14,15 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unift.data import Message, encode_conversation, load_conversations
 from unift.errors import UniftError
 from unift.evals.extract import answer_line, get_extractor
 from unift.inference import PRESETS, Engine
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("em", "ppl", "bleu", "rouge")
 RESULTS = "eval_results.json"
@@ -47,7 +50,7 @@ class EvalOptions:
     shots_from: list[str] | None = None  # default: the run's training data (exams: the exam itself)
     choice: str = "letter"  # exams: score the option letter, or the option text
     max_samples: int | None = None
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # default: room for the longest reference answer (answer_budget)
     batch_size: int = 16
     cutoff_len: int = 2048
     show: int = 3
@@ -81,6 +84,13 @@ def with_shots(conversation: list[Message], pool: list[list[Message]], k: int) -
     return [m for c in shots for m in c] + conversation
 
 
+def answer_budget(tokenizer, references: list[str]) -> int:
+    """New tokens enough for the longest reference answer and a quarter more: a fixed default cut answers
+    short whenever a dataset's working out is longer than it (and a cut answer has no final line to match)."""
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return longest + max(8, longest // 4)
+
+
 def generation_task(engine: Engine, conversations: list[list[Message]], setup: Setup, pool: list[list[Message]],
                     options: EvalOptions) -> dict[str, Any]:
     """Exact match / BLEU / ROUGE-L of greedy answers and perplexity of the references, for one setup."""
@@ -103,11 +113,13 @@ def generation_task(engine: Engine, conversations: list[list[Message]], setup: S
         figures["answer_loss"] = ppl.mean_loss
         figures["answer_tokens"] = ppl.tokens
     if {"em", "bleu", "rouge"} & set(options.metrics):
-        settings = replace(PRESETS["greedy"], max_new_tokens=options.max_new_tokens)
+        references = [c[-1]["content"] for c in conversations]
+        limit = options.max_new_tokens or answer_budget(engine.tokenizer, references)
+        settings = replace(PRESETS["greedy"], max_new_tokens=limit)
         prompts = [c[:-1] for c in shown]
         outputs = [c.text for c in engine.generate(prompts, settings, batch_size=options.batch_size,
                                                    adapter=setup.adapter, max_prompt_tokens=options.cutoff_len)]
-        references = [c[-1]["content"] for c in conversations]
+        figures["max_new_tokens"] = limit
         figures["predictions"] = outputs
         if "em" in options.metrics:
             extract = get_extractor(options.extractor)
@@ -184,7 +196,8 @@ def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dic
 
 def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str | None = None,
              model_type: str | None = None, output: str | None = None, plot: bool = False,
-             engine: Engine | None = None, device: str | None = None) -> dict[str, Any]:
+             engine: Engine | None = None, device: str | None = None, dtype: torch.dtype | None = None
+             ) -> dict[str, Any]:
     """Load, evaluate, print the table, write eval_results.json (and PNGs with plot); returns the document."""
     from unift.evals.report import markdown_table, plot_results, print_examples
     from unift.runtime import write_json_atomic
@@ -192,9 +205,11 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
     if not options.data and not options.exam:
         raise UniftError("nothing to evaluate: pass --data and/or --exam")
     loaded = load_tasks(options)  # bad data fails in a second, before the model loads
-    engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device)
+    engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device,
+                                   dtype=dtype)
     document = run_evaluation(engine, options, loaded)
     document["adapter_dir"] = adapter_dir
+    document["dtype"] = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
     # the questions already read (and cut to --max_samples), which the predictions line up with
     print_examples(document, {n: loaded[0][n] for n in options.data[:1]}, options.show)
     print("\n" + markdown_table(document))
