@@ -36,7 +36,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 demo: install
 	$(BIN)/unift train --config configs/arith_lora.yaml --output_dir $(RUN)
 	@# the 100 held-out problems in one batch: on a CPU, generating 100 rows at once costs little more than 16
-	$(BIN)/unift eval --adapter_dir $(RUN) --compare_base --show 4 --max_new_tokens 48 --batch_size 100
+	$(BIN)/unift eval --adapter_dir $(RUN) --compare_base --show 4 --max_new_tokens 56 --batch_size 100
 
 test: install-dev
 	$(BIN)/ruff check .

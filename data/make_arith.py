@@ -2,9 +2,11 @@
 
 The task is verifiable (the last line is "Answer: N") and the embedded SmolLM2-135M-Instruct gets it
 mostly wrong before tuning, but learns it in minutes on two CPU cores. Each answer shows its working the
-way one does it in one's head, tens first, then ones ("43 + 46: 43 + 40 = 83, 83 + 6 = 89."): a 135M
-model computing the sum in one step got about 80% of held-out problems right after tuning, with the
-two small steps over 90% in the same time. Deterministic for a given seed:
+way one does it in one's head: the tens first, then the ones digit on its own, so that a carry or a borrow
+is written down before the result ("58 + 27: 58 + 20 = 78, 78 + 7: 8 + 7 = 15, so 85."). Digits are
+single tokens, so a model writing "85" straight after "78 + 7 =" must settle the carry before its first
+digit; that was where nine in ten of its mistakes were (about 90% exact match), against about 96% with
+the ones written out. The sum in one step got about 80%. Deterministic for a given seed:
     python data/make_arith.py            # writes data/arith/train.jsonl and data/arith/test.jsonl
 """
 
@@ -30,11 +32,15 @@ SUB = [
 
 
 def working(a: int, op: str, b: int) -> str:
-    """a +/- b in two steps: the tens of b, then its ones."""
+    """a +/- b in two steps: the tens of b, then its ones, digit by digit (borrowing ten when needed)."""
     tens, ones = b // 10 * 10, b % 10
     step = a + tens if op == "+" else a - tens
     result = step + ones if op == "+" else step - ones
-    return f"{a} {op} {tens} = {step}, {step} {op} {ones} = {result}"
+    digit = step % 10
+    if op == "-" and digit < ones:
+        digit += 10
+    digits = f"{digit} {op} {ones} = {digit + ones if op == '+' else digit - ones}"
+    return f"{a} {op} {tens} = {step}, {step} {op} {ones}: {digits}, so {result}"
 
 
 def make_problem(rng: random.Random) -> dict:

@@ -32,7 +32,7 @@ def test_train_eval_generate_on_the_embedded_model(tmp_path):
 
     evaluation = subprocess.run(
         [sys.executable, "-m", "unift.cli", "eval", "--adapter_dir", str(out), "--compare_base",
-         "--max_samples", "16", "--max_new_tokens", "48", "--show", "1"],
+         "--max_samples", "16", "--max_new_tokens", "56", "--show", "1"],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
