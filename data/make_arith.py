@@ -5,7 +5,7 @@ mostly wrong before tuning, but learns it in minutes on two CPU cores. Each answ
 way one does it in one's head: the tens first, then the ones digit on its own, so that a carry or a borrow
 is written down before the result ("58 + 27: 58 + 20 = 78, 78 + 7: 8 + 7 = 15, so 85."). Digits are
 single tokens, so a model writing "85" straight after "78 + 7 =" must settle the carry before its first
-digit; that was where nine in ten of its mistakes were (about 90% exact match), against about 96% with
+digit; every mistake of that form was in its last step (about 90% exact match), against about 95% with
 the ones written out. The sum in one step got about 80%. Deterministic for a given seed:
     python data/make_arith.py            # writes data/arith/train.jsonl and data/arith/test.jsonl
 """
