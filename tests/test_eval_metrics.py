@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,14 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Write a longer answer about the sea, please, with some detail."},
      {"role": "assistant", "content": "The sea is wide and deep, and its water is salty and cold."}],
 ]
+
+
+def qa_file(folder: Path) -> Path:
+    """CONVERSATIONS as an alpaca JSONL file, the held-out set `unift eval --data` reads."""
+    data = folder / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": c[0]["content"], "input": "", "output": c[1]["content"]}) + "\n"
+                            for c in CONVERSATIONS), encoding="utf-8")
+    return data
 
 
 def independent_nll(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
@@ -96,9 +105,7 @@ def test_perplexity_of_adapter_and_merged_model_agree(tiny_model, tmp_path, caps
 
     base = tiny_model("llama")
     run = run_folder(base, tmp_path / "run", "lora", perturb=0.05, template="chatml")
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"instruction": c[0]["content"], "input": "", "output": c[1]["content"]}) + "\n"
-                            for c in CONVERSATIONS), encoding="utf-8")
+    data = qa_file(tmp_path)
     assert main(["merge", "--adapter_dir", str(run), "--merged_dir", str(tmp_path / "merged")]) == 0
     flags = ["--data", str(data), "--metrics", "ppl", "--show", "0"]
     assert main(["eval", "--adapter_dir", str(run), "--compare_base", "--num_shots", "1", "--shots_from", str(data),
@@ -125,9 +132,7 @@ def test_shown_examples_are_the_ones_evaluated(tiny_model, tmp_path, capsys):
     from unift.cli import main
 
     run = run_folder(tiny_model("llama"), tmp_path / "run", "lora", perturb=0.05, template="chatml")
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"instruction": c[0]["content"], "input": "", "output": c[1]["content"]}) + "\n"
-                            for c in CONVERSATIONS), encoding="utf-8")
+    data = qa_file(tmp_path)
     assert main(["eval", "--adapter_dir", str(run), "--data", str(data), "--metrics", "em", "--max_samples", "1",
                  "--show", "3", "--max_new_tokens", "4"]) == 0
     out = capsys.readouterr().out
@@ -143,9 +148,7 @@ def test_eval_dtype_and_default_answer_length(tiny_model, tmp_path):
     from unift.cli import main
 
     run = run_folder(tiny_model("llama"), tmp_path / "run", "lora", perturb=0.05, template="chatml")
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"instruction": c[0]["content"], "input": "", "output": c[1]["content"]}) + "\n"
-                            for c in CONVERSATIONS), encoding="utf-8")
+    data = qa_file(tmp_path)
     results = {}
     for dtype in ("fp32", "bf16"):
         out = tmp_path / f"{dtype}.json"
