@@ -155,7 +155,7 @@ def test_eval_dtype_and_default_answer_length(tiny_model, tmp_path):
         assert main(["eval", "--adapter_dir", str(run), "--data", str(data), "--show", "0", "--dtype", dtype,
                      "--output", str(out)]) == 0
         results[dtype] = json.loads(out.read_text())
-    assert (results["fp32"]["dtype"], results["bf16"]["dtype"]) == ("float32", "bfloat16")
+    assert (results["fp32"]["dtype"], results["bf16"]["dtype"]) == ("fp32", "bf16")
     fp32, bf16 = (results[d]["setups"][0]["tasks"][str(data)] for d in ("fp32", "bf16"))
     assert fp32["perplexity"] != bf16["perplexity"]
     assert math.isclose(fp32["perplexity"], bf16["perplexity"], rel_tol=0.05)

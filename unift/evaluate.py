@@ -20,6 +20,7 @@ from unift.data import Message, encode_conversation, load_conversations
 from unift.errors import UniftError
 from unift.evals.extract import answer_line, get_extractor
 from unift.inference import PRESETS, Engine
+from unift.runtime import dtype_name, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -182,6 +183,7 @@ def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dic
     document: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": engine.name, "peft_type": engine.card.peft_type if engine.card else None,
+        "dtype": dtype_name(next(engine.model.parameters()).dtype),  # the weights as scored (--dtype)
         "options": {k: v for k, v in options.__dict__.items()}, "setups": [],
     }
     for setup in setups(engine.has_adapter, options):
@@ -200,7 +202,6 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
              ) -> dict[str, Any]:
     """Load, evaluate, print the table, write eval_results.json (and PNGs with plot); returns the document."""
     from unift.evals.report import markdown_table, plot_results, print_examples
-    from unift.runtime import write_json_atomic
 
     if not options.data and not options.exam:
         raise UniftError("nothing to evaluate: pass --data and/or --exam")
@@ -209,7 +210,6 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
                                    dtype=dtype)
     document = run_evaluation(engine, options, loaded)
     document["adapter_dir"] = adapter_dir
-    document["dtype"] = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
     # the questions already read (and cut to --max_samples), which the predictions line up with
     print_examples(document, {n: loaded[0][n] for n in options.data[:1]}, options.show)
     print("\n" + markdown_table(document))
