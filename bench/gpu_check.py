@@ -45,7 +45,7 @@ def peak_mib() -> float:
 
 def check(method: str, work: Path, steps: int) -> dict:
     from unift.cli import main
-    from unift.inference import Engine, GenerationSettings
+    from unift.engine.engine import Engine, GenerationSettings
 
     run = work / f"{method}-run"
     peak_reset()

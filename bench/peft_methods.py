@@ -82,7 +82,7 @@ def child(method: str, ns: argparse.Namespace) -> dict:
 
 def held_out_figures(run: str | None, ns: argparse.Namespace) -> dict:
     """Exact match of greedy answers and perplexity of the reference answers on `arith_test`."""
-    from unift.evaluate import EvalOptions, evaluate
+    from unift.evals.evaluate import EvalOptions, evaluate
 
     # new tokens: unift eval's default, room for the longest reference answer
     options = EvalOptions(data=["arith_test"], metrics=("em", "ppl"), max_samples=ns.eval_samples, show=0)
@@ -153,7 +153,7 @@ def table(rows: list[dict], ns: argparse.Namespace, command: str) -> str:
 
 
 def update_readme(text: str) -> None:
-    from unift.support import replace_between
+    from unift.peft.support import replace_between
 
     replace_between(REPO / "README.md", START, END, text)
 

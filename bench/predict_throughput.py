@@ -1,5 +1,5 @@
 """Batch predict throughput: the embedded SmolLM2-135M-Instruct (or a run) answering the same prompts at
-several batch sizes, in the same process, through `unift.predict.predict`.
+several batch sizes, in the same process, through `unift.engine.predict.predict`.
 
 With --adapter_dir, each batch size runs twice: with the adapter merged into the weights in memory (what
 `Engine.load` does for additive adapters on fp32 bases) and with it kept apart. Prints rows/s and
@@ -43,9 +43,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from unift.inference import Engine, GenerationSettings
+    from unift.engine.engine import Engine, GenerationSettings
+    from unift.engine.predict import predict
     from unift.models.loading import parse_dtype
-    from unift.predict import predict
 
     source = REPO / "data" / "arith" / "test.jsonl"
     rows = [json.loads(line) for line in source.read_text().splitlines()][: args.prompts]

@@ -65,7 +65,7 @@ class Switcher:
     def install(self) -> None:
         import transformers
 
-        import unift.train as train_module
+        import unift.train.run as train_module
 
         prepare = train_module.prepare_training
 
@@ -120,7 +120,7 @@ def main() -> None:
         parser.error(f"--data {ns.data}: no such file")
     switcher = Switcher(ns.variants)
     from unift.args import TrainArgs, add_arguments, parse_into
-    from unift.train import train
+    from unift.train.run import train
 
     switcher.install()
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,8 +52,8 @@ def run_folder(base_dir: Path, out: Path, peft_type: str, *, perturb: float = 0.
 
     from unift.args import TrainArgs
     from unift.models import get_model_spec, load_tokenizer
+    from unift.models.runcard import RunCard
     from unift.peft import get_method, wrap_model
-    from unift.runcard import RunCard
 
     spec = get_model_spec(model_type)
     method = get_method(peft_type)

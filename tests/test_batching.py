@@ -9,7 +9,7 @@ import threading
 import pytest
 from after_training_helpers import trained_run
 
-from unift.inference import GenerationSettings
+from unift.engine.engine import GenerationSettings
 
 PROMPTS = [[{"role": "user", "content": q}] for q in
            ("What is 2 plus 3?", "Name a colour.", "Tell me a story about a cat.", "Hi")]
@@ -17,7 +17,7 @@ PROMPTS = [[{"role": "user", "content": q}] for q in
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     return Engine.load(str(trained_run(tiny_model("llama"))))
 

@@ -17,8 +17,8 @@ import time
 import pytest
 from after_training_helpers import PYTHON, REPO, env, run_folder, trained_run
 
-from unift.chat import chat_loop
-from unift.inference import GenerationSettings
+from unift.engine.chat import chat_loop
+from unift.engine.engine import GenerationSettings
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def run(tiny_model):
 
 @pytest.fixture(scope="module")
 def engine(run):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     return Engine.load(str(run))
 
@@ -101,7 +101,7 @@ def test_history_is_fed_back_and_reset_forgets_it(monkeypatch):
 
 
 def test_base_switch_changes_the_answer_of_an_adapter_that_changes_it(monkeypatch, tiny_model, tmp_path):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     engine = Engine.load(str(run_folder(tiny_model("llama"), tmp_path / "run", "lora")))
     settings = GenerationSettings(max_new_tokens=6)

@@ -54,7 +54,7 @@ def train_here(flags: list[str]) -> None:
     the same arithmetic, without a second interpreter start-up for each."""
     from unift.args import parse_into
     from unift.cli import parse
-    from unift.train import train
+    from unift.train.run import train
 
     train(parse_into(TrainArgs, parse(["train", *flags])))
 
@@ -146,8 +146,8 @@ def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
 def test_a_full_disk_is_refused_with_the_space_needed(tmp_path):
     import shutil
 
-    from unift.checkpoints import check_output_dir
     from unift.errors import UniftError
+    from unift.train.checkpoints import check_output_dir
 
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(UniftError, match=r"--output_dir .*: \d+ MiB free, the checkpoints need about \d+ MiB"):

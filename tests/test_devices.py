@@ -9,9 +9,9 @@ import pytest
 import torch
 from after_training_helpers import PYTHON, REPO, env
 
-from unift.devices import choose_device, dtype_for, placement, training_device
+from unift.engine.engine import Engine
 from unift.errors import UniftError
-from unift.inference import Engine
+from unift.models.devices import choose_device, dtype_for, placement, training_device
 
 GiB = 2**30
 
@@ -67,7 +67,7 @@ def test_commands_refuse_a_missing_device_in_one_line(tiny_model, command):
 
 
 def test_training_picks_a_gpu_through_cuda_visible_devices(monkeypatch):
-    import unift.devices as devices
+    import unift.models.devices as devices
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(devices, "resolve_device", lambda requested: "cuda:1")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from after_training_helpers import run_folder
 
-from unift.inference import Engine, GenerationSettings
+from unift.engine.engine import Engine, GenerationSettings
 
 IDS = torch.tensor([[5, 17, 301, 42, 7, 9]])
 QUESTIONS = [[{"role": "user", "content": "What is 2 plus 3?"}], [{"role": "user", "content": "Hi"}]]

@@ -11,8 +11,8 @@ import yaml
 from conftest import memorisation_rows
 
 from unift.cli import main
+from unift.commands.experiment import load_experiment
 from unift.errors import UniftError
-from unift.experiment import load_experiment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -46,7 +46,7 @@ def reference_logits(base, folder, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_engine_loads_it_exactly_and_says_what_it_guessed(foreign, caplog):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     base, folder = foreign
     with caplog.at_level("INFO", logger="unift"):
@@ -67,7 +67,7 @@ def test_engine_loads_it_exactly_and_says_what_it_guessed(foreign, caplog):
 
 
 def test_flags_override_the_guesses(foreign, caplog):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     base, folder = foreign
     with caplog.at_level("INFO", logger="unift"):

@@ -48,13 +48,13 @@ def method_registered(name: str) -> bool:
 
 def adapter_logits(run, ids, full_precision_base: bool = False, dtype=torch.float32) -> torch.Tensor:
     """The adapter model's logits, as unift serves it (QLoRA: optionally over the fp32 base instead)."""
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     if full_precision_base:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from unift.runcard import RunCard
+        from unift.models.runcard import RunCard
 
         base = AutoModelForCausalLM.from_pretrained(RunCard.load(run).base_model, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, str(run)).eval().to(dtype)
@@ -86,7 +86,7 @@ PLAIN_LOAD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def merged_matrix(tiny_model, tmp_path_factory):
     """Every mergeable method: run folder -> unift merge -> plain-transformers logits (one subprocess)."""
-    from unift.merge import merge
+    from unift.engine.merge import merge
 
     base = tiny_model("llama")
     work = tmp_path_factory.mktemp("merge")
@@ -137,8 +137,8 @@ def test_merged_folder_carries_the_run_template(tiny_model, tmp_path):
     """A run trained with --template alpaca: the merged tokenizer's chat template renders the same prompt,
     and Engine.load(merged) prompts exactly as the adapter run does."""
     from unift.data import get_template
-    from unift.inference import Engine
-    from unift.merge import merge
+    from unift.engine.engine import Engine
+    from unift.engine.merge import merge
     from unift.models import load_tokenizer
 
     run = run_folder(tiny_model("llama"), tmp_path / "run", "lora", template="alpaca")
@@ -154,7 +154,7 @@ def test_merged_folder_carries_the_run_template(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_unmergeable_methods_fail_with_the_reason(tiny_model, tmp_path, name):
-    from unift.merge import merge
+    from unift.engine.merge import merge
 
     if not method_registered(name):
         pytest.skip(f"--peft_type {name} is not registered")
@@ -207,7 +207,7 @@ def test_export_gguf_round_trips_through_transformers(tiny_model, tmp_path):
 
 
 def test_export_gguf_refuses_other_architectures(tiny_model, tmp_path):
-    from unift.merge import merge
+    from unift.engine.merge import merge
 
     run = run_folder(tiny_model("bloom"), tmp_path / "run", "lora", model_type="bloom")
     with pytest.raises(UniftError, match="architecture is bloom"):

@@ -14,12 +14,12 @@ from conftest import memorisation_rows
 
 from unift.args import TrainArgs
 from unift.cli import main
-from unift.inference import Engine, GenerationSettings
+from unift.engine.engine import Engine, GenerationSettings
+from unift.models.runcard import RunCard
 from unift.peft import METHODS, MethodSpec, get_method, register_method
-from unift.runcard import RunCard
+from unift.peft.support import support_matrix
 from unift.runtime import torch_dtype
-from unift.support import support_matrix
-from unift.train import train
+from unift.train.run import train
 
 MATRIX = support_matrix()
 WORKS = [(model, method) for model, row in MATRIX.items() for method, reason in row.items() if not reason]

@@ -14,13 +14,13 @@ from conftest import memorisation_rows
 
 from unift.args import TrainArgs
 from unift.cli import main
-from unift.inference import Engine
+from unift.engine.engine import Engine
 from unift.models import get_model_spec, load_model
+from unift.models.runcard import RunCard
 from unift.peft import METHODS, get_method, merge_refusal, method_names
-from unift.runcard import RunCard
+from unift.peft.support import readme_block, support_table
 from unift.runtime import torch_dtype
-from unift.support import readme_block, support_table
-from unift.train import train
+from unift.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[1, 2, 3, 4, 5, 6]])
@@ -212,4 +212,4 @@ def test_unift_list_prints_the_matrix(capsys):
 
 def test_readme_matrix_is_the_generated_one():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert readme_block(readme) == support_table(), "run: python -m unift.support --update-readme"
+    assert readme_block(readme) == support_table(), "run: python -m unift.peft.support --update-readme"

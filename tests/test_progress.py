@@ -61,7 +61,7 @@ def test_a_run_reports_to_tensorboard_and_wandb_and_plots_its_loss(tiny_model, w
 
 
 def test_unknown_tracker_is_refused():
-    from unift.progress import report_targets
+    from unift.train.progress import report_targets
 
     with pytest.raises(UniftError, match="--report_to: unknown mlflow; choose none or from tensorboard, wandb"):
         report_targets("tensorboard,mlflow", "out")

@@ -11,12 +11,12 @@ import torch
 from conftest import memorisation_rows
 
 from unift.args import TrainArgs
+from unift.engine.engine import Engine
 from unift.evals.likelihood import score_rows
-from unift.inference import Engine
+from unift.models.runcard import RunCard
 from unift.peft import METHODS, get_method
-from unift.runcard import RunCard
 from unift.runtime import torch_dtype
-from unift.train import prepare, train
+from unift.train.run import prepare, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LEARNING_RATE = {"ia3": 5e-2, "vera": 5e-2, "prompt": 5e-2, "prefix": 3e-2, "adalora": 3e-2}

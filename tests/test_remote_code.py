@@ -80,7 +80,7 @@ def test_trains_with_the_checkpoints_own_linear_layers(trained):
 
 
 def test_reload_generates_with_the_cache_batched_as_one_by_one(trained):
-    from unift.inference import Engine, GenerationSettings
+    from unift.engine.engine import Engine, GenerationSettings
 
     engine = Engine.load(str(trained))
     assert type(engine.model.get_base_model()).__module__.startswith("transformers_modules")
@@ -98,7 +98,7 @@ def test_reload_generates_with_the_cache_batched_as_one_by_one(trained):
 
 
 def test_merges_and_the_merged_model_loads_with_plain_transformers(trained, tmp_path):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter_dir", str(trained), "--merged_dir", str(merged)]) == 0

@@ -32,7 +32,7 @@ def test_fsdp_config_builds_accelerates_plugin_and_takes_peft_wrap_policy(monkey
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from unift.scaling import prepare_engine
+    from unift.train.scaling import prepare_engine
 
     env = accelerate_env(REPO / "configs" / "accelerate" / "fsdp.yaml")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
@@ -100,16 +100,16 @@ def test_bad_deepspeed_file_is_named(tmp_path, capsys):
 
 
 def test_an_8bit_base_is_refused_for_sharding_engines(monkeypatch):
-    import unift.scaling
+    import unift.train.scaling
 
-    monkeypatch.setattr(unift.scaling, "has_accelerator", lambda: True)  # the refusal comes before any GPU work
+    monkeypatch.setattr(unift.train.scaling, "has_accelerator", lambda: True)  # the refusal comes before any GPU work
     zero3 = str(REPO / "configs" / "deepspeed" / "zero3.json")
     with pytest.raises(UniftError, match="an 8-bit base cannot be sharded by ZeRO-3"):
-        unift.scaling.check_engine(TrainArgs(quantization_bit=8, deepspeed=zero3))
-    assert unift.scaling.check_engine(TrainArgs(quantization_bit=8,
+        unift.train.scaling.check_engine(TrainArgs(quantization_bit=8, deepspeed=zero3))
+    assert unift.train.scaling.check_engine(TrainArgs(quantization_bit=8,
                                                 deepspeed=str(REPO / "configs/deepspeed/zero2.json"))) == "deepspeed"
     qlora = TrainArgs(peft_type="qlora", deepspeed=zero3)
-    assert unift.scaling.check_engine(qlora) == "deepspeed" and unift.scaling.sharded_quantized_storage(qlora)
+    assert unift.train.scaling.check_engine(qlora) == "deepspeed" and unift.train.scaling.sharded_quantized_storage(qlora)
 
 
 def test_qlora_for_sharding_engines_packs_4bit_weights_in_the_compute_dtype(tiny_model):

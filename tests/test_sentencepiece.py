@@ -126,7 +126,7 @@ def test_bos_is_added_once_without_a_chat_template(sp_dirs):
 def test_a_cut_prompt_keeps_its_bos(sp_dirs):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     tokenizer = sp_tokenizer(sp_dirs, "plain")
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,

@@ -14,7 +14,7 @@ import openai
 import pytest
 from after_training_helpers import free_port, run_folder
 
-from unift.inference import PRESETS, GenerationSettings
+from unift.engine.engine import PRESETS, GenerationSettings
 
 KEY = "sk-unift-test"
 GREEDY5 = GenerationSettings(max_new_tokens=5)
@@ -23,7 +23,7 @@ QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_model, tmp_path_factory):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     # An adapter moved well away from the identity, so that "run" and "run:base" answer differently (the
     # 2-step trained run's adapter leaves the greedy answers of the tiny model unchanged).
@@ -34,7 +34,7 @@ def engine(tiny_model, tmp_path_factory):
 def base_url(engine):
     import uvicorn
 
-    from unift.serve import create_app
+    from unift.serve.app import create_app
 
     app = create_app(engine, PRESETS["chat"], api_key=KEY, ui=False, max_tokens_limit=2048)
     port = free_port()

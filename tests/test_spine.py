@@ -100,7 +100,7 @@ def test_cutoff_truncates(embedded_dir):
 @pytest.fixture(scope="module")
 def trained_run(tiny_model, tmp_path_factory):
     """A tiny llama fine-tuned on a memorisation set through the real training path."""
-    from unift.train import train
+    from unift.train.run import train
 
     folder = tmp_path_factory.mktemp("run")
     data = folder / "mem.jsonl"
@@ -128,7 +128,7 @@ def test_loss_falls_and_run_folder_describes_itself(trained_run):
 
 
 def test_adapter_reloads_to_identical_logits(trained_run):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
 
     ids = torch.tensor([[5, 17, 301, 42, 7]])
     trained = trained_run.model.eval()
@@ -136,15 +136,22 @@ def test_adapter_reloads_to_identical_logits(trained_run):
         expected = trained(input_ids=ids).logits
         with trained.disable_adapter():
             base = trained(input_ids=ids).logits
+    from transformers import AutoModelForCausalLM
+
+    from unift.peft import load_adapter
+
+    base_model = AutoModelForCausalLM.from_pretrained(trained_run.model.peft_config["default"].base_model_name_or_path,
+                                                      dtype=torch.float32)
+    with torch.no_grad():
+        reloaded = load_adapter(base_model, str(trained_run.output_dir)).eval()(input_ids=ids).logits
     engine = Engine.load(str(trained_run.output_dir))
     assert engine.merged  # LoRA on an fp32 base is folded into the weights for inference
     with torch.no_grad():
         merged = engine.model(input_ids=ids).logits
-        engine.model.unmerge_adapter()
-        reloaded = engine.model(input_ids=ids).logits
     assert not torch.allclose(expected, base, atol=1e-3)  # the adapter changes the model...
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)  # ...and reloads exactly
-    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-4)  # merged: fp32 rounding of W + BA
+    # merged: fp32 rounding of W + BA (unmerging it again is no exact reload either: W + BA - BA)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-4)
 
 
 def test_generate_answers_from_the_run_folder_alone(trained_run):
@@ -177,14 +184,14 @@ def test_every_shipped_config_parses(config):
      ("13 + 35 = 48\n答案：48", "48"), ("答案：七千九百三十八", "七千九百三十八"), ("Some  Free text", "some free text")],
 )
 def test_final_answer_extraction(text, expected):
-    from unift.evaluate import final_answer
+    from unift.evals.evaluate import final_answer
 
     assert final_answer(text) == expected
 
 
 def test_checkpoints_describe_themselves_and_resume(tiny_model, write_jsonl, tmp_path):
-    from unift.inference import Engine
-    from unift.train import train
+    from unift.engine.engine import Engine
+    from unift.train.run import train
 
     data = write_jsonl(memorisation_rows(8))
     common = dict(model_type="qwen2", model_name_or_path=str(tiny_model("qwen2")), data=[str(data)],
@@ -206,8 +213,8 @@ def test_qlora_run_reloads_through_the_engine_to_the_same_logits(tiny_model, wri
     """The engine rebuilds a 4-bit base the way training did (quantized from the compute dtype)."""
     from accelerate.utils import extract_model_from_parallel
 
-    from unift.inference import Engine
-    from unift.train import train
+    from unift.engine.engine import Engine
+    from unift.train.run import train
 
     data = write_jsonl(memorisation_rows(8))
     result = train(TrainArgs(model_type="bloom", model_name_or_path=str(tiny_model("bloom")), data=[str(data)],

@@ -109,9 +109,9 @@ def main() -> int:
     if mine.pause_at:
         callbacks.append(PauseAt(mine.pause_at, out))
     if mine.pause_publish:
-        import unift.train
+        import unift.train.run
 
-        build = unift.train.build_trainer
+        build = unift.train.run.build_trainer
 
         def build_with_pause(*a, **kw):
             trainer = build(*a, **kw)
@@ -124,8 +124,8 @@ def main() -> int:
             trainer.before_publish.append(pause)
             return trainer
 
-        unift.train.build_trainer = build_with_pause
-    from unift.train import train
+        unift.train.run.build_trainer = build_with_pause
+    from unift.train.run import train
 
     try:
         train(args, callbacks=callbacks)

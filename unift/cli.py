@@ -20,8 +20,8 @@ from unift.args import (
     load_yaml_defaults,
     parse_into,
 )
-from unift.devices import DEVICE_HELP
 from unift.errors import UniftError
+from unift.models.devices import DEVICE_HELP
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
@@ -40,7 +40,7 @@ def build_train(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(ns: argparse.Namespace) -> None:
-    from unift.train import train
+    from unift.train.run import train
 
     train(parse_into(TrainArgs, ns))
 
@@ -70,7 +70,7 @@ def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = Fa
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
-    from unift.inference import PRESETS
+    from unift.engine.engine import PRESETS
 
     group = parser.add_argument_group("decoding options (override the preset)")
     group.add_argument("--preset", default=preset, choices=sorted(PRESETS),
@@ -95,9 +95,9 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def load_engine(ns: argparse.Namespace):
-    from unift.inference import Engine
+    from unift.engine.engine import Engine
     from unift.models.loading import parse_dtype
-    from unift.runcard import find_run
+    from unift.models.runcard import find_run
 
     if getattr(ns, "run_data", None) and not ns.adapter_dir:
         ns.adapter_dir = find_run(ns.run_data, ns.model_type)
@@ -108,7 +108,7 @@ def load_engine(ns: argparse.Namespace):
 
 
 def decoding(ns: argparse.Namespace):
-    from unift.inference import settings_from
+    from unift.engine.engine import settings_from
 
     return settings_from(ns.preset, max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample,
                          temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, num_beams=ns.num_beams,
@@ -127,7 +127,7 @@ def build_generate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(ns: argparse.Namespace) -> None:
-    from unift.chat import answer_once, chat_loop
+    from unift.engine.chat import answer_once, chat_loop
 
     engine = load_engine(ns)
     if ns.prompt is not None:
@@ -147,7 +147,7 @@ def build_chat(parser: argparse.ArgumentParser) -> None:
 
 
 def run_chat(ns: argparse.Namespace) -> None:
-    from unift.chat import chat_loop
+    from unift.engine.chat import chat_loop
 
     chat_loop(load_engine(ns), decoding(ns), ns.system)
 
@@ -174,7 +174,7 @@ def build_predict(parser: argparse.ArgumentParser) -> None:
 
 
 def run_predict(ns: argparse.Namespace) -> None:
-    from unift.predict import predict
+    from unift.engine.predict import predict
 
     predict(load_engine(ns), ns.input, ns.result_dir, decoding(ns), batch_size=ns.batch_size,
             max_samples=ns.max_samples, max_prompt_tokens=ns.cutoff_len, overwrite=ns.overwrite,
@@ -197,7 +197,7 @@ def build_merge(parser: argparse.ArgumentParser) -> None:
 
 
 def run_merge(ns: argparse.Namespace) -> None:
-    from unift.merge import merge
+    from unift.engine.merge import merge
 
     merge(ns.adapter_dir, ns.merged_dir, base_model=ns.model_name_or_path, model_type=ns.model_type,
           compute_dtype=ns.compute_dtype, trust_remote_code=ns.trust_remote_code, overwrite=ns.overwrite,
@@ -231,7 +231,7 @@ def build_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(ns: argparse.Namespace) -> None:
-    from unift.serve import serve
+    from unift.serve.app import serve
 
     engine = load_engine(ns)
     engine.max_queue = ns.max_queue
@@ -280,7 +280,7 @@ def build_eval(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(ns: argparse.Namespace) -> None:
-    from unift.evaluate import EvalOptions, evaluate
+    from unift.evals.evaluate import EvalOptions, evaluate
     from unift.models.loading import parse_dtype
 
     data = ns.data if ns.data is not None else ([] if ns.exam else ["arith_test"])
@@ -308,7 +308,7 @@ def build_experiment(parser: argparse.ArgumentParser) -> None:
 
 
 def run_experiment(ns: argparse.Namespace) -> None:
-    from unift.experiment import run_experiment as run
+    from unift.commands.experiment import run_experiment as run
 
     command_text = f"unift experiment {ns.file} --preset {ns.preset}" + (f" --runs {' '.join(ns.runs)}" if ns.runs else "")
     run(ns.file, ns.preset, ns.output_dir, ns.runs, command=command_text)
@@ -325,7 +325,7 @@ def build_list(parser: argparse.ArgumentParser) -> None:
 
 
 def run_list(ns: argparse.Namespace) -> None:
-    from unift.support import support_table
+    from unift.peft.support import support_table
 
     print(support_table())
 
@@ -336,8 +336,8 @@ command("list", "print the model_type x peft_type support matrix", build_list, r
 # ---- data --------------------------------------------------------------------------------------------
 
 def build_data(parser: argparse.ArgumentParser) -> None:
+    from unift.commands.data import CheckArgs
     from unift.data.convert import TARGETS
-    from unift.data_tools import CheckArgs
 
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="action")
     check = sub.add_parser("check", help="show what a run would train on: counts, formats, token lengths, "

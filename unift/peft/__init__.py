@@ -4,7 +4,7 @@ Importing this package registers every method, including the bottleneck-adapter 
 so `peft.PeftModel.from_pretrained` can load a folder saved with `--peft_type adapters`.
 """
 
-from unift.peft import compat as _compat
+from unift.compat import generation_cache as _compat
 from unift.peft import methods as _methods  # noqa: F401  (registers the entries)
 from unift.peft.registry import (
     METHODS,

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from unift.devices import device_map_for, resolve_device
+from unift.engine.engine import MERGED_CARD
 from unift.errors import UniftError
-from unift.inference import MERGED_CARD
 from unift.models import get_model_spec, load_model, load_tokenizer
+from unift.models.devices import device_map_for, resolve_device
 from unift.models.loading import first_line, parse_dtype, resolve_model_path
-from unift.runcard import RunCard, read_card, tokenizer_folder
+from unift.models.runcard import RunCard, read_card, tokenizer_folder
 
 log = logging.getLogger(__name__)
 

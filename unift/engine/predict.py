@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from unift.data import Message
+from unift.engine.engine import Engine, GenerationSettings
 from unift.errors import UniftError
-from unift.inference import Engine, GenerationSettings
 
 log = logging.getLogger(__name__)
 

@@ -16,22 +16,14 @@ import torch
 
 from unift.accel import frozen_base_dtype, parse_optimizations, prepare_training
 from unift.args import TrainArgs, command_line
-from unift.checkpoints import (
-    AtomicCheckpoints,
-    StopOnSignal,
-    check_output_dir,
-    checkpoint_bytes,
-    clear_staging,
-)
 from unift.data import DataOptions, build_datasets, load_sources, resolve_template
 from unift.data.collate import PackingCollator, PaddingCollator, batch_tokens
-from unift.devices import training_device
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
+from unift.models.devices import training_device
 from unift.models.loading import resolve_model_path
+from unift.models.runcard import METRICS, RunCard, default_run_dir
 from unift.peft import get_method, wrap_model
-from unift.progress import LOSS_PLOT, plot_losses, progress_callback, report_targets
-from unift.runcard import METRICS, RunCard, default_run_dir
 from unift.runtime import (
     dtype_name,
     is_main_process,
@@ -42,7 +34,15 @@ from unift.runtime import (
     world_size,
     write_json_atomic,
 )
-from unift.scaling import check_engine, describe_batch, prepare_engine, sharded_quantized_storage
+from unift.train.checkpoints import (
+    AtomicCheckpoints,
+    StopOnSignal,
+    check_output_dir,
+    checkpoint_bytes,
+    clear_staging,
+)
+from unift.train.progress import LOSS_PLOT, plot_losses, progress_callback, report_targets
+from unift.train.scaling import check_engine, describe_batch, prepare_engine, sharded_quantized_storage
 
 log = logging.getLogger("unift")
 

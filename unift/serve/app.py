@@ -4,7 +4,7 @@
   server-sent events; OpenAI-shaped errors; an optional bearer key; a bounded request queue), and
 - a browser chat UI at / (gradio, mounted in the same FastAPI app), unless --no_ui.
 
-Both drive one Engine: concurrent requests are generated together in batches (unift.batching), a burst
+Both drive one Engine: concurrent requests are generated together in batches (unift.engine.batching), a burst
 waits in the queue, only requests beyond its (large) bound are refused with 429 and Retry-After, and a
 client that goes away stops its own answer at the next token.
 """
@@ -25,10 +25,10 @@ from typing import Any
 
 from fastapi import Request
 
-from unift.batching import TextStream
 from unift.data import Message
+from unift.engine.batching import TextStream
+from unift.engine.engine import Engine, GenerationSettings, QueueFull
 from unift.errors import UniftError
-from unift.inference import Engine, GenerationSettings, QueueFull
 
 log = logging.getLogger(__name__)
 

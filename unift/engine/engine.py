@@ -3,7 +3,7 @@ an adapter from a run folder, the run's template, and batched or streaming gener
 
 Thread safety: one generation at a time per model (`Engine.lock`); the adapter is switched on or off
 inside that lock, so concurrent "base" and "tuned" requests never see each other's state. Streamed
-answers of concurrent callers are batched by the engine's Scheduler (unift.batching). `admit()` bounds
+answers of concurrent callers are batched by the engine's Scheduler (unift.engine.batching). `admit()` bounds
 how many requests may wait for the model at once (the web service answers 429 beyond it).
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from unift.batching import Scheduler, TextStream, truncate_at_stop
 from unift.data import Message, encode_prompt, get_template, resolve_template
 from unift.data.templates import end_of_turn
 from unift.data.tokenize import bos_to_add
+from unift.engine.batching import Scheduler, TextStream, truncate_at_stop
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path, upcast_unquantized
-from unift.runcard import RunCard, read_card, tokenizer_folder
+from unift.models.runcard import RunCard, read_card, tokenizer_folder
 from unift.runtime import torch_dtype
 
 # Written by `unift merge` beside the merged weights: the template and family the run was trained with,
@@ -120,7 +120,7 @@ class Engine:
         """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
         embedded model, placed on --device (default: the first GPU, else the CPU) in that device's dtype
         unless `dtype` is given."""
-        from unift.devices import device_map_for, dtype_for, resolve_device
+        from unift.models.devices import device_map_for, dtype_for, resolve_device
 
         card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
                          template=template) if adapter_dir else None
@@ -340,7 +340,7 @@ class Engine:
     def open_stream(self, prompt: Prompt, settings: GenerationSettings = PRESETS["chat"], *,
                     adapter: bool | None = None, max_prompt_tokens: int | None = None) -> TextStream:
         """Like stream(), but the returned object also reports token counts and the finish reason. Streams
-        of concurrent callers are generated together (unift.batching)."""
+        of concurrent callers are generated together (unift.engine.batching)."""
         settings = replace(settings, stop=self.stops(settings))
         return self.scheduler.submit(self.prompt_ids(prompt, max_prompt_tokens), settings,
                                      self._adapter_default if adapter is None else adapter)

@@ -66,7 +66,7 @@ def load_experiment(path: str, preset: str) -> Experiment:
     import yaml
 
     from unift.args import TrainArgs
-    from unift.evaluate import EvalOptions
+    from unift.evals.evaluate import EvalOptions
 
     file = Path(path)
     if not file.is_file():
@@ -120,8 +120,8 @@ def run_one(run: Run, folder: Path) -> dict[str, Any]:
     import yaml
 
     from unift.cli import main
-    from unift.evaluate import EvalOptions, evaluate
-    from unift.runcard import METRICS
+    from unift.evals.evaluate import EvalOptions, evaluate
+    from unift.models.runcard import METRICS
 
     results = folder / "eval_results.json"
     if results.exists():
@@ -146,7 +146,7 @@ def run_one(run: Run, folder: Path) -> dict[str, Any]:
 
 
 def summarise(run: Run, folder: Path) -> dict[str, Any]:
-    from unift.runcard import METRICS
+    from unift.models.runcard import METRICS
 
     document = json.loads((folder / "eval_results.json").read_text(encoding="utf-8"))
     row: dict[str, Any] = {"run": run.name, "trained": run.train is not None}

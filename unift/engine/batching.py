@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from unift.inference import Engine, GenerationSettings
+    from unift.engine.engine import Engine, GenerationSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from unift.data import Message
-from unift.inference import Engine, GenerationSettings
+from unift.engine.engine import Engine, GenerationSettings
 
 HELP = ("commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this; "
         "Ctrl-C stops an answer")

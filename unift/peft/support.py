@@ -1,5 +1,5 @@
 """The model_type x peft_type support matrix, computed from the registries. `unift list` prints it and the
-README's copy is generated from it (`python -m unift.support --update-readme`; a test keeps them equal)."""
+README's copy is generated from it (`python -m unift.peft.support --update-readme`; a test keeps them equal)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def update_readme(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unift.support", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unift.peft.support", description=__doc__)
     parser.add_argument("--update-readme", nargs="?", const="README.md", metavar="PATH",
                         help="rewrite the table between the README markers (default: README.md)")
     ns = parser.parse_args(argv)

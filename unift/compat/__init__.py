@@ -1,0 +1,2 @@
+"""Patches of other libraries (torch, transformers, peft, bitsandbytes, deepspeed), each applied by an
+explicit call."""

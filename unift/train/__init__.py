@@ -1,0 +1,1 @@
+"""Training: the run (unift.train.run), the Trainer subclass, checkpoints, progress and scaling engines."""
