@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from unift.data import formats
-from unift.data.formats import iter_conversations, to_conversations
+from unift.data import readers
+from unift.data.conversations import iter_conversations, to_conversations
 from unift.data.registry import resolve_dataset
 
 TOOLS = json.dumps([{"name": "add", "description": "add two numbers",
@@ -189,8 +189,8 @@ def test_column_mapping_and_tags(tmp_path):
 def test_json_is_read_incrementally_with_small_buffers(tmp_path, monkeypatch):
     rows = [{"instruction": 'tricky "[{,}]" \\ text ' + "é" * i, "input": "", "output": f"ok {i}"} for i in range(30)]
     path = write_rows(tmp_path / "big.json", rows)
-    monkeypatch.setattr(formats, "CHUNK", 7)  # items span many buffer refills
-    assert [r for _, r in formats.iter_records(path)] == rows
+    monkeypatch.setattr(readers, "CHUNK", 7)  # items span many buffer refills
+    assert [r for _, r in readers.iter_records(path)] == rows
 
 
 def test_a_single_json_object_is_one_record(tmp_path):

@@ -1,9 +1,10 @@
-"""Data: formats -> conversations, templates, the dataset registry, tokenization with prompt masking,
+"""Data: files -> records -> conversations, templates, the dataset registry, tokenization with prompt masking,
 cached parallel tokenization, splitting and mixing, streaming."""
 
 from __future__ import annotations
 
-from unift.data.formats import FORMATS, detect_format, iter_conversations, read_records, to_conversations
+from unift.data.conversations import iter_conversations, to_conversations
+from unift.data.layouts import FORMATS, detect_format
 from unift.data.pipeline import (
     DataBundle,
     DataOptions,
@@ -12,6 +13,7 @@ from unift.data.pipeline import (
     load_conversations,
     load_sources,
 )
+from unift.data.readers import read_records
 from unift.data.registry import DatasetEntry, resolve_dataset
 from unift.data.templates import TEMPLATES, Message, get_template, resolve_template
 from unift.data.tokenize import (

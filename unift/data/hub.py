@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from unift.data.formats import DATA_SUFFIXES
+from unift.data.readers import DATA_SUFFIXES
 from unift.errors import UniftError
 
 # ORG/NAME[/PATH][:SUBSET][@SPLIT], optionally written as hf://datasets/ORG/NAME...

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unift.data.formats import data_files, iter_conversations
+from unift.data.conversations import iter_conversations
 from unift.data.quality import Skipped, skipped_summary
+from unift.data.readers import data_files
 from unift.data.registry import DatasetEntry, expand_names, resolve_dataset
 from unift.data.templates import Message
 from unift.data.tokenize import IGNORE_INDEX, TRUNCATION, encode_conversation

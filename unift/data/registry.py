@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unift.data.formats import normalize_format
 from unift.data.hub import HubSpec, hub_path, parse_hub_id
+from unift.data.layouts import normalize_format
 from unift.errors import UniftError
 
 REPO_DATA_DIR = Path(__file__).resolve().parents[2] / "data"

@@ -1,0 +1,338 @@
+"""Records to conversations, one converter per layout, with one-line errors naming the record and field.
+
+Layouts (the --data formats):
+  alpaca    instruction, input, output, optional system, history ([[question, answer], ...]), tools
+  cot       alpaca as the Alpaca-CoT collection ships it: literal "\\n" escapes are turned into newlines
+  sharegpt  conversations: [{from, value}] with roles human, gpt, system, function_call, observation; tools
+  messages  OpenAI-style messages: [{role, content}] with user, assistant, system, tool (and tool_calls)
+  text      plain text for continued pre-training (a "text" field, or .txt lines)
+Column names can be mapped (LLaMA-Factory's `columns` and `tags`). Reading the files is unift.data.readers';
+joining the two over a file or folder is unift.data.conversations'.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from unift.data.quality import Untrainable
+from unift.data.templates import PROMPT_ROLES, TRAINED_ROLES, Message
+from unift.errors import UniftError
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                  "history": "history", "tools": "tools"}
+CHAT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
+TEXT_COLUMNS = {"prompt": "text"}
+UNSUPPORTED_COLUMNS = {"images": "images", "videos": "videos", "audios": "audio", "chosen": "preference pairs",
+                       "rejected": "preference pairs", "kto_tag": "KTO labels"}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+MESSAGES_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+# Role names seen in the wild, understood whatever the tags say.
+ROLE_SYNONYMS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "chatgpt": "assistant", "system": "system", "developer": "system",
+                 "function_call": "function_call", "observation": "observation", "tool": "observation",
+                 "function": "observation"}
+FORMAT_ALIASES = {"openai": "messages", "pt": "text", "plain": "text", "pretrain": "text"}
+FORMATS = ("alpaca", "cot", "sharegpt", "messages", "text")
+
+
+def _string(record: dict, column: str, where: str, required: bool, mapped_from: str | None = None) -> str:
+    value = record.get(column)
+    label = f"field {column!r}" + (f" (mapped from {mapped_from!r})" if mapped_from else "")
+    if value is None or (value == "" and not required):
+        if required:
+            raise UniftError(f"{where}: {label} is missing")
+        return ""
+    if not isinstance(value, str):
+        raise UniftError(f"{where}: {label} must be a string, found {type(value).__name__}")
+    return value
+
+
+def _tools(record: dict, column: str, where: str) -> str:
+    value = record.get(column)
+    if value in (None, "", [], {}):
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    if not isinstance(value, str):
+        raise UniftError(f"{where}: field {column!r} must be a JSON text or a list, found {type(value).__name__}")
+    return value
+
+
+def check_turns(messages: list[Message], where: str, field: str, notes: Counter) -> list[Message]:
+    """Validate the order of roles; leading assistant turns (some sharegpt sources open with a greeting)
+    are dropped and counted, since there is no prompt they answer."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    numbers = list(range(len(system) + 1, len(messages) + 1))  # 1-based turn numbers for messages
+    lead = 0
+    while lead < len(turns) and turns[lead]["role"] in TRAINED_ROLES:
+        lead += 1
+    if lead:
+        notes["leading assistant turns dropped"] += 1
+        turns, numbers = turns[lead:], numbers[lead:]
+    if not turns:
+        raise Untrainable(f"{where}: field {field!r} has no user turn")
+    previous = None
+    allowed = {None: PROMPT_ROLES[:1], "user": TRAINED_ROLES, "assistant": ("user",),
+               "function_call": ("observation",), "observation": TRAINED_ROLES}
+    for number, message in zip(numbers, turns):
+        role = message["role"]
+        if role == "system":
+            raise UniftError(f"{where}: field {field!r} turn {number}: a system turn is only allowed first")
+        if role not in allowed[previous]:
+            after = f"after the {previous} turn" if previous else "first"
+            expected = " or ".join(repr(r) for r in allowed[previous])
+            raise UniftError(f"{where}: field {field!r} turn {number}: expected {expected} {after}, found {role!r}")
+        if role in TRAINED_ROLES and not message["content"].strip():
+            raise Untrainable(f"{where}: field {field!r} turn {number}: the {role} text is empty")
+        previous = role
+    if previous not in TRAINED_ROLES:
+        raise Untrainable(f"{where}: field {field!r}: the conversation ends on a {previous} turn, with no "
+                          "answer to train on")
+    return system + turns
+
+
+class Converter:
+    """Turns the records of one source into conversations; column names and role tags resolved once."""
+
+    format: str = ""
+    defaults: dict[str, str] = {}
+
+    def __init__(self, columns: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        columns = dict(columns or {})
+        for key in columns:
+            if key in UNSUPPORTED_COLUMNS:
+                raise UniftError(f"column {key!r}: {UNSUPPORTED_COLUMNS[key]} are not supported for supervised "
+                                 "fine-tuning")
+            if key not in self.defaults:
+                raise UniftError(f"unknown column mapping key {key!r} for format {self.format}; known: "
+                                 f"{', '.join(self.defaults)}")
+        self.mapped = columns  # the user's explicit mapping: these columns must exist
+        self.col = {**self.defaults, **columns}
+        self.tags = tags or {}
+        self.notes: Counter = Counter()
+
+    def required(self) -> list[str]:
+        return []
+
+    def check_columns(self, present: list[str], where: str, declared: bool) -> None:
+        """A mapping that names a missing column fails once, up front. With a header (declared) every
+        mapped column must exist; in JSON records only the required ones (optional ones may be absent)."""
+        needed = self.mapped if declared else {k: v for k, v in self.mapped.items() if k in self.required()}
+        for key, column in needed.items():
+            if column not in present:
+                raise UniftError(f"{where}: column mapping {key} -> {column!r} names a missing column "
+                                 f"(found: {', '.join(map(str, present)) or 'none'})")
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        raise NotImplementedError
+
+
+class AlpacaConverter(Converter):
+    format = "alpaca"
+    defaults = ALPACA_COLUMNS
+
+    def required(self) -> list[str]:
+        return ["prompt", "response"]
+
+    def _field(self, record: dict, key: str, where: str, required: bool) -> str:
+        return _string(record, self.col[key], where, required, key if key in self.mapped else None)
+
+    def clean(self, text: str) -> str:
+        return text
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        col = self.col
+        instruction = self.clean(self._field(record, "prompt", where, required=True))
+        extra = self.clean(self._field(record, "query", where, required=False))
+        output = self.clean(self._field(record, "response", where, required=True))
+        if not instruction.strip() and not extra.strip():
+            raise Untrainable(f"{where}: field {col['prompt']!r} is empty")
+        if not output.strip():
+            raise Untrainable(f"{where}: field {col['response']!r} is empty")
+        if "\\n" in instruction + output and self.format == "alpaca":
+            self.notes["records with literal \\n escapes (Alpaca-CoT data? use formatting 'cot')"] += 1
+        messages: list[Message] = []
+        system = self._field(record, "system", where, required=False)
+        tools = _tools(record, col["tools"], where)
+        if system or tools:
+            messages.append({"role": "system", "content": system, **({"tools": tools} if tools else {})})
+        history = record.get(col["history"]) or []
+        if not isinstance(history, list):
+            raise UniftError(f"{where}: field {col['history']!r} must be a list of [question, answer] pairs")
+        for turn, pair in enumerate(history, start=1):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise UniftError(f"{where}: field {col['history']!r} turn {turn} must be a [question, answer] pair")
+            if not pair[1].strip():
+                raise Untrainable(f"{where}: field {col['history']!r} turn {turn}: the answer is empty")
+            messages += [{"role": "user", "content": self.clean(pair[0])},
+                         {"role": "assistant", "content": self.clean(pair[1])}]
+        prompt = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else (instruction + extra)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        return messages
+
+
+class CotConverter(AlpacaConverter):
+    """Alpaca-CoT's formatted CoT files store newlines as the two characters backslash and n."""
+
+    format = "cot"
+
+    def clean(self, text: str) -> str:
+        return text.replace("\\n", "\n")
+
+
+class ChatConverter(Converter):
+    """sharegpt ({from, value}) and OpenAI-style messages ({role, content}); tags may rename both."""
+
+    format = "sharegpt"
+    defaults = CHAT_COLUMNS
+    default_tags = SHAREGPT_TAGS
+
+    def __init__(self, columns: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        super().__init__(columns, tags)
+        unknown = sorted(set(self.tags) - set(SHAREGPT_TAGS))
+        if unknown:
+            raise UniftError(f"unknown tags key(s) {', '.join(unknown)}; known: {', '.join(SHAREGPT_TAGS)}")
+        tags = {**self.default_tags, **self.tags}
+        self.role_tag, self.content_tag = tags["role_tag"], tags["content_tag"]
+        self.roles = dict(ROLE_SYNONYMS)
+        for key, role in (("user_tag", "user"), ("assistant_tag", "assistant"), ("system_tag", "system"),
+                          ("function_tag", "function_call"), ("observation_tag", "observation")):
+            self.roles[tags[key]] = role
+        self.known = sorted({tags[k] for k in tags if k.endswith("_tag") and k not in ("role_tag", "content_tag")})
+
+    def required(self) -> list[str]:
+        return ["messages"]
+
+    def _content(self, message: dict, where: str) -> str:
+        value = message.get(self.content_tag)
+        if isinstance(value, list):  # OpenAI content parts: text only
+            texts = []
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise UniftError(f"{where}: only text content is supported, found a {kind!r} part")
+                texts.append(part["text"])
+            return "".join(texts)
+        if value is None and message.get("tool_calls"):
+            return ""
+        if not isinstance(value, str):
+            found = "nothing" if value is None else type(value).__name__
+            raise UniftError(f"{where}: {self.content_tag!r} must be a string, found {found}")
+        return value
+
+    @staticmethod
+    def _tool_calls(calls: Any, text: str, where: str) -> str:
+        if not isinstance(calls, list) or not calls:
+            raise UniftError(f"{where}: 'tool_calls' must be a non-empty list")
+        out = []
+        for call in calls:
+            function = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise UniftError(f"{where}: each tool call needs a function name")
+            arguments = function.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass  # keep the text as the model should reproduce it
+            out.append({"name": function["name"], "arguments": arguments})
+        payload = json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+        return f"{text}\n{payload}" if text.strip() else payload
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        field = self.col["messages"]
+        turns = record.get(field)
+        label = f"field {field!r}" + (" (mapped from 'messages')" if "messages" in self.mapped else "")
+        if turns is None:
+            raise UniftError(f"{where}: {label} is missing")
+        if not isinstance(turns, list):
+            raise UniftError(f"{where}: {label} must be a list of turns, found {type(turns).__name__}")
+        if not turns:
+            raise Untrainable(f"{where}: {label} is empty")
+        messages: list[Message] = []
+        for number, turn in enumerate(turns, start=1):
+            at = f"{where}: field {field!r} turn {number}"
+            if not isinstance(turn, dict):
+                raise UniftError(f"{at}: expected an object, found {type(turn).__name__}")
+            tag = turn.get(self.role_tag)
+            if tag is None:
+                raise UniftError(f"{at}: {self.role_tag!r} is missing")
+            role = self.roles.get(tag) if isinstance(tag, str) else None
+            if role is None:
+                raise UniftError(f"{at}: unknown role {tag!r} (known: {', '.join(self.known)})")
+            content = self._content(turn, at)
+            if role == "assistant" and turn.get("tool_calls"):
+                role, content = "function_call", self._tool_calls(turn["tool_calls"], content, at)
+            messages.append({"role": role, "content": content})
+        system = _string(record, self.col["system"], where, required=False)
+        tools = _tools(record, self.col["tools"], where)
+        if system or tools:
+            if messages[0]["role"] == "system":
+                system = (messages[0]["content"] + "\n\n" + system) if system else messages[0]["content"]
+                messages = messages[1:]
+            messages.insert(0, {"role": "system", "content": system, **({"tools": tools} if tools else {})})
+        return check_turns(messages, where, field, self.notes)
+
+
+class MessagesConverter(ChatConverter):
+    format = "messages"
+    defaults = {**CHAT_COLUMNS, "messages": "messages"}
+    default_tags = MESSAGES_TAGS
+
+
+class TextConverter(Converter):
+    format = "text"
+    defaults = TEXT_COLUMNS
+
+    def required(self) -> list[str]:
+        return ["prompt"]
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        text = _string(record, self.col["prompt"], where, True, "prompt" if "prompt" in self.mapped else None)
+        if not text.strip():
+            raise Untrainable(f"{where}: field {self.col['prompt']!r} is empty")
+        return [{"role": "text", "content": text}]
+
+
+CONVERTERS: dict[str, type[Converter]] = {
+    "alpaca": AlpacaConverter, "cot": CotConverter, "sharegpt": ChatConverter, "messages": MessagesConverter,
+    "text": TextConverter,
+}
+
+
+def normalize_format(name: str | None) -> str | None:
+    if name is None:
+        return None
+    name = FORMAT_ALIASES.get(name, name)
+    if name not in CONVERTERS:
+        raise UniftError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
+    return name
+
+
+def detect_format(record: dict, columns: dict | None = None, tags: dict | None = None) -> str:
+    """The format of a record from its fields (and any column mapping)."""
+    columns = columns or {}
+    if "messages" in columns:
+        return "messages" if (tags or {}).get("role_tag") == "role" else "sharegpt"
+    if "response" in columns or ("prompt" in columns and "query" in columns):
+        return "alpaca"
+    if set(columns) == {"prompt"}:  # LLaMA-Factory's pre-training entries map only the text column
+        return "text"
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        first = record["messages"][0] if isinstance(record["messages"], list) and record["messages"] else {}
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    raise UniftError(
+        f"cannot tell the format of a record with fields {sorted(record)}; name the format and map the "
+        "columns in dataset_info.json"
+    )
