@@ -10,6 +10,7 @@ import pytest
 from test_data_formats import alpaca_rows, messages_rows, sharegpt_rows, write_rows
 
 from unift.data import DataOptions, build_datasets, get_template, load_sources, pipeline
+from unift.data import options as data_options
 from unift.data.tokenize import encode_conversation
 from unift.errors import UniftError
 from unift.models import load_tokenizer
@@ -89,6 +90,7 @@ def test_second_run_reuses_the_cache_without_reading_or_tokenizing(tmp_path, tok
 
     monkeypatch.setattr(pipeline, "_tokenize", forbidden)
     monkeypatch.setattr(pipeline, "iter_conversations", forbidden)
+    monkeypatch.setattr(data_options, "iter_conversations", forbidden)  # Source.iter reads through it
     second = build(tokenizer, data=[str(path)], val_set_size=2)
     assert list(second.train) == list(first.train) and list(second.val) == list(first.val)
     # Changing the data, the template or the cutoff means tokenizing again.
@@ -143,7 +145,6 @@ def test_concurrent_builders_tokenize_once(tmp_path, tokenizer, monkeypatch):
 
 
 def test_streaming_yields_the_same_rows_and_holds_out_validation(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(pipeline, "SHUFFLE_BUFFER", 4)
     from unift.data import streaming
 
     monkeypatch.setattr(streaming, "SHUFFLE_BUFFER", 4)

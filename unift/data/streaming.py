@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from unift.data.pipeline import SHUFFLE_BUFFER, DataBundle, DataOptions, Source
+from unift.data.options import DataBundle, DataOptions, Source
 from unift.data.templates import Message
 from unift.data.tokenize import IGNORE_INDEX, encode_conversation
 from unift.errors import UniftError
+
+SHUFFLE_BUFFER = 1024  # streaming shuffle buffer
 
 
 def _endless(source: Source) -> Iterator[tuple[int, list[Message]]]:
