@@ -27,7 +27,8 @@ from fastapi import Request
 
 from unift.data import Message
 from unift.engine.batching import TextStream
-from unift.engine.engine import Engine, GenerationSettings, QueueFull
+from unift.engine.engine import Engine
+from unift.engine.settings import GenerationSettings, QueueFull
 from unift.errors import UniftError
 
 log = logging.getLogger(__name__)
