@@ -45,7 +45,8 @@ def peak_mib() -> float:
 
 def check(method: str, work: Path, steps: int) -> dict:
     from unift.cli import main
-    from unift.engine.engine import Engine, GenerationSettings
+    from unift.engine.engine import Engine
+    from unift.engine.settings import GenerationSettings
 
     run = work / f"{method}-run"
     peak_reset()

@@ -43,8 +43,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from unift.engine.engine import Engine, GenerationSettings
+    from unift.engine.engine import Engine
     from unift.engine.predict import predict
+    from unift.engine.settings import GenerationSettings
     from unift.models.loading import parse_dtype
 
     source = REPO / "data" / "arith" / "test.jsonl"

@@ -9,7 +9,7 @@ import threading
 import pytest
 from after_training_helpers import trained_run
 
-from unift.engine.engine import GenerationSettings
+from unift.engine.settings import GenerationSettings
 
 PROMPTS = [[{"role": "user", "content": q}] for q in
            ("What is 2 plus 3?", "Name a colour.", "Tell me a story about a cat.", "Hi")]

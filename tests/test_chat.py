@@ -18,7 +18,7 @@ import pytest
 from after_training_helpers import PYTHON, REPO, env, run_folder, trained_run
 
 from unift.engine.chat import chat_loop
-from unift.engine.engine import GenerationSettings
+from unift.engine.settings import GenerationSettings
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from after_training_helpers import run_folder
 
-from unift.engine.engine import Engine, GenerationSettings
+from unift.engine.engine import Engine
+from unift.engine.settings import GenerationSettings
 
 IDS = torch.tensor([[5, 17, 301, 42, 7, 9]])
 QUESTIONS = [[{"role": "user", "content": "What is 2 plus 3?"}], [{"role": "user", "content": "Hi"}]]

@@ -14,7 +14,8 @@ from conftest import memorisation_rows
 
 from unift.args import TrainArgs
 from unift.cli import main
-from unift.engine.engine import Engine, GenerationSettings
+from unift.engine.engine import Engine
+from unift.engine.settings import GenerationSettings
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, MethodSpec, get_method, register_method
 from unift.peft.support import support_matrix

@@ -80,7 +80,8 @@ def test_trains_with_the_checkpoints_own_linear_layers(trained):
 
 
 def test_reload_generates_with_the_cache_batched_as_one_by_one(trained):
-    from unift.engine.engine import Engine, GenerationSettings
+    from unift.engine.engine import Engine
+    from unift.engine.settings import GenerationSettings
 
     engine = Engine.load(str(trained))
     assert type(engine.model.get_base_model()).__module__.startswith("transformers_modules")

@@ -14,7 +14,7 @@ import openai
 import pytest
 from after_training_helpers import free_port, run_folder
 
-from unift.engine.engine import PRESETS, GenerationSettings
+from unift.engine.settings import PRESETS, GenerationSettings
 
 KEY = "sk-unift-test"
 GREEDY5 = GenerationSettings(max_new_tokens=5)

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from unift.data import IGNORE_INDEX, TEMPLATES, encode_conversation, encode_prompt
 from unift.data.templates import end_of_turn
-from unift.engine.engine import Engine, GenerationSettings
+from unift.engine.engine import Engine
+from unift.engine.settings import GenerationSettings
 from unift.models import load_tokenizer
 
 ANSWER = "Paris is the capital."

@@ -70,7 +70,7 @@ def add_model_flags(parser: argparse.ArgumentParser, adapter_required: bool = Fa
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser, preset: str) -> None:
-    from unift.engine.engine import PRESETS
+    from unift.engine.settings import PRESETS
 
     group = parser.add_argument_group("decoding options (override the preset)")
     group.add_argument("--preset", default=preset, choices=sorted(PRESETS),
@@ -108,7 +108,7 @@ def load_engine(ns: argparse.Namespace):
 
 
 def decoding(ns: argparse.Namespace):
-    from unift.engine.engine import settings_from
+    from unift.engine.settings import settings_from
 
     return settings_from(ns.preset, max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample,
                          temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, num_beams=ns.num_beams,

@@ -21,22 +21,31 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from unift.engine.engine import Engine, GenerationSettings
+from unift.engine.settings import GenerationSettings, truncate_at_stop
 
 log = logging.getLogger(__name__)
 
 _END = object()
 
 
-def truncate_at_stop(text: str, stops) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+class BatchingEngine(Protocol):
+    """What the Scheduler uses of its Engine (unift.engine.engine), named here so that the engine imports
+    the scheduler and not the other way round."""
+
+    model: Any
+    tokenizer: Any
+    lock: threading.Lock
+    eos_ids: list[int]
+
+    def equal_lengths(self, adapter: bool | None) -> bool: ...
+
+    def _adapter_state(self, enabled: bool | None) -> AbstractContextManager[None]: ...
 
 
 @dataclass(eq=False)
@@ -190,7 +199,7 @@ def _row_stops(requests: list[_Request], width: int):
 class Scheduler:
     """Owns the generation thread of one Engine: `submit` queues a request and returns its stream."""
 
-    def __init__(self, engine: Engine, max_batch: int = 16) -> None:
+    def __init__(self, engine: BatchingEngine, max_batch: int = 16) -> None:
         self.engine = engine
         self.max_batch = max(1, max_batch)
         self._waiting: collections.deque[_Request] = collections.deque()

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from unift.data import Message
-from unift.engine.engine import Engine, GenerationSettings
+from unift.engine.engine import Engine
+from unift.engine.settings import GenerationSettings
 
 HELP = ("commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this; "
         "Ctrl-C stops an answer")

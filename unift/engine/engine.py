@@ -4,7 +4,8 @@ an adapter from a run folder, the run's template, and batched or streaming gener
 Thread safety: one generation at a time per model (`Engine.lock`); the adapter is switched on or off
 inside that lock, so concurrent "base" and "tuned" requests never see each other's state. Streamed
 answers of concurrent callers are batched by the engine's Scheduler (unift.engine.batching). `admit()` bounds
-how many requests may wait for the model at once (the web service answers 429 beyond it).
+how many requests may wait for the model at once (the web service answers 429 beyond it). Settings,
+presets and Completion live in unift.engine.settings, which the scheduler shares without importing this.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from unift.data import Message, encode_prompt, get_template, resolve_template
+from unift.data import Message, encode_prompt, resolve_template
 from unift.data.templates import end_of_turn
 from unift.data.tokenize import bos_to_add
-from unift.engine.batching import Scheduler, TextStream, truncate_at_stop
+from unift.engine.batching import Scheduler, TextStream
+from unift.engine.settings import PRESETS, Completion, GenerationSettings, QueueFull, truncate_at_stop
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.loading import resolve_model_path, upcast_unquantized
@@ -35,54 +37,6 @@ MERGED_CARD = "unift_merged.json"
 # A prompt is a conversation ending with a user turn (rendered with the template), or raw text
 # (tokenized as is: the OpenAI /v1/completions API).
 Prompt = list[Message] | str
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    seed: int | None = None
-
-    def generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                  "repetition_penalty": self.repetition_penalty,
-                  "no_repeat_ngram_size": self.no_repeat_ngram_size, "do_sample": self.do_sample}
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:
-            # Neutralise sampling defaults a checkpoint's generation_config may carry (they only warn).
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
-
-
-PRESETS: dict[str, GenerationSettings] = {
-    # Reproducible answers: what eval and predict use, and the best choice for short factual answers.
-    "greedy": GenerationSettings(),
-    # Friendly chatting with a small model: light sampling and a mild repetition penalty.
-    "chat": GenerationSettings(do_sample=True, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1),
-    # The original toolkit's generate.py settings, kept for comparison (num_beams 1 so streaming works).
-    "original": GenerationSettings(do_sample=True, temperature=1.0, top_p=0.9, top_k=40,
-                                   no_repeat_ngram_size=6, repetition_penalty=1.8, max_new_tokens=512),
-}
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
-
-
-class QueueFull(UniftError):
-    """More requests are waiting for the model than the engine admits."""
 
 
 class Engine:
@@ -380,14 +334,4 @@ def read_merged_card(path: str) -> dict | None:
         return None
 
 
-def settings_from(preset: str, **overrides) -> GenerationSettings:
-    if preset not in PRESETS:
-        raise UniftError(f"unknown --preset {preset!r}; known: {', '.join(PRESETS)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if "stop" in given:
-        given["stop"] = tuple(given["stop"])
-    return replace(PRESETS[preset], **given)
-
-
-__all__ = ["PRESETS", "Completion", "Engine", "GenerationSettings", "QueueFull", "TextStream", "get_template",
-           "settings_from"]
+__all__ = ["Engine", "Prompt"]

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from unift.data import Message
-from unift.engine.engine import Engine, GenerationSettings
+from unift.engine.engine import Engine
+from unift.engine.settings import GenerationSettings
 from unift.errors import UniftError
 
 log = logging.getLogger(__name__)

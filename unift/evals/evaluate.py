@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unift.data import Message, encode_conversation, load_conversations
-from unift.engine.engine import PRESETS, Engine
+from unift.engine.engine import Engine
+from unift.engine.settings import PRESETS
 from unift.errors import UniftError
 from unift.evals.extract import answer_line, get_extractor
 from unift.runtime import dtype_name, write_json_atomic
