@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import memorisation_rows
 
-from unift.args import TrainArgs
+from unift.train.args import TrainArgs
 from unift.cli import main
 from unift.engine.engine import Engine
 from unift.models import get_model_spec, load_model

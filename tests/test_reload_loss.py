@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import memorisation_rows
 
-from unift.args import TrainArgs
+from unift.train.args import TrainArgs
 from unift.engine.engine import Engine
 from unift.evals.likelihood import score_rows
 from unift.models.runcard import RunCard

@@ -17,7 +17,7 @@ import pytest
 import torch
 from after_training_helpers import PYTHON, env
 
-from unift.args import TrainArgs
+from unift.train.args import TrainArgs
 from unift.cli import main
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_tokenizer

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from unift.args import TrainArgs
+from unift.train.args import TrainArgs
 from unift.cli import main
 from unift.errors import UniftError
 
