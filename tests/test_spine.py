@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import memorisation_rows
 
-from unift.train.args import TrainArgs
 from unift.cli import main, parse
 from unift.data import IGNORE_INDEX, encode_conversation, encode_prompt, get_template
 from unift.models import load_tokenizer
+from unift.train.args import TrainArgs
 
 REPO = Path(__file__).resolve().parents[1]
 
