@@ -119,7 +119,8 @@ def main() -> None:
     if not ns.data.is_file():
         parser.error(f"--data {ns.data}: no such file")
     switcher = Switcher(ns.variants)
-    from unift.args import TrainArgs, add_arguments, parse_into
+    from unift.options import add_arguments, parse_into
+    from unift.train.args import TrainArgs
     from unift.train.run import train
 
     switcher.install()

@@ -50,10 +50,10 @@ def run_folder(base_dir: Path, out: Path, peft_type: str, *, perturb: float = 0.
     import torch
     from transformers import AutoModelForCausalLM
 
-    from unift.args import TrainArgs
     from unift.models import get_model_spec, load_tokenizer
     from unift.models.runcard import RunCard
     from unift.peft import get_method, wrap_model
+    from unift.train.args import TrainArgs
 
     spec = get_model_spec(model_type)
     method = get_method(peft_type)

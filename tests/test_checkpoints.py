@@ -16,7 +16,7 @@ import torch
 from conftest import memorisation_rows
 from safetensors.torch import load_file
 
-from unift.args import TrainArgs
+from unift.train.args import TrainArgs
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "train_worker.py"
@@ -52,8 +52,8 @@ def wait_paused(proc: subprocess.Popen, out: Path) -> None:
 def train_here(flags: list[str]) -> None:
     """The uninterrupted and the resumed runs train in this process (one thread, as the killed ones):
     the same arithmetic, without a second interpreter start-up for each."""
-    from unift.args import parse_into
     from unift.cli import parse
+    from unift.options import parse_into
     from unift.train.run import train
 
     train(parse_into(TrainArgs, parse(["train", *flags])))

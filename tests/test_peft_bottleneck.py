@@ -73,7 +73,7 @@ def test_default_init_starts_as_the_identity_and_bert_does_not(tiny_model, kind)
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from unift.args import TrainArgs
+    from unift.train.args import TrainArgs
 
     folder = tiny_model("llama")
     base_logits = logits(AutoModelForCausalLM.from_pretrained(folder).eval())

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import memorisation_rows
 
-from unift.args import TrainArgs
 from unift.cli import main
 from unift.engine.engine import Engine
 from unift.engine.settings import GenerationSettings
@@ -20,6 +19,7 @@ from unift.models.runcard import RunCard
 from unift.peft import METHODS, MethodSpec, get_method, register_method
 from unift.peft.support import support_matrix
 from unift.runtime import torch_dtype
+from unift.train.args import TrainArgs
 from unift.train.run import train
 
 MATRIX = support_matrix()

@@ -17,12 +17,12 @@ import pytest
 import torch
 from after_training_helpers import PYTHON, env
 
-from unift.args import TrainArgs
 from unift.cli import main
 from unift.errors import UniftError
 from unift.models import get_model_spec, load_tokenizer
 from unift.peft import get_method, wrap_model
 from unift.peft.targets import spec_from_model
+from unift.train.args import TrainArgs
 
 MODELING = Path(__file__).with_name("remote_glm_modeling.py")
 GLM_LINEAR = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}

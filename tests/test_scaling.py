@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from unift.args import TrainArgs
 from unift.cli import main
 from unift.errors import UniftError
+from unift.train.args import TrainArgs
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = sorted((REPO / "configs" / "deepspeed").glob("*.json"))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import memorisation_rows
 
-from unift.args import TrainArgs
 from unift.cli import main, parse
 from unift.data import IGNORE_INDEX, encode_conversation, encode_prompt, get_template
 from unift.models import load_tokenizer
+from unift.train.args import TrainArgs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,7 +248,7 @@ def test_every_numeric_train_flag_is_range_checked(capsys):
     loads (the model folder here does not even exist)."""
     import dataclasses
 
-    from unift.args import _flag_type
+    from unift.options import _flag_type
 
     for f in dataclasses.fields(TrainArgs):
         scalar, _ = _flag_type(f.type)
@@ -267,11 +267,11 @@ def test_every_numeric_train_flag_is_range_checked(capsys):
     (["train", "--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1) (got 1.5)"),
     (["train", "--max_steps", "0"], "--max_steps must be ≥ 1 or -1 (got 0)"),
     (["data", "check", "--cutoff_len", "0"], "--cutoff_len must be ≥ 1 (got 0)"),
-    (["generate", "--top_p", "0"], "argument --top_p: must be in (0, 1] (got 0)"),
-    (["generate", "--max_new_tokens", "0"], "argument --max_new_tokens: must be ≥ 1 (got 0)"),
-    (["predict", "--input", "x", "--result_dir", "y", "--batch_size", "0"], "argument --batch_size/--predict_batch_size: must be ≥ 1"),
-    (["serve", "--max_batch", "0"], "argument --max_batch: must be ≥ 1 (got 0)"),
-    (["eval", "--show", "-1"], "argument --show: must be ≥ 0 (got -1)"),
+    (["generate", "--top_p", "0"], "--top_p must be in (0, 1] (got 0)"),
+    (["generate", "--max_new_tokens", "0"], "--max_new_tokens must be ≥ 1 (got 0)"),
+    (["predict", "--input", "x", "--result_dir", "y", "--batch_size", "0"], "--batch_size must be ≥ 1"),
+    (["serve", "--max_batch", "0"], "--max_batch must be ≥ 1 (got 0)"),
+    (["eval", "--show", "-1"], "--show must be ≥ 0 (got -1)"),
 ])
 def test_numeric_flags_name_the_flag_and_the_range(argv, expected, capsys):
     code, err = run_cli(argv, capsys)

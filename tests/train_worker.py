@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from unift.args import TrainArgs, parse_into  # noqa: E402
 from unift.cli import parse, setup_logging  # noqa: E402
 from unift.errors import UniftError  # noqa: E402
+from unift.options import parse_into  # noqa: E402
+from unift.train.args import TrainArgs  # noqa: E402
 
 
 def wait_for_release(folder: Path) -> None:

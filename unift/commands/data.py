@@ -13,16 +13,18 @@ import json
 import os
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unift.args import TrainArgs, check_ranges
 from unift.data import DataOptions, build_datasets, iter_conversations, load_sources, resolve_dataset
 from unift.data.convert import TARGETS, convert_record
 from unift.data.quality import Skipped, skipped_summary
 from unift.data.registry import expand_names
 from unift.data.tokenize import IGNORE_INDEX
 from unift.errors import UniftError
+from unift.options import POSITIVE_INT, Options, opt
+from unift.train.args import TrainArgs
 
 CHECK_FIELDS = ("model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
                 "cutoff_len", "truncation", "val_set_size", "max_samples", "train_on_prompt", "data_ratios",
@@ -32,16 +34,47 @@ STREAM_SAMPLE = 1000
 
 
 def _subset(cls: type, names: tuple[str, ...], name: str) -> type:
-    """A dataclass with some of TrainArgs' fields (same flags, help and defaults)."""
-    chosen = []
+    """A dataclass with some of TrainArgs' fields (same flags, help and defaults), and --no_example."""
+    chosen: list[tuple[str, Any, Any]] = []
     for f in dataclasses.fields(cls):
         if f.name in names:
             chosen.append((f.name, f.type, dataclasses.field(
                 default=f.default, default_factory=f.default_factory, metadata=f.metadata)))
-    return dataclasses.make_dataclass(name, chosen, namespace={"__post_init__": check_ranges})
+    chosen.append(("show_example", bool, opt(True, "do not print the first example of each source",
+                                             negate="--no_example")))
+    return dataclasses.make_dataclass(name, chosen, bases=(Options,), namespace={"__module__": __name__})
 
 
 CheckArgs = _subset(TrainArgs, CHECK_FIELDS, "CheckArgs")
+
+
+@dataclass
+class ConvertOptions(Options):
+    data: list[str] = opt(None, "dataset names or paths", required=True)
+    to: str = opt(None, "the form to write", choices=TARGETS, required=True)
+    output: str = opt(None, "file to write (.json: a list; .jsonl: one per line)", required=True)
+    dataset_dir: str | None = opt(None, "folder with dataset_info.json")
+    max_samples: int | None = opt(None, "convert at most this many records per entry", range=POSITIVE_INT)
+
+
+
+def run_check(options: Any) -> None:
+    check(options, show=options.show_example)
+
+
+def run_convert(options: ConvertOptions) -> None:
+    n = convert(options.data, options.to, options.output, options.dataset_dir, options.max_samples)
+    print(f"wrote {n} {options.to} records to {options.output}")
+
+
+# action -> (options, run, help, description)
+SUBCOMMANDS = {
+    "check": (CheckArgs, run_check, "show what a run would train on: counts, formats, token lengths, truncation, "
+              "the first example of each source with the trained part marked",
+              "Validate the data and show what `unift train` would train on (loads the tokenizer, not the model)."),
+    "convert": (ConvertOptions, run_convert, "rewrite data as alpaca, sharegpt or messages records",
+                "Read any supported data and write it in another form (.json or .jsonl)."),
+}
 
 
 # ---- check -----------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from unift.errors import UniftError
+from unift.options import Options, opt
 
 log = logging.getLogger("unift")
 
@@ -65,8 +66,8 @@ def load_experiment(path: str, preset: str) -> Experiment:
     """Parse and check an experiment file; every run's options are validated before anything trains."""
     import yaml
 
-    from unift.args import TrainArgs
     from unift.evals.evaluate import EvalOptions
+    from unift.train.args import TrainArgs
 
     file = Path(path)
     if not file.is_file():
@@ -117,11 +118,11 @@ def load_experiment(path: str, preset: str) -> Experiment:
 
 def run_one(run: Run, folder: Path) -> dict[str, Any]:
     """Train (unless train: false) and evaluate one run in `folder`; returns its row of figures."""
-    import yaml
-
-    from unift.cli import main
     from unift.evals.evaluate import EvalOptions, evaluate
     from unift.models.runcard import METRICS
+    from unift.options import from_mapping
+    from unift.train.args import TrainArgs
+    from unift.train.run import train
 
     results = folder / "eval_results.json"
     if results.exists():
@@ -130,17 +131,15 @@ def run_one(run: Run, folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     adapter = None
     if run.train is not None:
-        config = folder / "train_config.yaml"
-        config.write_text(yaml.safe_dump({**run.train, "output_dir": str(folder)}, allow_unicode=True),
-                          encoding="utf-8")
-        code = main(["train", "--config", str(config)])
-        if code not in (0, None) or not (folder / METRICS).exists():
-            raise UniftError(f"run {run.name}: training failed (exit {code}); see the log above")
+        args = from_mapping(TrainArgs, {**run.train, "output_dir": str(folder)}, f"run {run.name}: train")
+        train(args)  # the trained model it returns is dropped here: evaluation loads the run folder
+        gc.collect()
+        if not (folder / METRICS).exists():
+            raise UniftError(f"run {run.name}: training wrote no {METRICS}; see the log above")
         adapter = str(folder)
-    options = {k: tuple(v) if k == "metrics" else v for k, v in run.eval.items()}
     model = {} if adapter else run.model
-    evaluate(adapter, EvalOptions(**options), base_model=model.get("model_name_or_path"),
-             model_type=model.get("model_type"), output=str(results))
+    evaluate(adapter, from_mapping(EvalOptions, run.eval, f"run {run.name}: eval"),
+             base_model=model.get("model_name_or_path"), model_type=model.get("model_type"), output=str(results))
     gc.collect()
     return summarise(run, folder)
 
@@ -267,3 +266,20 @@ def run_experiment(path: str, preset: str = "small", output_dir: str | None = No
         print(f"wrote {file}")
     print((out / "results.md").read_text(encoding="utf-8"))
     return rows
+
+
+@dataclass
+class ExperimentOptions(Options):
+    file: str = opt(None, "experiment YAML (see configs/experiments/)", positional=True)
+    preset: str = opt("small", "which of the file's presets")
+    output_dir: str | None = opt(None, "folder of the runs and reports (default: experiments/NAME-PRESET)")
+    runs: list[str] | None = opt(None, "only these runs (by name)")
+
+
+OPTIONS = ExperimentOptions
+
+
+def run(options: ExperimentOptions) -> None:
+    command = f"unift experiment {options.file} --preset {options.preset}" + (
+        f" --runs {' '.join(options.runs)}" if options.runs else "")
+    run_experiment(options.file, options.preset, options.output_dir, options.runs, command=command)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from unift.engine.engine import Engine
 from unift.engine.settings import PRESETS
 from unift.errors import UniftError
 from unift.evals.extract import answer_line, get_extractor
+from unift.options import NON_NEGATIVE, POSITIVE_INT, Options, opt
 from unift.runtime import dtype_name, write_json_atomic
 
 if TYPE_CHECKING:
@@ -42,23 +43,34 @@ class Setup:
 
 
 @dataclass
-class EvalOptions:
-    data: list[str] = field(default_factory=list)
-    exam: list[str] = field(default_factory=list)
-    metrics: tuple[str, ...] = ("em", "ppl")
-    extractor: str = "answer"
-    compare_base: bool = False
-    num_shots: int = 0
-    shots_from: list[str] | None = None  # default: the run's training data (exams: the exam itself)
-    choice: str = "letter"  # exams: score the option letter, or the option text
-    max_samples: int | None = None
-    max_new_tokens: int | None = None  # default: room for the longest reference answer (answer_budget)
-    batch_size: int = 16
-    cutoff_len: int = 2048
-    show: int = 3
-    dataset_dir: str | None = None
+class EvalOptions(Options):
+    """What `unift eval` scores and how (its flags are generated from these fields)."""
+
+    data: list[str] | None = opt(None, "held-out conversations, the last answer being the reference (default: "
+                                 "arith_test unless --exam is given)")
+    exam: list[str] = opt([], "multiple-choice exam files or folders (MMCU JSON, C-Eval / CMMLU / MMLU CSV)")
+    metrics: list[str] = opt(["em", "ppl"], "for --data: em ppl bleu rouge")
+    extractor: str = opt("answer", "what exact match compares: answer (the Answer:/答案： line, default), "
+                         "last_number, final_line, exact, or regex:PATTERN (its first group)")
+    compare_base: bool = opt(False, "also score the base model (adapter off)")
+    num_shots: int = opt(0, "also score the base model with this many solved examples in context",
+                         range=NON_NEGATIVE)
+    shots_from: list[str] | None = opt(None, "where the solved examples come from (default: the run's training "
+                                       "data; for --exam: the other questions of the same subject)")
+    choice: str = opt("letter", "exams: score the option letter (default) or the option text",
+                      choices=("letter", "text"))
+    max_samples: int | None = opt(None, "score at most this many examples per task", range=POSITIVE_INT)
+    max_new_tokens: int | None = opt(None, "longest generated answer (default: the longest reference answer's "
+                                     "length and a quarter more)", range=POSITIVE_INT)
+    batch_size: int = opt(16, "examples scored or generated together", range=POSITIVE_INT)
+    cutoff_len: int = opt(2048, "longest scored sequence (tokens)", range=POSITIVE_INT)
+    show: int = opt(3, "print this many questions with each answer", range=NON_NEGATIVE)
+    dataset_dir: str | None = opt(None, "folder with dataset_info.json")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data is None:
+            self.data = [] if self.exam else ["arith_test"]
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise UniftError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")

@@ -135,7 +135,7 @@ def tokenizer_folder(adapter_dir: str | None, base_path: str) -> str:
 def data_label(data: list[str]) -> str:
     """The --data entries as one folder-name part: file names without their data suffix, hub ids without
     their owner (`alpaca-belle-cot`, `train+extra`, `Alpaca-CoT`)."""
-    from unift.data.formats import DATA_SUFFIXES
+    from unift.data.readers import DATA_SUFFIXES
 
     names = []
     for entry in data:

@@ -5,7 +5,7 @@ so `peft.PeftModel.from_pretrained` can load a folder saved with `--peft_type ad
 """
 
 from unift.compat import generation_cache as _compat
-from unift.peft import methods as _methods  # noqa: F401  (registers the entries)
+from unift.peft.methods import load_all
 from unift.peft.registry import (
     METHODS,
     MethodSpec,
@@ -13,10 +13,13 @@ from unift.peft.registry import (
     get_method,
     load_adapter,
     merge_refusal,
+    method_flag_fields,
     method_names,
     register_method,
     wrap_model,
 )
+
+load_all()  # every method module under unift/peft/methods/ registers its entries
 
 _compat.apply()  # peft x transformers generation-cache fix, see compat.py
 
@@ -27,6 +30,7 @@ __all__ = [
     "get_method",
     "load_adapter",
     "merge_refusal",
+    "method_flag_fields",
     "method_names",
     "register_method",
     "wrap_model",

@@ -1,8 +1,8 @@
-"""One MethodSpec per --peft_type. Adding a method is one entry (or one plugin file) and one test.
+"""One MethodSpec per --peft_type. Adding a method is one file under unift/peft/methods/ and one test.
 
-The registry knows nothing of argparse or the Trainer: `build` takes a plain options object (any object
-with the attributes the method reads, normally unift.args.TrainArgs) and the family's ModelSpec.
-The entries themselves live in unift/peft/methods.py (and unift/peft/bottleneck.py for our own plugin).
+The registry knows nothing of argparse or the Trainer: a method's `flags` is a dataclass of the options it
+reads (their flags are generated from its fields); `build` takes a plain options object with those
+attributes (normally the training arguments) and the family's ModelSpec and returns the peft config.
 """
 
 from __future__ import annotations
@@ -15,17 +15,22 @@ from typing import Any
 from unift.errors import UniftError
 from unift.models.registry import ModelSpec, get_model_spec
 
+# Flags that load the base quantized: general flags, read by the methods that declare quantization_bits.
+QUANTIZATION_FLAGS = ("quantization_bit", "load_in_8bit")
+
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     build: Callable[[Any, ModelSpec], Any]  # (options, model spec) -> peft config
     description: str
+    flags: type | None = None  # dataclass of the method's own flags (opt() fields); None: it reads none
+    reads: tuple[str, ...] = ()  # general flags it documents among its own (qlora: compute_dtype)
+    order: int = 100  # place in listings (the support table, --help)
     aliases: tuple[str, ...] = ()
     quantization_bit: int | None = None  # qlora loads the base in 4-bit
     mergeable: bool = True
     merge_note: str = ""  # why it cannot be merged, when it cannot
-    options: tuple[str, ...] = ()  # the flags this method reads (others given for it are an error)
     unsupported: dict[str, str] = field(default_factory=dict)  # model_type -> reason
     # Called after optimizer.step() and before zero_grad() with (peft_model, global_step), e.g. AdaLoRA.
     after_optimizer_step: Callable[[Any, int], None] | None = None
@@ -38,6 +43,13 @@ class MethodSpec:
     merge_check: Callable[[Any], str] | None = None
     # Extra parse-time checks of the arguments (raise UniftError), after the generic ones.
     validate: Callable[[Any], None] | None = None
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The flags this method reads: its own, the quantization flags if it trains over a quantized base,
+        and the general ones it documents."""
+        own = tuple(f.name for f in dataclasses.fields(self.flags)) if self.flags else ()
+        return own + (QUANTIZATION_FLAGS if self.quantization_bits else ()) + self.reads
 
     def check_model_type(self, model_type: str) -> None:
         reason = self.unsupported.get(model_type)
@@ -79,8 +91,29 @@ def get_method(name: str) -> MethodSpec:
 
 
 def method_names() -> list[str]:
-    """Canonical names in registration order (aliases left out)."""
-    return list(dict.fromkeys(m.name for m in METHODS.values()))
+    """Canonical names in listing order (aliases left out)."""
+    unique = {m.name: m for m in METHODS.values()}
+    return sorted(unique, key=lambda name: unique[name].order)
+
+
+def method_flag_fields() -> list[dataclasses.Field]:
+    """Every method's flag fields, once each, in listing order: the union `unift train` offers. A flag
+    read by several methods must be defined alike everywhere (unift.peft.flags makes the shared ones)."""
+    found: dict[str, dataclasses.Field] = {}
+    for name in method_names():
+        flags = METHODS[name].flags
+        for f in dataclasses.fields(flags) if flags else ():
+            seen = found.setdefault(f.name, f)
+            if seen is not f and (seen.default, seen.type, dict(seen.metadata)) != (f.default, f.type, dict(f.metadata)):
+                raise TypeError(f"--{f.name} is defined differently by two PEFT methods ({name} and another); "
+                                "make it once in unift/peft/flags.py")
+    return list(found.values())
+
+
+def causal_lm() -> Any:
+    from peft import TaskType
+
+    return TaskType.CAUSAL_LM
 
 
 def target_modules(options: Any, spec: ModelSpec, default: tuple[str, ...] | None = None) -> list[str]:
@@ -90,14 +123,6 @@ def target_modules(options: Any, spec: ModelSpec, default: tuple[str, ...] | Non
     if given:
         return list(given)
     return list(spec.lora_targets if default is None else default)
-
-
-# Flags of TrainArgs that belong to the general sections: every method reads them.
-GENERAL_GROUPS = ("general", "model", "method", "data", "training")
-# General flags some methods list among their options (to document them) but every method obeys.
-GENERAL_FLAGS = ("compute_dtype",)
-# Read only by methods that declare them (qlora forces 4-bit itself).
-QUANTIZATION_FLAGS = ("quantization_bit", "load_in_8bit")
 
 
 def check_args(args: Any) -> None:
@@ -113,19 +138,14 @@ def check_args(args: Any) -> None:
     spec = get_model_spec(args.model_type)
     method.check_model_type(spec.name)
     args.peft_type, args.model_type = method.name, spec.name  # aliases (ptuning, glm) -> canonical names
-    method_flags = {o for m in METHODS.values() for o in m.options} - set(GENERAL_FLAGS)
+    own = set(method.options)
     ignored = []
-    for f in dataclasses.fields(args):
-        group = f.metadata.get("group", "general")
-        if group in GENERAL_GROUPS and f.name not in method_flags:
-            continue
-        if f.name in QUANTIZATION_FLAGS or f.name in method.options:
-            continue  # quantized loading is checked below, with a message that names the methods taking it
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if getattr(args, f.name) != default:
+    for f in method_flag_fields():
+        if f.name not in own and getattr(args, f.name) != (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
             ignored.append(f"--{f.name}")
     if ignored:
-        reads = ", ".join(f"--{o}" for o in method.options if o not in GENERAL_FLAGS) or "no method flags"
+        reads = ", ".join(f"--{o}" for o in method.options if o not in method.reads) or "no method flags"
         raise UniftError(
             f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used by --peft_type {method.name} "
             f"(it reads {reads}); remove {'it' if len(ignored) == 1 else 'them'} or pick the method they belong to"

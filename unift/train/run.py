@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from unift.accel import frozen_base_dtype, parse_optimizations, prepare_training
-from unift.args import TrainArgs, command_line
 from unift.data import DataOptions, build_datasets, load_sources, resolve_template
 from unift.data.collate import PackingCollator, PaddingCollator, batch_tokens
 from unift.errors import UniftError
@@ -23,6 +22,7 @@ from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.devices import training_device
 from unift.models.loading import resolve_model_path
 from unift.models.runcard import METRICS, RunCard, default_run_dir
+from unift.options import command_line
 from unift.peft import get_method, wrap_model
 from unift.runtime import (
     dtype_name,
@@ -34,6 +34,7 @@ from unift.runtime import (
     world_size,
     write_json_atomic,
 )
+from unift.train.args import TrainArgs
 from unift.train.checkpoints import (
     AtomicCheckpoints,
     StopOnSignal,

@@ -1,0 +1,27 @@
+"""`unift generate` (generate.py): answer one --prompt, or chat in the terminal without one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unift.commands.common import DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.options import opt
+
+
+@dataclass
+class GenerateOptions(FindRunOptions, DtypeOptions, DecodingOptions):
+    prompt: str | None = opt(None, "answer this once and exit (without it: an interactive chat)")
+    system: str | None = opt(None, "system prompt")
+
+
+OPTIONS = GenerateOptions
+
+
+def run(options: GenerateOptions) -> None:
+    from unift.engine.chat import answer_once, chat_loop
+
+    engine = load_engine(options)
+    if options.prompt is not None:
+        answer_once(engine, options.prompt, options.decoding(), options.system)
+    else:
+        chat_loop(engine, options.decoding(), options.system)

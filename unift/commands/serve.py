@@ -1,0 +1,42 @@
+"""`unift serve` (web.py): an OpenAI-compatible API under /v1 and a chat UI at /, on one port."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unift.commands.common import PRESET_NAMES, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.options import POSITIVE_INT, Range, opt
+
+
+@dataclass
+class ServeOptions(FindRunOptions, DtypeOptions, DecodingOptions):
+    preset: str = opt("chat", "named decoding settings; 'original' = the original toolkit's", group="decoding",
+                      choices=PRESET_NAMES)
+    host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)", group="service")
+    port: int = opt(7860, "port", group="service", range=Range(0, 65535))
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (and the key as the UI password)",
+                              group="service", env="UNIFT_API_KEY")
+    no_ui: bool = opt(False, "serve the /v1 API alone, without the chat UI at /", group="service")
+    max_queue: int = opt(256, "requests admitted at once (generating + waiting); more are answered 429 with "
+                         "Retry-After", group="service", range=POSITIVE_INT)
+    max_batch: int = opt(16, "concurrent requests generated together in one batch", group="service",
+                         range=POSITIVE_INT)
+    served_model_name: str | None = opt(None, "model id in the API (default: the run folder's name)",
+                                        group="service")
+    max_tokens_limit: int = opt(4096, "the largest max_tokens accepted", group="service", range=POSITIVE_INT)
+    cutoff_len: int | None = opt(None, "keep at most this many prompt tokens (the last ones)", group="service",
+                                 range=POSITIVE_INT)
+
+
+OPTIONS = ServeOptions
+
+
+def run(options: ServeOptions) -> None:
+    from unift.serve.app import serve
+
+    engine = load_engine(options)
+    engine.max_queue = options.max_queue
+    engine.scheduler.max_batch = options.max_batch
+    serve(engine, options.decoding(), host=options.host, port=options.port, api_key=options.api_key,
+          ui=not options.no_ui, served_name=options.served_model_name, max_tokens_limit=options.max_tokens_limit,
+          max_prompt_tokens=options.cutoff_len)

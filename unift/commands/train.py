@@ -1,0 +1,16 @@
+"""`unift train` (uniform_finetune.py): fine-tune a model with a PEFT method. Its options are TrainArgs
+(unift.train.args: the general flags plus every PEFT method's own); a --config YAML file gives defaults that
+flags on the command line override."""
+
+from __future__ import annotations
+
+from unift.train.args import TrainArgs
+
+OPTIONS = TrainArgs
+CONFIG = True  # takes --config FILE.yaml
+
+
+def run(options: TrainArgs) -> None:
+    from unift.train.run import train
+
+    train(options)

@@ -1,0 +1,136 @@
+"""`unift train`'s arguments: the general flags (RunArgs) plus every PEFT method's own flags, gathered from
+the method registry (a new method brings its flags with it; nothing here changes). The CLI, the --config
+YAML, experiment files and the run card's `arguments` all use these field names."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from unift.accel import parse_optimizations
+from unift.models import get_model_spec
+from unift.options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    Options,
+    Range,
+    check_ranges,
+    opt,
+)
+from unift.peft import check_args, get_method, method_flag_fields
+
+
+def _check_model_type(value: str) -> str:
+    return get_model_spec(value).name
+
+
+def _check_peft_type(value: str) -> str:
+    return get_method(value).name
+
+
+def _check_optimizations(value: Any) -> str:
+
+    parse_optimizations(value)  # raises UniftError naming the unknown ones
+    return str(value) if not isinstance(value, list) else ",".join(value)
+
+
+@dataclass
+class RunArgs(Options):
+    """The general training flags; each PEFT method adds its own (MethodSpec.flags) to make TrainArgs."""
+
+    # model
+    model_type: str = opt("llama", "model family", group="model", check=_check_model_type)
+    model_name_or_path: str | None = opt(
+        None, "folder or hub id of the base model (default: the embedded SmolLM2-135M-Instruct)", group="model")
+    size: str | None = opt(None, "model size label, informational (the original toolkit's --size)", group="model")
+    template: str | None = opt(None, "prompt template (default: the family's; 'auto' = tokenizer's)", group="model")
+    trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
+    device: str = opt("auto", "where training runs: auto (the first GPU, else the CPU), cpu, cuda or mps; pick "
+                      "a GPU with CUDA_VISIBLE_DEVICES", group="model")
+    quantization_bit: int | None = opt(None, "load the base in 4 or 8 bits (bitsandbytes)", group="model",
+                                       choices=(4, 8))
+    compute_dtype: str = opt("auto", "compute dtype: auto (bf16 where the CPU/GPU supports it), fp32, bf16, fp16",
+                             group="model", choices=("auto", "fp32", "bf16", "fp16"))
+    # method
+    peft_type: str = opt("lora", "PEFT method", group="method", check=_check_peft_type)
+    load_in_8bit: bool = opt(False, "load the base in 8-bit (lora, adalora, ia3; dora on GPU); = --quantization_bit 8",
+                             group="model")
+    # data
+    data: list[str] = opt(["arith"], "dataset names from dataset_info.json, or paths to files or folders; "
+                          "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))
+    dataset_dir: str | None = opt(None, "folder with dataset_info.json (default: ./data, else the bundled one)",
+                                  group="data")
+    cutoff_len: int = opt(512, "maximum tokens per example (longer ones lose the prompt and earlier turns "
+                          "first, so the answer keeps its end)", group="data", range=POSITIVE_INT)
+    truncation: str = opt("drop", "an answer longer than --cutoff_len on its own: drop the example, or keep it "
+                          "cut at the end (it then never ends)", group="data", choices=("drop", "keep"))
+    val_set_size: float = opt(0, "held-out examples for evaluation (a count, or a fraction < 1)", group="data",
+                                range=NON_NEGATIVE)
+    max_samples: int | None = opt(None, "use at most this many examples from each --data entry", group="data",
+                                    range=POSITIVE_INT)
+    train_on_prompt: bool = opt(False, "also compute the loss on prompt tokens", group="data")
+    data_ratios: list[float] | None = opt(
+        None, "mixing proportions, one per --data entry (e.g. 0.7 0.3); the training size stays the sum",
+        group="data", range=NON_NEGATIVE)
+    streaming: bool = opt(False, "read the data lazily (larger than memory); needs --max_steps", group="data")
+    num_proc: int | None = opt(None, "tokenization workers (default: one per 5000 records, at most 8)",
+                               group="data", range=POSITIVE_INT)
+    overwrite_cache: bool = opt(False, "tokenize again even if a cached copy exists", group="data")
+    strict_data: bool = opt(False, "refuse a file with any record that cannot be trained (an empty answer, a "
+                            "conversation ending on a user turn) instead of skipping and reporting it", group="data")
+    # training
+    output_dir: str | None = opt(None, "run folder (default: saved_models/<model_type>_<data>/<peft_type>)",
+                                 group="training")
+    epochs: float = opt(3.0, "training epochs", group="training", aliases=("--num_train_epochs",),
+                        range=POSITIVE)
+    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs)", group="training",
+                         range=Range(1, also=(-1,)))
+    per_gpu_train_batch_size: int = opt(4, "batch size per device", group="training",
+                                        aliases=("--per_device_train_batch_size",), range=POSITIVE_INT)
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step", group="training", range=POSITIVE_INT)
+    learning_rate: float = opt(3e-4, "peak learning rate", group="training", range=POSITIVE)
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule", group="training")
+    warmup_ratio: float = opt(0.03, "fraction of steps for warm-up", group="training", range=PROBABILITY)
+    weight_decay: float = opt(0.0, "weight decay", group="training", range=NON_NEGATIVE)
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, "
+                                       "about a third slower", group="training")
+    optimizations: str = opt("all", "speed-ups to use: all, none, or a comma-separated subset of base_dtype, "
+                             "padding_free, label_loss, fused_lora, fast_dropout, lean_layers, cpu_attention (docs/performance.md)",
+                             group="training", check=_check_optimizations)
+    padding_free: str = opt("auto", "batches as one row without padding: auto (where the family and method "
+                            "allow it), true (refuse otherwise), false", group="training",
+                            choices=("auto", "true", "false"))
+    group_by_length: bool = opt(False, "batch examples of similar length together (less padding when "
+                                "padding-free batches are off; changes which examples share a step)",
+                                group="training")
+    logging_steps: int = opt(10, "log every N steps", group="training", range=POSITIVE_INT)
+    save_steps: int | None = opt(None, "checkpoint every N steps (default: once per epoch)", group="training",
+                                 range=POSITIVE_INT)
+    save_total_limit: int = opt(2, "checkpoints to keep", group="training", range=POSITIVE_INT)
+    seed: int = opt(42, "random seed", group="training", range=NON_NEGATIVE)
+    report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training")
+    deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/; GPUs only)", group="training")
+    resume_from_checkpoint: str | None = opt(
+        None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
+        nargs="?", const="latest")
+    local_rank: int = opt(-1, "set by the distributed launcher", group="training", aliases=("--local-rank",),
+                          range=Range(-1))
+
+    def __post_init__(self) -> None:
+        # Cross-field checks between --model_type, --peft_type and the method flags, when the arguments are
+        # built: `unift train` refuses an unsupported pair or an ignored flag before loading anything.
+        check_ranges(self)
+        check_args(self)
+
+
+def _compose() -> type:
+    fields = [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                metadata=f.metadata)) for f in method_flag_fields()]
+    return dataclasses.make_dataclass("TrainArgs", fields, bases=(RunArgs,), namespace={"__module__": __name__})
+
+
+# RunArgs plus every method's flags: what `unift train` parses and `train()` takes.
+TrainArgs: type[RunArgs] = _compose()
