@@ -4,7 +4,6 @@ Importing this package registers every method, including the bottleneck-adapter 
 so `peft.PeftModel.from_pretrained` can load a folder saved with `--peft_type adapters`.
 """
 
-from unift.compat import generation_cache as _compat
 from unift.peft import methods as _methods  # noqa: F401  (registers the entries)
 from unift.peft.registry import (
     METHODS,
@@ -17,8 +16,6 @@ from unift.peft.registry import (
     register_method,
     wrap_model,
 )
-
-_compat.apply()  # peft x transformers generation-cache fix, see compat.py
 
 __all__ = [
     "METHODS",
