@@ -5,9 +5,10 @@ Both come from peft upcasting a half-precision (bf16/fp16) base's adapter to fp3
 - the upcast re-creates each adapter Parameter from `param.to(torch.float32)`, a plain tensor that
   ParameterDict wraps into a new, trainable Parameter: AdaLoRA's `ranknum` (a constant, the rank it divides
   by, created with requires_grad=False) becomes trainable (`freeze_ranknum`);
-- `PeftModel.from_pretrained` builds the adapter in the base's dtype, loads the saved fp32 weights into it,
-  and only then upcasts, so the weights come back rounded to bf16 (measured on AdaLoRA: logits 0.08 away from
-  the trained model's) (`reload_saved_weights`).
+- `PeftModel.from_pretrained` of a trained AdaLoRA adapter (its config has a `rank_pattern`) resizes the
+  modules to the pruned ranks with `update_layer`, which builds them in the base's dtype, and loads the saved
+  fp32 weights into those: they come back rounded to bf16 (measured: logits 0.08 away from the trained
+  model's) (`reload_saved_weights`).
 tests/test_compat.py fails once either is fixed upstream.
 """
 
