@@ -268,10 +268,10 @@ def test_bitsandbytes_is_kept_out_of_train_processes_that_do_not_quantize():
     then see it as absent. With a quantizing method or flag it is left alone."""
     quantizing = {m.name for m in METHODS.values() if m.quantization_bit} | {
         alias for m in METHODS.values() if m.quantization_bit for alias in m.aliases}
-    from unift.runtime import QUANTIZING_WORDS
+    from unift.compat.keep_out import QUANTIZING_WORDS
 
     assert quantizing <= set(QUANTIZING_WORDS)
-    probe = ("import importlib.util, sys; from unift.runtime import keep_bitsandbytes_out; "
+    probe = ("import importlib.util, sys; from unift.compat.keep_out import keep_bitsandbytes_out; "
              "print(keep_bitsandbytes_out(sys.argv[1:])); import peft, transformers.utils as u; "
              "print(importlib.util.find_spec('bitsandbytes') is None, u.is_bitsandbytes_available())")
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -287,7 +287,7 @@ def test_deepspeed_is_kept_out_of_train_processes_that_do_not_use_it(tmp_path):
     command line or in its --config file) or an accelerate DeepSpeed launch keeps it out."""
     if importlib.util.find_spec("deepspeed") is None:
         pytest.fail("deepspeed (a dev dependency) must be installed for this test")
-    probe = ("import sys; from unift.runtime import keep_deepspeed_out; print(keep_deepspeed_out(sys.argv[1:])); "
+    probe = ("import sys; from unift.compat.keep_out import keep_deepspeed_out; print(keep_deepspeed_out(sys.argv[1:])); "
              "import transformers.integrations.deepspeed as t, accelerate.utils as a; "
              "print(bool(t.is_deepspeed_available()), bool(a.is_deepspeed_available()))")
     config = tmp_path / "ds.yaml"

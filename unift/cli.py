@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 from types import ModuleType
 
 from unift.errors import UniftError
@@ -117,10 +116,9 @@ def setup_logging() -> None:
         ours.addHandler(handler)
         ours.propagate = False
     ours.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    # transformers 5 renamed gradient checkpointing; peft still calls the old name. Not the user's to fix.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-    # bitsandbytes warns at import on every CPU machine about an optional kernels package: not actionable.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from unift.compat import quiet
+
+    quiet.apply()  # other libraries' warnings that are not the user's to act on
 
 
 def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
@@ -129,11 +127,11 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
     if command_name and not (argv and argv[0] == command_name):
         argv = [command_name, *argv]
     debug = "--debug" in argv
-    if own_process and argv and argv[0] == "train":
-        from unift.runtime import keep_bitsandbytes_out, keep_deepspeed_out
+    from unift import compat
 
-        keep_bitsandbytes_out(argv)
-        keep_deepspeed_out(argv)
+    if own_process and argv and argv[0] == "train":
+        compat.keep_out.apply(argv)  # before anything imports peft or transformers
+    compat.apply()
     setup_logging()
     try:
         options, run = options_and_run(parse(argv))

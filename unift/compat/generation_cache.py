@@ -1,4 +1,6 @@
-"""Compatibility fixes between the installed peft and transformers, applied once on `import unift.peft`.
+"""peft x transformers: the generation cache keyword. Written against peft 0.21.2 and transformers 5.24.0.
+
+Applied by unift.compat.apply(). tests/test_compat.py fails once peft reads the cache under its new name.
 
 transformers 5.x renamed the generation cache keyword from `past_key_values` to `cache`. peft 0.21's
 `PeftModelForCausalLM.prepare_inputs_for_generation` still looks for `past_key_values`, so for the
@@ -29,6 +31,7 @@ def _transformers_renamed_cache() -> bool:
 
 
 def apply() -> None:
+    """Patch peft's PeftModelForCausalLM (imports peft; unift.compat.apply() defers this to peft's import)."""
     global _APPLIED
     if _APPLIED:
         return
@@ -66,6 +69,7 @@ def apply() -> None:
             self.base_model_prepare_inputs_for_generation = base_prepare
 
     prepare_inputs_for_generation._unift_cache_compat = True
+    prepare_inputs_for_generation.__wrapped__ = original  # the tests run the unpatched path through it
     PeftModelForCausalLM.prepare_inputs_for_generation = prepare_inputs_for_generation
 
     original_generate = PeftModelForCausalLM.generate
@@ -77,4 +81,5 @@ def apply() -> None:
             kwargs["use_cache"] = True
         return original_generate(self, *args, **kwargs)
 
+    generate.__wrapped__ = original_generate
     PeftModelForCausalLM.generate = generate

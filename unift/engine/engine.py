@@ -74,8 +74,10 @@ class Engine:
         """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
         embedded model, placed on --device (default: the first GPU, else the CPU) in that device's dtype
         unless `dtype` is given."""
+        from unift import compat
         from unift.models.devices import device_map_for, dtype_for, resolve_device
 
+        compat.apply()
         card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
                          template=template) if adapter_dir else None
         if card:

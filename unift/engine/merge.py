@@ -159,8 +159,11 @@ def merge(
     """Fold the adapter of a run folder into its base; write `merged_dir`; return it."""
     from peft import PeftConfig
 
+    from unift import compat
     from unift.data import resolve_template
     from unift.peft import load_adapter  # also registers unift's own PEFT methods
+
+    compat.apply()
 
     card = read_card(adapter_dir, base_model=base_model, model_type=model_type)
     out = Path(merged_dir)

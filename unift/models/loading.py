@@ -138,6 +138,8 @@ def load_model(
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     if quantization_bit:
+        from unift.compat.bitsandbytes import disable_cpu_bf16_repack
+
         disable_cpu_bf16_repack(model)
     return model
 
@@ -165,25 +167,6 @@ def bnb_config(bits: int, compute_dtype: torch.dtype, quant_storage: torch.dtype
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     raise UniftError(f"--quantization_bit must be 4 or 8, not {bits}")
-
-
-def disable_cpu_bf16_repack(model) -> int:
-    """Work around the bitsandbytes CPU trap (docs/performance.md, "Platform notes").
-
-    On CPUs with AVX512-BF16 the first no-grad forward repacks 4-bit weights, after which gradients
-    through gemv_4bit are silently wrong and the state dict is corrupted. Turning the repack off keeps
-    training correct at no cost on GPUs.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 def _local_device() -> str | int:

@@ -4,7 +4,6 @@ Importing this package registers every method, including the bottleneck-adapter 
 so `peft.PeftModel.from_pretrained` can load a folder saved with `--peft_type adapters`.
 """
 
-from unift.compat import generation_cache as _compat
 from unift.peft.methods import load_all
 from unift.peft.registry import (
     METHODS,
@@ -20,8 +19,6 @@ from unift.peft.registry import (
 )
 
 load_all()  # every method module under unift/peft/methods/ registers its entries
-
-_compat.apply()  # peft x transformers generation-cache fix, see compat.py
 
 __all__ = [
     "METHODS",

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
-from peft.utils import PeftType, register_peft_method
+from peft.utils import register_peft_method
 from torch import nn
+
+from unift.compat import peft_types
 
 NAME = "bottleneck"  # PEFT method name (lower case); the saved peft_type is its upper case
 ADAPTER_TYPES = ("houlsby", "pfeiffer", "parallel")
@@ -34,27 +36,9 @@ NON_LINEARITIES = ("tanh", "relu", "gelu", "silu", "sigmoid", "linear")
 INITS = ("bert", "mam_adapter")
 
 
-def _extend_peft_type(name: str) -> PeftType:
-    """Add `name` to peft's closed PeftType enum (register_peft_method only accepts members of it).
-
-    Done by hand because Enum classes cannot be subclassed or extended; the member behaves like the
-    built-in ones (a str equal to its value), so config files and the mapping lookups work unchanged.
-    """
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    with contextlib.suppress(AttributeError):
-        member.__objclass__ = PeftType
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    type.__setattr__(PeftType, name, member)  # PeftType.BOTTLENECK, bypassing Enum's reassignment guard
-    return member
-
-
-BOTTLENECK = _extend_peft_type(NAME.upper())
+# Registering unift's own method (register() below, on import, as the --peft_type registry registers its
+# entries) needs a PeftType member for it: peft's enum is closed, so unift.compat extends it.
+BOTTLENECK = peft_types.extend_peft_type(NAME.upper())
 
 
 def parse_scaling(value: Any) -> float | str:

@@ -192,11 +192,10 @@ def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
         wrapped = get_peft_model(model, config)
     except ValueError as err:
         raise UniftError(f"--peft_type {method.name} on {spec.name}: {str(err).splitlines()[0]}") from err
-    # peft 0.21 upcasts the adapter of a half-precision base to fp32 by building new Parameters, which are
-    # trainable by default: AdaLoRA's `ranknum` (a constant, the rank it divides by) would then be trained.
-    for name, param in wrapped.named_parameters():
-        if ".ranknum." in name:
-            param.requires_grad_(False)
+    from unift import compat
+
+    compat.apply()
+    compat.peft_adapters.freeze_ranknum(wrapped)  # peft 0.21's fp32 upcast makes AdaLoRA's ranknum trainable
     return wrapped
 
 
@@ -210,34 +209,16 @@ def merge_refusal(method: MethodSpec, peft_config: Any) -> str:
 
 
 def load_adapter(model: Any, adapter_dir: str):
-    """PeftModel.from_pretrained, with the adapter's weights exactly as saved.
-
-    Over a half-precision base, peft 0.21 builds some adapters (AdaLoRA) in the base's dtype, loads the
-    saved fp32 weights into them, and only then upcasts: the weights come back rounded to bf16 (measured:
-    logits 0.08 away from the trained model's). Loading the saved tensors again, once the adapter is
-    fp32, restores them exactly."""
-    from pathlib import Path
-
-    import torch
+    """PeftModel.from_pretrained, with the adapter's weights exactly as saved (peft 0.21 rounds them to a
+    half-precision base's dtype: unift.compat.peft_adapters)."""
     from peft import PeftModel
-    from peft.utils import set_peft_model_state_dict
 
+    from unift import compat
+
+    compat.apply()
     try:
         wrapped = PeftModel.from_pretrained(model, adapter_dir)
     except (ValueError, KeyError, RuntimeError) as err:
         raise UniftError(f"cannot load the adapter in {adapter_dir}: {str(err).splitlines()[0]}") from err
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    half = getattr(model, "dtype", torch.float32) in (torch.float16, torch.bfloat16)
-    if half and weights.is_file():
-        from safetensors.torch import load_file
-
-        config = wrapped.peft_config["default"]
-        pattern = getattr(config, "rank_pattern", None)
-        if pattern is not None:
-            config.rank_pattern = None  # AdaLoRA: the modules were already resized by the first load
-        try:
-            set_peft_model_state_dict(wrapped, load_file(str(weights)))
-        finally:
-            if pattern is not None:
-                config.rank_pattern = pattern
+    compat.peft_adapters.reload_saved_weights(wrapped, adapter_dir)
     return wrapped

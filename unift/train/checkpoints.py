@@ -58,7 +58,13 @@ def publish(staged: Path, final: Path) -> None:
 class AtomicCheckpoints:
     """Trainer mixin: the Trainer writes each checkpoint into <run>/.staging/checkpoint-N (model, optimizer,
     scheduler, every rank's RNG state, trainer state); once all ranks are done, `before_publish` hooks run
-    (the run card) and the folder is renamed to <run>/checkpoint-N, then old ones are rotated away."""
+    (the run card) and the folder is renamed to <run>/checkpoint-N, then old ones are rotated away.
+
+    It overrides two private methods of transformers' Trainer (written against transformers 5.24.0):
+    `_save_checkpoint(model, trial)`, which writes into `self._get_output_dir(trial)`, and
+    `_get_output_dir(trial)`. Private API, but only unift's own Trainer subclass sees it (no patch of
+    transformers itself, so it stays here rather than in unift.compat); tests/test_compat.py fails when
+    those signatures or that call change."""
 
     _staging = False
     before_publish: list[Callable[[Path], None]]

@@ -189,6 +189,10 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     `callbacks`: extra transformers TrainerCallbacks (tests use them to watch every step)."""
     from transformers import set_seed
 
+    from unift import compat
+
+    compat.apply()
+
     args.output_dir = args.output_dir or default_output_dir(args)
     check_engine(args)
     check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run

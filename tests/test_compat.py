@@ -1,0 +1,335 @@
+"""unift.compat: for each patch of another library, a test that the upstream behaviour it works around is
+still there (it FAILS once upstream fixes it: then drop the patch), and a test that the patch works.
+Tiny random models built from configs here; nothing from the hub."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from unift import compat
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 96
+IDS = torch.tensor([[5, 17, 42, 8, 23, 61]])
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB, 0)).to(dtype)
+
+
+def adalora(total_step: int = 10):
+    from peft import AdaLoraConfig, TaskType
+
+    return AdaLoraConfig(task_type=TaskType.CAUSAL_LM, init_r=4, target_r=2, total_step=total_step,
+                         target_modules=["q_proj", "v_proj"])
+
+
+# ---- apply(): explicit, idempotent, and cheap ------------------------------------------------------------
+
+def test_importing_unift_applies_nothing_and_apply_imports_nothing():
+    """Importing unift's modules patches no library; apply() does not import peft either (it patches peft
+    right after peft's own import), and it may be called again."""
+    probe = ("import sys, unift.cli, unift.compat as c\n"
+             "assert 'peft' not in sys.modules\n"
+             "c.apply(); c.apply()\n"
+             "assert 'peft' not in sys.modules\n"
+             "import peft\n"
+             "assert getattr(peft.PeftModelForCausalLM.prepare_inputs_for_generation, '_unift_cache_compat', False)\n"
+             "assert c._HOOK not in sys.meta_path\n"
+             "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+# ---- generation_cache: peft x transformers cache keyword -------------------------------------------------
+
+def prefix_model():
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    model = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    with torch.no_grad():
+        for param in model.prompt_encoder.parameters():
+            param.normal_(std=1.0)  # a prefix that visibly moves the logits
+    return model.eval()
+
+
+def first_step_gap(model) -> float:
+    """How far generation's first-step logits are from a forward pass over the same prompt."""
+    with torch.no_grad():
+        forward = model(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits[0, -1]
+        out = model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=1,
+                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return float((out.logits[0][0] - forward).abs().max())
+
+
+def test_upstream_peft_still_reads_the_old_cache_keyword(monkeypatch):
+    """transformers renamed `past_key_values` to `cache` in generation; unpatched peft still puts the prefix
+    under the old name, so generation silently drops it. Fails once peft follows the rename."""
+    from peft import PeftModelForCausalLM
+    from transformers.generation.utils import GenerationMixin
+
+    assert compat.generation_cache._transformers_renamed_cache(), inspect.signature(
+        GenerationMixin.prepare_inputs_for_generation)
+    compat.generation_cache.apply()
+    for name in ("prepare_inputs_for_generation", "generate"):
+        monkeypatch.setattr(PeftModelForCausalLM, name, getattr(PeftModelForCausalLM, name).__wrapped__)
+    assert first_step_gap(prefix_model()) > 1e-2
+
+
+def test_generation_cache_patch_keeps_the_prefix():
+    compat.apply()
+    assert first_step_gap(prefix_model()) < 1e-4
+
+
+# ---- peft_types: peft's closed PeftType enum ------------------------------------------------------------
+
+def test_upstream_peft_registers_only_members_of_its_enum():
+    """Fails once peft's register_peft_method accepts a new method name without a PeftType member."""
+    from peft.config import PeftConfig
+    from peft.tuners.tuners_utils import BaseTuner
+    from peft.utils import PeftType, register_peft_method
+
+    assert "UNIFT_PROBE" not in PeftType.__members__
+    with pytest.raises(ValueError, match="Unknown PEFT type UNIFT_PROBE"):
+        register_peft_method(name="unift_probe", config_cls=PeftConfig, model_cls=BaseTuner)
+
+
+def test_peft_type_extended_for_the_bottleneck_plugin():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import PeftType
+
+    from unift.peft.bottleneck import BOTTLENECK, BottleneckConfig
+
+    assert compat.peft_types.extend_peft_type("BOTTLENECK") is BOTTLENECK  # idempotent
+    assert PeftType("BOTTLENECK") is PeftType.BOTTLENECK is BOTTLENECK and BOTTLENECK == "BOTTLENECK"
+    assert "BOTTLENECK" in [t.value for t in PeftType]
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["BOTTLENECK"] is BottleneckConfig
+
+
+# ---- peft_adapters: AdaLoRA over a half-precision base --------------------------------------------------
+
+def test_upstream_peft_upcast_makes_adalora_ranknum_trainable():
+    """Fails once peft's fp32 upcast keeps `ranknum` frozen."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(torch.bfloat16), adalora())
+    ranknum = [p for n, p in model.named_parameters() if ".ranknum." in n]
+    assert ranknum and all(p.dtype == torch.float32 for p in ranknum)
+    assert any(p.requires_grad for p in ranknum)
+
+
+def test_freeze_ranknum():
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(torch.bfloat16), adalora())
+    assert compat.peft_adapters.freeze_ranknum(model) == 4  # 2 layers x (q, v)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ranknum." in n)
+
+
+def saved_adalora(tmp_path: Path) -> dict:
+    """A trained-looking AdaLoRA adapter over a bf16 base (its budget pruned to 3 of 4 ranks, fp32 weights
+    bf16 cannot hold), saved; its saved tensors."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(torch.bfloat16), adalora())
+    pattern = {f"{name}.lora_E": [True, True, True, False] for name, _ in model.base_model.model.named_modules()
+               if name.endswith(("q_proj", "v_proj"))}
+    model.base_model.resize_modules_by_rank_pattern(pattern, "default")  # as training's budget allocation does
+    model.peft_config["default"].rank_pattern = pattern
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=generator) / 3
+    model.save_pretrained(tmp_path)
+    return load_file(str(tmp_path / compat.peft_adapters.WEIGHTS))
+
+
+def loaded_matches(model, saved: dict) -> bool:
+    from peft.utils import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys()
+    return all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
+
+
+def test_upstream_peft_rounds_saved_adapter_weights_to_a_half_base(tmp_path):
+    """Fails once PeftModel.from_pretrained keeps the saved fp32 weights over a bf16 base."""
+    from peft import PeftModel
+
+    saved = saved_adalora(tmp_path)
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert not loaded_matches(PeftModel.from_pretrained(tiny_llama(torch.bfloat16), tmp_path), saved)
+
+
+def test_reload_saved_weights_restores_them_exactly(tmp_path):
+    from peft import PeftModel
+
+    from unift.peft import load_adapter
+
+    saved = saved_adalora(tmp_path)
+    model = PeftModel.from_pretrained(tiny_llama(torch.bfloat16), tmp_path)
+    assert compat.peft_adapters.reload_saved_weights(model, tmp_path)
+    assert loaded_matches(model, saved)
+    assert loaded_matches(load_adapter(tiny_llama(torch.bfloat16), str(tmp_path)), saved)
+    assert not compat.peft_adapters.reload_saved_weights(  # an fp32 base loads them exactly already
+        PeftModel.from_pretrained(tiny_llama(), tmp_path), tmp_path)
+
+
+# ---- bitsandbytes: the CPU AVX512-BF16 repack of 4-bit weights ------------------------------------------
+
+def linear_4bit():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 64, bias=False)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")
+
+
+def input_grad(layer, x: torch.Tensor) -> torch.Tensor:
+    layer.train()
+    x = x.clone().requires_grad_(True)
+    layer(x).sum().backward()
+    return x.grad
+
+
+def evaluate_then_grad(layer) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(repacked?, input gradient before, after) an evaluation-style forward (eval mode, no grad)."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    before = input_grad(layer, x)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    repacked = bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: no autograd kernel for the repacked gemv_4bit
+        return repacked, before, input_grad(layer, x)
+
+
+def test_upstream_bitsandbytes_repack_breaks_gradients():
+    """What an AVX512-BF16 CPU does (the flag is forced here, so any CPU shows it): the evaluation repacks
+    the weight, and gradients afterwards are wrong. Fails once bitsandbytes stops repacking or gets the
+    gradients right."""
+    layer = linear_4bit()
+    layer.support_avx512bf16_for_cpu = True
+    repacked, before, after = evaluate_then_grad(layer)
+    assert repacked and not torch.allclose(before, after, atol=1e-4)
+
+
+def test_disable_cpu_bf16_repack_keeps_gradients():
+    layer = linear_4bit()
+    layer.support_avx512bf16_for_cpu = True
+    model = torch.nn.Sequential(layer, torch.nn.Linear(64, 64))
+    assert compat.bitsandbytes.disable_cpu_bf16_repack(model) == 1
+    repacked, before, after = evaluate_then_grad(layer)
+    assert not repacked and torch.equal(before, after)
+
+
+# ---- keep_out: bitsandbytes and deepspeed imported whenever installed -----------------------------------
+
+def test_upstream_libraries_import_bitsandbytes_and_deepspeed_eagerly():
+    """`import peft` imports bitsandbytes; the Trainer's start-up (accelerate's extract_model_from_parallel,
+    called from Trainer.__init__) imports deepspeed. Fails once either stops doing so (then the keep-outs
+    have nothing to save)."""
+    from transformers import Trainer
+
+    assert "unwrap_model(" in inspect.getsource(Trainer.__init__)
+    probe = ("import sys, torch, peft\n"
+             "bnb = 'bitsandbytes' in sys.modules\n"
+             "from accelerate.utils.other import extract_model_from_parallel\n"
+             "assert 'deepspeed' not in sys.modules\n"
+             "extract_model_from_parallel(torch.nn.Linear(1, 1))\n"
+             "print('imported:', bnb, 'deepspeed' in sys.modules)\n")  # deepspeed logs to stdout too
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert "imported: True True" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_keep_out_marks_a_module_absent(monkeypatch):
+    """The keep-out itself (tests/test_accel.py runs it against the real libraries in fresh processes)."""
+    for name in ("unift_probe_lib", "unift_probe_user"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    keep = compat.keep_out._keep_out
+    assert not keep("unift_probe_lib", ["train", "--probe"], imported_by="unift_probe_user", wanted_if=("probe",))
+    assert keep("unift_probe_lib", ["train"], imported_by="unift_probe_user", wanted_if=("probe",))
+    assert sys.modules["unift_probe_lib"] is None
+    with pytest.raises(ImportError):
+        import unift_probe_lib  # noqa: F401
+    assert not keep("unift_probe_lib", ["train"], imported_by="unift_probe_user", wanted_if=("probe",))
+
+
+# ---- quiet: other libraries' warnings silenced by the command line --------------------------------------
+
+def kbit_checkpointing_warnings(quiet: bool) -> list[str]:
+    """FutureWarnings from peft's k-bit preparation with gradient checkpointing, after quiet.apply() or not."""
+    from peft import prepare_model_for_kbit_training
+
+    model = tiny_llama()
+    model.is_loaded_in_8bit = True  # peft's k-bit path, which enables gradient checkpointing by the old name
+    with warnings.catch_warnings(record=True) as caught:  # the filters are restored on exit
+        warnings.simplefilter("always")
+        if quiet:
+            compat.quiet.apply()
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_upstream_peft_calls_the_deprecated_checkpointing_name():
+    """Fails once peft calls transformers' new name (or transformers stops warning)."""
+    assert any("gradient_checkpointing_enable` is deprecated" in m for m in kbit_checkpointing_warnings(quiet=False))
+
+
+def test_upstream_bitsandbytes_logs_about_the_optional_kernels_on_cpu():
+    """Fails once bitsandbytes stops logging a warning about the optional kernels package on CPU."""
+    import importlib.util
+
+    source = Path(importlib.util.find_spec(compat.quiet.BNB_CPU_OPS_LOGGER).origin).read_text()
+    assert "logger.warning(" in source and "Failed to load CPU gemm_4bit_forward from kernels-community" in source
+
+
+def test_quiet_silences_both(monkeypatch):
+    logger = logging.getLogger(compat.quiet.BNB_CPU_OPS_LOGGER)
+    monkeypatch.setattr(logger, "level", logger.level)  # restored afterwards
+    assert kbit_checkpointing_warnings(quiet=True) == []
+    assert logger.getEffectiveLevel() == logging.ERROR
+
+
+# ---- transformers Trainer private methods overridden by unift.train.checkpoints.AtomicCheckpoints ---------
+
+def test_upstream_trainer_private_methods_the_checkpoint_mixin_overrides():
+    """AtomicCheckpoints stages checkpoints by overriding `_get_output_dir(trial)`, which
+    `_save_checkpoint(model, trial)` must call. Fails when transformers changes either."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    assert "self._get_output_dir(trial" in inspect.getsource(Trainer._save_checkpoint)
+
+
+def test_checkpoint_mixin_redirects_the_output_dir():
+    from unift.train.checkpoints import STAGING, AtomicCheckpoints
+
+    class Base:
+        def _get_output_dir(self, trial):
+            return "/run"
+
+    class Staged(AtomicCheckpoints, Base):
+        pass
+
+    trainer = Staged()
+    assert trainer._get_output_dir(None) == "/run"
+    trainer._staging = True
+    assert trainer._get_output_dir(None) == f"/run/{STAGING}"
