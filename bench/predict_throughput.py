@@ -45,7 +45,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from unift.engine.engine import Engine, GenerationSettings
     from unift.engine.predict import predict
-    from unift.models.loading import parse_dtype
+    from unift.models.dtypes import parse_dtype
 
     source = REPO / "data" / "arith" / "test.jsonl"
     rows = [json.loads(line) for line in source.read_text().splitlines()][: args.prompts]

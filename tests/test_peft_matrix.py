@@ -15,10 +15,10 @@ from conftest import memorisation_rows
 from unift.args import TrainArgs
 from unift.cli import main
 from unift.engine.engine import Engine, GenerationSettings
+from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, MethodSpec, get_method, register_method
 from unift.peft.support import support_matrix
-from unift.runtime import torch_dtype
 from unift.train.run import train
 
 MATRIX = support_matrix()

@@ -13,9 +13,9 @@ from conftest import memorisation_rows
 from unift.args import TrainArgs
 from unift.engine.engine import Engine
 from unift.evals.likelihood import score_rows
+from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, get_method
-from unift.runtime import torch_dtype
 from unift.train.run import prepare, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

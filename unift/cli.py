@@ -96,7 +96,7 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 
 def load_engine(ns: argparse.Namespace):
     from unift.engine.engine import Engine
-    from unift.models.loading import parse_dtype
+    from unift.models.dtypes import parse_dtype
     from unift.models.runcard import find_run
 
     if getattr(ns, "run_data", None) and not ns.adapter_dir:
@@ -281,7 +281,7 @@ def build_eval(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(ns: argparse.Namespace) -> None:
     from unift.evals.evaluate import EvalOptions, evaluate
-    from unift.models.loading import parse_dtype
+    from unift.models.dtypes import parse_dtype
 
     data = ns.data if ns.data is not None else ([] if ns.exam else ["arith_test"])
     options = EvalOptions(

@@ -20,7 +20,8 @@ from unift.data import Message, encode_conversation, load_conversations
 from unift.engine.engine import PRESETS, Engine
 from unift.errors import UniftError
 from unift.evals.extract import answer_line, get_extractor
-from unift.runtime import dtype_name, write_json_atomic
+from unift.models.dtypes import dtype_name
+from unift.runtime import write_json_atomic
 
 if TYPE_CHECKING:
     import torch
