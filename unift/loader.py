@@ -32,7 +32,7 @@ class Loaded:
     spec: ModelSpec
     path: str  # the base (or merged) checkpoint the weights came from
     name: str  # the adapter folder's name, else the checkpoint's
-    base_keys: frozenset[str]  # the base's own weight names, before an adapter was put in (merge checks them)
+    base_keys: frozenset[str]  # merges: the base's own weight names, before the adapter was put in
 
 
 def load(
@@ -68,20 +68,20 @@ def load(
         model_type = model_type or merged.get("model_type")
         template = template or merged.get("template")
     spec = get_model_spec(model_type or "llama")
-    plan = dtype if isinstance(dtype, DtypePlan) else None
-    if tokenizer is None:
+    placed_on = resolve_device(device)
+    plan = dtype if isinstance(dtype, DtypePlan) else inference_plan(dtype, placed_on, card)
+    if tokenizer is None:  # training pads on the right, generation on the left
         tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust,
-                                   padding_side="right" if plan and plan.purpose == "train" else "left")
+                                   padding_side="right" if plan.purpose == "train" else "left")
     chosen = template if template is not None and not isinstance(template, str) else \
         resolve_template(template, spec.template, tokenizer)
-    placed_on = resolve_device(device)
-    plan = plan or inference_plan(dtype, placed_on, card)  # type: ignore[arg-type]
     model = load_model(path, spec, quantization_bit=plan.quantization_bit, compute_dtype=plan.compute_dtype,
                        dtype=plan.storage_dtype, trust_remote_code=trust, device_map=_placement(plan, placed_on, path),
                        quant_storage=torch_dtype(plan.quant_storage) if plan.quant_storage else None)
     if plan.upcast_unquantized:
         upcast_unquantized(model)
-    base_keys = frozenset(model.state_dict())
+    # Only merges compare against them (and a quantized base's state dict is costly to build).
+    base_keys = frozenset(model.state_dict()) if plan.purpose == "merge" else frozenset()
     if adapter_dir:
         from unift.peft import load_adapter  # also registers unift's own PEFT methods
 
