@@ -46,7 +46,7 @@ def main() -> None:
     from unift.engine.engine import Engine
     from unift.engine.predict import predict
     from unift.engine.settings import GenerationSettings
-    from unift.models.loading import parse_dtype
+    from unift.models.dtypes import parse_dtype
 
     source = REPO / "data" / "arith" / "test.jsonl"
     rows = [json.loads(line) for line in source.read_text().splitlines()][: args.prompts]

@@ -11,7 +11,8 @@ from after_training_helpers import PYTHON, REPO, env
 
 from unift.engine.engine import Engine
 from unift.errors import UniftError
-from unift.models.devices import choose_device, dtype_for, placement, training_device
+from unift.models.devices import choose_device, placement, training_device
+from unift.models.dtypes import weights_dtype
 
 GiB = 2**30
 
@@ -40,7 +41,7 @@ def test_placement_spreads_only_what_does_not_fit():
     assert placement("cuda:1", 10 * GiB, 79 * GiB) == {"": "cuda:1"}
     assert placement("cuda:0", 70 * GiB, 79 * GiB) == "auto"  # the KV cache and activations need room too
     assert placement("mps", 1 * GiB, 0) == {"": "mps"}
-    assert dtype_for("cpu") == torch.float32
+    assert weights_dtype("cpu") == "fp32"
 
 
 def test_engine_sits_on_the_chosen_device(tiny_model):

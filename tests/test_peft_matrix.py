@@ -15,10 +15,10 @@ from conftest import memorisation_rows
 from unift.cli import main
 from unift.engine.engine import Engine
 from unift.engine.settings import GenerationSettings
+from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, MethodSpec, get_method, register_method
 from unift.peft.support import support_matrix
-from unift.runtime import torch_dtype
 from unift.train.args import TrainArgs
 from unift.train.run import train
 

@@ -15,10 +15,10 @@ from conftest import memorisation_rows
 from unift.cli import main
 from unift.engine.engine import Engine
 from unift.models import get_model_spec, load_model
+from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, get_method, merge_refusal, method_names
 from unift.peft.support import readme_block, support_table
-from unift.runtime import torch_dtype
 from unift.train.args import TrainArgs
 from unift.train.run import train
 

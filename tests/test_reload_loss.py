@@ -12,9 +12,9 @@ from conftest import memorisation_rows
 
 from unift.engine.engine import Engine
 from unift.evals.likelihood import score_rows
+from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, get_method
-from unift.runtime import torch_dtype
 from unift.train.args import TrainArgs
 from unift.train.run import prepare, train
 

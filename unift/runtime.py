@@ -1,4 +1,5 @@
-"""Facts about the machine the run is on: devices, dtypes, ranks, memory; atomic file writes."""
+"""Facts about the machine the run is on: ranks, memory, the cache folder; atomic file writes (dtypes:
+unift.models.dtypes; devices: unift.models.devices)."""
 
 from __future__ import annotations
 
@@ -7,47 +8,8 @@ import os
 import resource
 import sys
 import tempfile
-from functools import cache
 from pathlib import Path
 from typing import Any
-
-import torch
-
-from unift.errors import UniftError
-
-
-@cache
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run ~4x faster than fp32 on such CPUs (docs/performance.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_compute_dtype(name: str, device: str | None = None) -> str:
-    """'auto' -> bf16 where the hardware runs it fast, else fp16 on GPU / fp32 on CPU."""
-    on_gpu = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if name != "auto":
-        if name == "fp16" and not on_gpu:
-            raise UniftError("--compute_dtype fp16 needs a GPU; on CPU use bf16 or fp32")
-        return name
-    if on_gpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPE_NAMES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bf16' (the names --compute_dtype uses); other dtypes by torch's name."""
-    return next((name for name, d in DTYPE_NAMES.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
 def cache_dir() -> Path:

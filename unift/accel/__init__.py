@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unift.errors import UniftError
-from unift.runtime import dtype_name
+from unift.models.dtypes import dtype_name
 
 # Batch lengths are rounded up to a multiple of this: oneDNN compiles a matmul kernel for every new
 # shape on a CPU (~9 ms each, measured), GPUs' tensor cores prefer multiples of 8.
@@ -70,13 +70,6 @@ class Acceleration:
         model stays usable in memory, for generation or a comparison, exactly like a reloaded one."""
         while self.undo:
             self.undo.pop()()
-
-
-def frozen_base_dtype(wanted: tuple[str, ...], compute: torch.dtype, quantized: bool) -> torch.dtype | None:
-    """dtype to load the base model in, or None for the loader's default (fp32 on CPU)."""
-    if "base_dtype" in wanted and not quantized and compute in (torch.bfloat16, torch.float16):
-        return compute
-    return None
 
 
 def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, device: str, compute: torch.dtype,

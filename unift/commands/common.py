@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unift.models.devices import DEVICE_HELP
-from unift.models.loading import parse_dtype
+from unift.models.dtypes import parse_dtype
 from unift.options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Options, Range, opt
 
 # Names of the decoding presets (unift.engine.settings.PRESETS; a test keeps the two equal): written here so

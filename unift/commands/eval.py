@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from unift.commands.common import DtypeOptions, ModelOptions
 from unift.evals.evaluate import EvalOptions
-from unift.models.loading import parse_dtype
+from unift.models.dtypes import parse_dtype
 from unift.options import opt
 
 

@@ -11,28 +11,20 @@ presets and Completion live in unift.engine.settings, which the scheduler shares
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from unift.data import Message, encode_prompt, resolve_template
+from unift import compat, loader
+from unift.data import Message, encode_prompt
 from unift.data.templates import end_of_turn
 from unift.data.tokenize import bos_to_add
 from unift.engine.batching import Scheduler, TextStream
 from unift.engine.settings import PRESETS, Completion, GenerationSettings, QueueFull, truncate_at_stop
 from unift.errors import UniftError
-from unift.models import get_model_spec, load_model, load_tokenizer
-from unift.models.loading import resolve_model_path, upcast_unquantized
-from unift.models.runcard import RunCard, read_card, tokenizer_folder
-from unift.runtime import torch_dtype
-
-# Written by `unift merge` beside the merged weights: the template and family the run was trained with,
-# so `--model_name_or_path merged/` prompts exactly as the adapter did.
-MERGED_CARD = "unift_merged.json"
+from unift.models.runcard import MERGED_CARD, RunCard, read_merged_card  # noqa: F401 (both were defined here)
 
 # A prompt is a conversation ending with a user turn (rendered with the template), or raw text
 # (tokenized as is: the OpenAI /v1/completions API).
@@ -73,45 +65,12 @@ class Engine:
     ) -> Engine:
         """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
         embedded model, placed on --device (default: the first GPU, else the CPU) in that device's dtype
-        unless `dtype` is given."""
-        from unift import compat
-        from unift.models.devices import device_map_for, dtype_for, resolve_device
-
+        unless `dtype` is given (unift.loader, unift.models.dtypes)."""
         compat.apply()
-        card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
-                         template=template) if adapter_dir else None
-        if card:
-            base_model = base_model or card.base_model
-            model_type = model_type or card.model_type
-            template = template or card.template
-            trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
-        else:
-            trust = bool(trust_remote_code)
-        path = resolve_model_path(base_model)
-        merged = read_merged_card(path)
-        if merged and not card:
-            model_type = model_type or merged.get("model_type")
-            template = template or merged.get("template")
-        spec = get_model_spec(model_type or "llama")
-        tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust, padding_side="left")
-        chosen = resolve_template(template, spec.template, tokenizer)
-        bits = card.quantization_bit if card else None
-        # A quantized base is rebuilt exactly as training built it: quantized from the compute dtype.
-        compute = torch_dtype(card.compute_dtype) if bits else torch.float32
-        placed_on = resolve_device(device)
-        dtype = dtype or dtype_for(placed_on)
-        placement = {"": placed_on} if bits else device_map_for(placed_on, path, dtype)
-        model = load_model(path, spec, quantization_bit=bits, compute_dtype=compute,
-                           dtype=dtype, trust_remote_code=trust, device_map=placement)
-        if bits:
-            upcast_unquantized(model)
-        if card:
-            from unift.peft import load_adapter  # also registers unift's own PEFT methods
-
-            model = load_adapter(model, adapter_dir)
-        name = Path(adapter_dir).name if adapter_dir else Path(path).name
-        engine = cls(model, tokenizer, chosen, card, name=name)
-        engine.merged = merge_in_memory(model, card)
+        loaded = loader.load(adapter_dir, base_model=base_model, model_type=model_type, template=template,
+                             trust_remote_code=trust_remote_code, dtype=dtype, device=device)
+        engine = cls(loaded.model, loaded.tokenizer, loaded.template, loaded.card, name=loaded.name)
+        engine.merged = merge_in_memory(loaded.model, loaded.card)
         return engine
 
     def _eos_ids(self) -> list[int]:
@@ -324,16 +283,6 @@ def merge_in_memory(model, card: RunCard | None) -> bool:
         return False
     model.merge_adapter()
     return True
-
-
-def read_merged_card(path: str) -> dict | None:
-    card = Path(path) / MERGED_CARD
-    if not card.is_file():
-        return None
-    try:
-        return json.loads(card.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 __all__ = ["Engine", "Prompt"]

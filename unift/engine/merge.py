@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 
-from unift.engine.engine import MERGED_CARD
 from unift.errors import UniftError
-from unift.models import get_model_spec, load_model, load_tokenizer
-from unift.models.devices import device_map_for, resolve_device
-from unift.models.loading import first_line, parse_dtype, resolve_model_path
-from unift.models.runcard import RunCard, read_card, tokenizer_folder
+from unift.loader import load
+from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
+from unift.models.loading import first_line
+from unift.models.runcard import MERGED_CARD, RunCard, read_card
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +159,8 @@ def merge(
     from peft import PeftConfig
 
     from unift import compat
-    from unift.data import resolve_template
-    from unift.peft import load_adapter  # also registers unift's own PEFT methods
 
     compat.apply()
-
     card = read_card(adapter_dir, base_model=base_model, model_type=model_type)
     out = Path(merged_dir)
     if out.resolve() == Path(adapter_dir).resolve():
@@ -179,23 +175,17 @@ def merge(
     if reason:
         raise UniftError(f"cannot merge --peft_type {card.peft_type}: {reason}")
 
-    spec = get_model_spec(model_type or card.model_type)
+    # Merged in fp32 (merge_plan); on a GPU when the fp32 weights fit on one, else on the CPU.
     trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
-    path = resolve_model_path(base_model or card.base_model)
-    tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust)
-    template = resolve_template(card.template, spec.template, tokenizer)
-    # Merge in fp32 whatever the saved dtype, so the sum W + ΔW is not rounded twice.
-    # On a GPU when the fp32 weights fit on one, else on the CPU (a model spread over devices is not merged).
-    placement = device_map_for(resolve_device(device), path, torch.float32)
-    base = load_model(path, spec, dtype=torch.float32, trust_remote_code=trust,
-                      device_map=None if placement == "auto" else placement)
-    saved_dtype = _target_dtype(compute_dtype, card, path, trust)
-    base_keys = set(base.state_dict())
+    loaded = load(adapter_dir, base_model=base_model, model_type=model_type, trust_remote_code=trust,
+                  device=device, dtype=merge_plan(), card=card)
+    model, tokenizer, template, spec = loaded.model, loaded.tokenizer, loaded.template, loaded.spec
+    saved_dtype = torch_dtype(saved_dtype_of(compute_dtype, card, loaded.path, trust))
     if card.quantization_bit:
         log.info("the adapter was trained over a %d-bit base; merging it into the base re-loaded in full "
                  "precision and saving at %s", card.quantization_bit, str(saved_dtype).replace("torch.", ""))
-    model = load_adapter(base, adapter_dir)
     model.eval()
+    base = model.get_base_model()
     probe = tokenizer(template.render(PROBE, add_generation_prompt=True, tokenizer=tokenizer),
                       add_special_tokens=False, return_tensors="pt")["input_ids"].to(base.device)
     before = _probe_logits(model, probe)
@@ -207,7 +197,7 @@ def merge(
         merged = model.merge_and_unload()
     except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as err:
         raise UniftError(f"cannot merge --peft_type {card.peft_type}: {first_line(err)}") from err
-    leftover = set(merged.state_dict()) - base_keys
+    leftover = set(merged.state_dict()) - loaded.base_keys
     if leftover:
         raise UniftError(f"merging --peft_type {card.peft_type} left adapter weights behind "
                          f"({sorted(leftover)[0]}, ...); it cannot be saved as a plain model")
@@ -269,21 +259,14 @@ def stop_on_end_of_turn(model, tokenizer, template) -> None:
         model.generation_config.eos_token_id = [*current, ids[0]] if current else ids[0]
 
 
-def _target_dtype(compute_dtype: str | None, card: RunCard, path: str, trust: bool) -> torch.dtype:
-    """--compute_dtype if given; for QLoRA the run's compute dtype; else the checkpoint's own dtype."""
+def saved_dtype_of(compute_dtype: str | None, card: RunCard, path: str, trust: bool) -> str:
+    """unift.models.dtypes.saved_dtype, with the checkpoint's dtype read as saved, not as loaded here."""
+    if (compute_dtype and compute_dtype != "auto") or card.quantization_bit:
+        return saved_dtype(compute_dtype, card, None)
     from transformers import AutoConfig
 
-    if compute_dtype and compute_dtype != "auto":
-        dtype = parse_dtype(compute_dtype)
-        assert dtype is not None
-        return dtype
-    if card.quantization_bit:
-        return parse_dtype(card.compute_dtype) or torch.float32
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)  # as saved, not as loaded here
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = parse_dtype(stored)
-    return stored if isinstance(stored, torch.dtype) else torch.float32
+    stored = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    return saved_dtype(None, card, getattr(stored, "dtype", None) or getattr(stored, "torch_dtype", None))
 
 
 # ---- GGUF export (llama architecture, byte-level BPE tokenizers) ------------------------------------------

@@ -21,8 +21,9 @@ from unift.engine.engine import Engine
 from unift.engine.settings import PRESETS
 from unift.errors import UniftError
 from unift.evals.extract import answer_line, get_extractor
+from unift.models.dtypes import dtype_name
 from unift.options import NON_NEGATIVE, POSITIVE_INT, Options, opt
-from unift.runtime import dtype_name, write_json_atomic
+from unift.runtime import write_json_atomic
 
 if TYPE_CHECKING:
     import torch

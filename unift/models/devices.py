@@ -1,8 +1,8 @@
 """One device choice for every command (--device auto|cpu|cuda[:N]|mps), and where a model goes on it.
 
 `auto` is the first accelerator (CUDA, then Apple MPS), else the CPU. A model larger than the free memory of
-one GPU is spread over the visible GPUs (and the CPU) with device_map="auto". The weights dtype follows the
-device: fp32 on the CPU (bf16 there runs as autocast), bf16 on GPUs that have it, else fp16.
+one GPU is spread over the visible GPUs (and the CPU) with device_map="auto". Which dtype the weights
+take there is unift.models.dtypes' decision.
 """
 
 from __future__ import annotations
@@ -50,17 +50,6 @@ def resolve_device(requested: str | None) -> str:
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return choose_device(requested, cuda_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
                          mps=mps)
-
-
-def dtype_for(device: str) -> torch.dtype:
-    """Weights dtype when the user did not ask for one."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "mps":
-        return torch.float16
-    return torch.float32
 
 
 def checkpoint_bytes(path: str) -> int:

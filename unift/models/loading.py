@@ -1,4 +1,5 @@
-"""Loading tokenizers and models: the embedded default, dtypes, 4/8-bit, and the remote-code gate."""
+"""Loading tokenizers and models from a path: the embedded default, 4/8-bit, and the remote-code gate
+(which dtypes: unift.models.dtypes; a run folder, adapter and all: unift.loader)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from unift.errors import UniftError
+from unift.models.dtypes import torch_dtype, weights_dtype
 from unift.models.registry import ModelSpec
 from unift.runtime import cache_dir
 
@@ -84,25 +86,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     return tokenizer
 
 
-def default_dtype(device: str | None = None) -> torch.dtype:
-    """Weights dtype when the user did not ask: fp32 on CPU (bf16 runs as autocast), bf16/fp16 on GPU."""
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name in (None, "", "auto"):
-        return None
-    if name not in DTYPES:
-        raise UniftError(f"unknown dtype {name!r}; known: auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
-
-
 def load_model(
     path: str,
     spec: ModelSpec,
@@ -128,7 +111,7 @@ def load_model(
     if config.model_type == "llama":
         for key, value in spec.config_overrides:  # InternLM 1 converted to llama: its projections have biases
             setattr(config, key, value)
-    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or default_dtype()}
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch_dtype(weights_dtype())}
     if quantization_bit:
         kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32, quant_storage)
         kwargs["dtype"] = compute_dtype or torch.float32

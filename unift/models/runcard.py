@@ -11,6 +11,9 @@ from unift.errors import UniftError
 
 RUN_CARD = "unift_run.json"
 METRICS = "metrics.json"
+# Written by `unift merge` beside the merged weights: the template and family the run was trained with,
+# so `--model_name_or_path merged/` prompts exactly as the adapter did.
+MERGED_CARD = "unift_merged.json"
 
 
 @dataclass
@@ -128,6 +131,17 @@ def tokenizer_folder(adapter_dir: str | None, base_path: str) -> str:
     if adapter_dir and any((Path(adapter_dir) / name).is_file() for name in TOKENIZER_FILES):
         return adapter_dir
     return base_path
+
+
+def read_merged_card(path: str) -> dict | None:
+    """unift_merged.json of a folder written by `unift merge`; None for any other model folder."""
+    card = Path(path) / MERGED_CARD
+    if not card.is_file():
+        return None
+    try:
+        return json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 # ---- run folders by the original toolkit's naming ----------------------------------------------------

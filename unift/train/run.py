@@ -14,26 +14,19 @@ from typing import Any
 
 import torch
 
-from unift.accel import frozen_base_dtype, parse_optimizations, prepare_training
+from unift.accel import parse_optimizations, prepare_training
 from unift.data import DataOptions, build_datasets, load_sources, resolve_template
 from unift.data.collate import PackingCollator, PaddingCollator, batch_tokens
 from unift.errors import UniftError
-from unift.models import get_model_spec, load_model, load_tokenizer
+from unift.loader import load
+from unift.models import get_model_spec, load_tokenizer
 from unift.models.devices import training_device
+from unift.models.dtypes import training_plan
 from unift.models.loading import resolve_model_path
 from unift.models.runcard import METRICS, RunCard, default_run_dir
 from unift.options import command_line
 from unift.peft import get_method, wrap_model
-from unift.runtime import (
-    dtype_name,
-    is_main_process,
-    library_versions,
-    peak_rss_mib,
-    resolve_compute_dtype,
-    torch_dtype,
-    world_size,
-    write_json_atomic,
-)
+from unift.runtime import is_main_process, library_versions, peak_rss_mib, world_size, write_json_atomic
 from unift.train.args import TrainArgs
 from unift.train.checkpoints import (
     AtomicCheckpoints,
@@ -75,7 +68,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
     from transformers.trainer_callback import ProgressCallback
 
     device = ready["device"]
-    dtype = resolve_compute_dtype(args.compute_dtype, device)
+    dtype = ready["plan"].compute
     on_gpu = device != "cpu"
     save_strategy = "steps" if args.save_steps else "epoch"
     has_val = len(ready["val"]) > 0
@@ -201,23 +194,22 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     ready = prepare(args)
     spec, method = ready["spec"], ready["method"]
     ready["device"] = device = training_device(args.device)
-    dtype = resolve_compute_dtype(args.compute_dtype, device)
     bits = method.quantization_bit or args.quantization_bit
-    ready["quantization_bit"] = bits
     wanted = parse_optimizations(args.optimizations)
-    model = load_model(
-        ready["path"], spec, quantization_bit=bits, compute_dtype=torch_dtype(dtype),
-        dtype=frozen_base_dtype(wanted, torch_dtype(dtype), bool(bits)), trust_remote_code=args.trust_remote_code,
-        quant_storage=torch_dtype(dtype) if bits == 4 and sharded_quantized_storage(args) else None,
-        device_map={"": "cpu"} if bits and device == "cpu" else None,  # else the process's own GPU
-    )
+    # The run's dtypes, decided once: the card records these, not what the loaded model reports
+    plan = training_plan(args.compute_dtype, device, quantization_bit=bits, half_base="base_dtype" in wanted,
+                         sharded=sharded_quantized_storage(args))
+    ready["plan"], ready["quantization_bit"] = plan, bits
+    dtype, base_dtype = plan.compute, plan.storage
+    model = load(base_model=ready["path"], model_type=spec.name, template=ready["template"],
+                 tokenizer=ready["tokenizer"], trust_remote_code=args.trust_remote_code, device=device,
+                 dtype=plan).model
     model.config.use_cache = False
-    base_dtype = dtype_name(model.dtype)
     # Methods may need the schedule length (AdaLoRA's total_step); the options carry it beside the flags.
     options = SimpleNamespace(**asdict(args), total_steps=total_optimizer_steps(args, len(ready["train"])))
     model = wrap_model(model, method, options, spec)
     accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
-                             compute=torch_dtype(dtype), padding_free_asked=args.padding_free)
+                             compute=plan.compute_dtype, padding_free_asked=args.padding_free)
     trainable, total = model.get_nb_trainable_parameters()
     stats = ready["stats"]
     if is_main_process():

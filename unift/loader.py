@@ -1,0 +1,104 @@
+"""The one way a model is loaded: from a base model, a run folder, a foreign PEFT adapter folder or a merged
+folder, onto a device, in the dtypes of a DtypePlan (unift.models.dtypes), quantized where the plan says.
+
+Training loads its base through it (no adapter), Engine.load (generate, chat, predict, eval, serve) and
+merge load a base and an adapter through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unift.data import resolve_template
+from unift.models import get_model_spec, load_model, load_tokenizer
+from unift.models.devices import device_map_for, resolve_device
+from unift.models.dtypes import DtypePlan, inference_plan, torch_dtype
+from unift.models.loading import resolve_model_path, upcast_unquantized
+from unift.models.registry import ModelSpec
+from unift.models.runcard import RunCard, read_card, read_merged_card, tokenizer_folder
+
+
+@dataclass
+class Loaded:
+    model: Any  # a PeftModel when an adapter was loaded, else the transformers model
+    tokenizer: Any
+    template: Any
+    card: RunCard | None  # the adapter's run card (inferred for a foreign adapter); None: no adapter
+    plan: DtypePlan
+    spec: ModelSpec
+    path: str  # the base (or merged) checkpoint the weights came from
+    name: str  # the adapter folder's name, else the checkpoint's
+    base_keys: frozenset[str]  # merges: the base's own weight names, before the adapter was put in
+
+
+def load(
+    adapter_dir: str | None = None,
+    *,
+    base_model: str | None = None,
+    model_type: str | None = None,
+    template: str | Any | None = None,
+    trust_remote_code: bool | None = None,
+    device: str | None = None,
+    dtype: DtypePlan | str | torch.dtype | None = None,
+    card: RunCard | None = None,
+    tokenizer: Any = None,
+) -> Loaded:
+    """`adapter_dir`: a run folder or any PEFT adapter folder (its base from `base_model`, else from its card);
+    None: `base_model` alone (a base or merged folder, a hub id, or the embedded model when None).
+    `dtype`: a DtypePlan, or the --dtype asked for inference (None: the device's, see inference_plan).
+    `card`: the adapter's run card when the caller read it already; `tokenizer` (and a resolved `template`):
+    when the caller loaded them already (training does, to check the data before any weights load)."""
+    if adapter_dir and card is None:
+        card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
+                         template=template if isinstance(template, str) else None)
+    if card:
+        base_model = base_model or card.base_model
+        model_type = model_type or card.model_type
+        template = template or card.template
+        trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
+    else:
+        trust = bool(trust_remote_code)
+    path = resolve_model_path(base_model)
+    merged = read_merged_card(path)
+    if merged and not card:  # a merged folder prompts as its run did
+        model_type = model_type or merged.get("model_type")
+        template = template or merged.get("template")
+    spec = get_model_spec(model_type or "llama")
+    placed_on = resolve_device(device)
+    plan = dtype if isinstance(dtype, DtypePlan) else inference_plan(dtype, placed_on, card)
+    if tokenizer is None:  # training pads on the right, generation on the left
+        tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust,
+                                   padding_side="right" if plan.purpose == "train" else "left")
+    chosen = template if template is not None and not isinstance(template, str) else \
+        resolve_template(template, spec.template, tokenizer)
+    model = load_model(path, spec, quantization_bit=plan.quantization_bit, compute_dtype=plan.compute_dtype,
+                       dtype=plan.storage_dtype, trust_remote_code=trust, device_map=_placement(plan, placed_on, path),
+                       quant_storage=torch_dtype(plan.quant_storage) if plan.quant_storage else None)
+    if plan.upcast_unquantized:
+        upcast_unquantized(model)
+    # Only merges compare against them (and a quantized base's state dict is costly to build).
+    base_keys = frozenset(model.state_dict()) if plan.purpose == "merge" else frozenset()
+    if adapter_dir:
+        from unift.peft import load_adapter  # also registers unift's own PEFT methods
+
+        model = load_adapter(model, adapter_dir)
+    name = Path(adapter_dir).name if adapter_dir else Path(path).name
+    return Loaded(model, tokenizer, chosen, card if adapter_dir else None, plan, spec, path, name, base_keys)
+
+
+def _placement(plan: DtypePlan, device: str, path: str) -> dict | str | None:
+    """device_map for from_pretrained. Training: the CPU, or the process's own GPU (the Trainer and
+    load_model place it); a quantized base is built on the device it runs on; else the device, spread over
+    the GPUs when it does not fit on one, except for a merge (a model spread over devices is not merged:
+    it stays on the CPU)."""
+    if plan.purpose == "train":
+        return {"": "cpu"} if plan.quantized and device == "cpu" else None
+    if plan.quantized:
+        return {"": device}
+    where = device_map_for(device, path, plan.storage_dtype)
+    return None if plan.purpose == "merge" and where == "auto" else where
+
