@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
 
     if own_process and argv and argv[0] == "train":
         compat.keep_out.apply(argv)  # before anything imports peft or transformers
-    compat.apply()
     setup_logging()
     try:
         options, run = options_and_run(parse(argv))

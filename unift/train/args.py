@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from unift.accel import parse_optimizations
-from unift.models import get_model_spec
+from unift.models import ModelSpec, get_model_spec
 from unift.options import (
     NON_NEGATIVE,
     POSITIVE,
@@ -20,7 +20,7 @@ from unift.options import (
     check_ranges,
     opt,
 )
-from unift.peft import check_args, get_method, method_flag_fields
+from unift.peft import MethodSpec, check_args, get_method, method_flag_fields
 
 
 def _check_model_type(value: str) -> str:
@@ -118,6 +118,16 @@ class RunArgs(Options):
         nargs="?", const="latest")
     local_rank: int = opt(-1, "set by the distributed launcher", group="training", aliases=("--local-rank",),
                           range=Range(-1))
+
+    @property
+    def method(self) -> MethodSpec:
+        """The --peft_type's registry entry (the name is canonical once the arguments are built)."""
+        return get_method(self.peft_type)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The --model_type's registry entry."""
+        return get_model_spec(self.model_type)
 
     def __post_init__(self) -> None:
         # Cross-field checks between --model_type, --peft_type and the method flags, when the arguments are

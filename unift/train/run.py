@@ -16,27 +16,27 @@ import torch
 
 from unift.accel import parse_optimizations, prepare_training
 from unift.data import DataOptions, build_datasets, load_sources, resolve_template
-from unift.data.collate import PackingCollator, PaddingCollator, batch_tokens
+from unift.data.collate import PackingCollator, PaddingCollator
 from unift.errors import UniftError
 from unift.loader import load
-from unift.models import get_model_spec, load_tokenizer
+from unift.models import load_tokenizer
 from unift.models.devices import training_device
 from unift.models.dtypes import training_plan
 from unift.models.loading import resolve_model_path
 from unift.models.runcard import METRICS, RunCard, default_run_dir
 from unift.options import command_line
-from unift.peft import get_method, wrap_model
+from unift.peft import wrap_model
 from unift.runtime import is_main_process, library_versions, peak_rss_mib, world_size, write_json_atomic
 from unift.train.args import TrainArgs
 from unift.train.checkpoints import (
-    AtomicCheckpoints,
     StopOnSignal,
     check_output_dir,
     checkpoint_bytes,
     clear_staging,
 )
-from unift.train.progress import LOSS_PLOT, plot_losses, progress_callback, report_targets
+from unift.train.progress import LOSS_PLOT, plot_losses
 from unift.train.scaling import check_engine, describe_batch, prepare_engine, sharded_quantized_storage
+from unift.train.trainer import build_trainer
 
 log = logging.getLogger("unift")
 
@@ -47,9 +47,7 @@ def default_output_dir(args: TrainArgs) -> str:
 
 def prepare(args: TrainArgs) -> dict[str, Any]:
     """Everything before the model: validates data first so bad input fails before any weights load."""
-    spec = get_model_spec(args.model_type)
-    method = get_method(args.peft_type)
-    method.check_model_type(spec.name)
+    spec, method = args.spec, args.method  # the pair was checked when the arguments were built
     # A stream has no length of its own: it reports the rows the run will consume.
     stream_length = max(0, args.max_steps) * args.per_gpu_train_batch_size * args.gradient_accumulation_steps
     options = DataOptions.from_args(args, stream_length=stream_length * world_size())
@@ -60,92 +58,6 @@ def prepare(args: TrainArgs) -> dict[str, Any]:
     data = build_datasets(sources, template, tokenizer, options)
     return {"spec": spec, "method": method, "path": path, "tokenizer": tokenizer, "template": template,
             "train": data.train, "val": data.val, "stats": data.stats}
-
-
-def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card: RunCard,
-                  callbacks: list | None = None):
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import ProgressCallback
-
-    device = ready["device"]
-    dtype = ready["plan"].compute
-    on_gpu = device != "cpu"
-    save_strategy = "steps" if args.save_steps else "epoch"
-    has_val = len(ready["val"]) > 0
-    targs = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.per_gpu_train_batch_size,
-        per_device_eval_batch_size=args.per_gpu_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr_scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        weight_decay=args.weight_decay,
-        optim=ready["method"].optimizer_name(),  # paged AdamW for QLoRA on GPU, else the default
-        logging_steps=max(1, args.logging_steps),
-        save_strategy=save_strategy,
-        save_steps=args.save_steps or 500,
-        save_total_limit=args.save_total_limit,
-        eval_strategy=save_strategy if has_val else "no",
-        eval_steps=args.save_steps if has_val and args.save_steps else None,
-        bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        use_cpu=not on_gpu,
-        seed=args.seed,
-        report_to=report_targets(args.report_to, args.output_dir) or "none",
-        deepspeed=args.deepspeed,
-        gradient_checkpointing=args.gradient_checkpointing,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
-        prediction_loss_only=True,  # evaluation reports the loss; gathering every logit would cost GBs
-        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        disable_tqdm=False,
-        logging_first_step=True,
-    )
-    method = ready["method"]
-
-    class UniftTrainer(AtomicCheckpoints, Trainer):
-        tokens_seen = 0  # real (non-pad) tokens of training batches, this process, this session
-        tokens_trained = 0  # of which tokens with a label
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            real, trained = batch_tokens(inputs)
-            self.tokens_seen += real
-            self.tokens_trained += trained
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs:  # trackers (tensorboard, wandb) get the speed beside the loss
-                logs["tokens_per_second"] = round(progress.rate(), 1)
-            super().log(logs, *args, **kwargs)
-
-        # The method's after_optimizer_step runs right after optimizer.step(), before gradients are
-        # zeroed (AdaLoRA reallocates its rank budget there; a TrainerCallback runs too late).
-        def create_optimizer(self, *a, **kw):
-            optimizer = super().create_optimizer(*a, **kw)
-            if method.after_optimizer_step is not None and not getattr(optimizer, "_unift_hooked", False):
-                trainer = self
-
-                def hook(_opt, _args, _kwargs):
-                    method.after_optimizer_step(trainer.model_wrapped, trainer.state.global_step)
-
-                optimizer.register_step_post_hook(hook)
-                optimizer._unift_hooked = True
-            return optimizer
-
-    trainer = UniftTrainer(
-        model=model, args=targs, train_dataset=ready["train"], eval_dataset=ready["val"] or None,
-        data_collator=collator, processing_class=ready["tokenizer"], callbacks=callbacks,
-    )
-    # Every checkpoint-N folder gets the run card before it appears, so generate/eval/merge can use it.
-    trainer.before_publish = [card.save]
-    progress = progress_callback(lambda: trainer.tokens_seen * world_size())
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(progress)
-    return trainer
 
 
 def total_optimizer_steps(args: TrainArgs, n_train: int) -> int:
@@ -194,7 +106,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     ready = prepare(args)
     spec, method = ready["spec"], ready["method"]
     ready["device"] = device = training_device(args.device)
-    bits = method.quantization_bit or args.quantization_bit
+    bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
     wanted = parse_optimizations(args.optimizations)
     # The run's dtypes, decided once: the card records these, not what the loaded model reports
     plan = training_plan(args.compute_dtype, device, quantization_bit=bits, half_base="base_dtype" in wanted,

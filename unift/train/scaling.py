@@ -65,9 +65,7 @@ def check_engine(args: Any) -> str:
         raise UniftError(f"{'FSDP' if name == 'fsdp' else 'DeepSpeed'} needs a GPU: on a CPU accelerate and the "
                          f"Trainer would silently train {instead}; use torchrun or configs/accelerate/ddp.yaml")
     if name in ("deepspeed", "fsdp"):
-        from unift.peft import get_method
-
-        bits = get_method(args.peft_type).quantization_bit or args.quantization_bit
+        bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
         sharded = name == "fsdp" or zero_stage(args) == 3
         if bits == 8 and sharded:
             raise UniftError(f"an 8-bit base cannot be sharded by {'FSDP' if name == 'fsdp' else 'ZeRO-3'}; "

@@ -1,0 +1,171 @@
+"""The shape of the package (docs/architecture.md), checked from the code's own imports: no import circle
+(function-level imports included), imports point down the floors, no module over 400 lines, one module per
+command with its options dataclass, one file per PEFT method that brings its own flags."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "unift"
+MAX_LINES = 400
+BASE = {"errors", "options", "runtime", "compat"}  # the ground floor: anyone may import these
+# floor -> the floors it may import (besides its own modules); docs/architecture.md says why
+ALLOWED = {
+    "errors": set(), "options": {"errors"}, "runtime": {"errors"}, "compat": {"errors"},
+    "data": BASE,
+    "models": BASE | {"data"},
+    "peft": BASE | {"data", "models"},
+    "accel": BASE | {"data", "models"},
+    "loader": BASE | {"data", "models", "peft"},
+    "engine": BASE | {"data", "models", "peft", "loader"},
+    "train": BASE | {"data", "models", "peft", "accel", "loader"},
+    "evals": BASE | {"data", "models", "engine"},
+    "serve": BASE | {"data", "models", "engine"},
+    "commands": BASE | {"data", "models", "peft", "accel", "loader", "engine", "train", "evals", "serve"},
+    "cli": BASE,  # the commands are imported by name (importlib), only the one that runs
+    "__main__": {"cli"},
+    "__init__": set(),
+}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the unift modules it imports anywhere in its text (module, class or function level)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {name: set() for name in mods}
+    for name, path in mods.items():
+        package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = name.split(".") if package else name.split(".")[:-1]
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in mods]
+                targets = subs if len(subs) == len(node.names) else [base, *subs]
+            else:
+                continue
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target.startswith("unift") and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def floor(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_the_checker_sees_a_circle_and_a_function_level_import():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = import_graph()
+    # unift.commands.common imports the engine inside a function only: still an edge
+    assert "unift.engine.engine" in graph["unift.commands.common"]
+
+
+def test_no_import_circle():
+    assert cycles(import_graph()) == []
+
+
+def test_imports_point_down_the_floors():
+    wrong = sorted(f"{module} -> {target}" for module, targets in import_graph().items() for target in targets
+                   if floor(target) != floor(module) and floor(target) not in ALLOWED[floor(module)])
+    assert wrong == []
+
+
+def test_no_module_over_400_lines():
+    long = {str(path.relative_to(PACKAGE.parent)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_every_command_is_a_module_with_an_options_dataclass():
+    from unift.cli import COMMANDS, command_module
+
+    files = {m.name for m in pkgutil.iter_modules([str(PACKAGE / "commands")])} - {"common"}
+    assert {module for module, _ in COMMANDS.values()} == files
+    for name in COMMANDS:
+        module = command_module(name)
+        actions = getattr(module, "SUBCOMMANDS", None)
+        pairs = [(o, r) for o, r, _, _ in actions.values()] if actions else [(module.OPTIONS, module.run)]
+        for options, run in pairs:
+            assert dataclasses.is_dataclass(options) and callable(run), name
+            assert all("help" in f.metadata for f in dataclasses.fields(options)), name
+
+
+def test_preset_names_written_for_the_flags_are_the_engine_presets():
+    from unift.commands.common import PRESET_NAMES
+    from unift.engine.settings import PRESETS
+
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)
+
+
+def test_every_method_file_registers_methods_that_bring_their_flags():
+    from unift.peft import METHODS, method_flag_fields
+    from unift.train.args import RunArgs, TrainArgs
+
+    registered = {m.name: m for m in METHODS.values()}
+    by_file: dict[str, list[str]] = {}
+    for spec in registered.values():
+        by_file.setdefault(spec.build.__module__, []).append(spec.name)
+    files = {f"unift.peft.methods.{m.name}" for m in pkgutil.iter_modules([str(PACKAGE / "peft" / "methods")])}
+    assert set(by_file) == files  # every method file registers something, every method lives in one
+    general = {f.name for f in dataclasses.fields(RunArgs)}
+    method_flags = {f.name for f in method_flag_fields()}
+    assert not general & method_flags  # a flag is either general or a method's, never both
+    assert {f.name for f in dataclasses.fields(TrainArgs)} == general | method_flags
+    for spec in registered.values():
+        assert spec.flags is None or set(spec.options) >= {f.name for f in dataclasses.fields(spec.flags)}
+
+
+@pytest.mark.parametrize("name", sorted(m for m in modules() if m.startswith("unift.compat")))
+def test_compat_patches_import_nothing_of_unift_above_them(name):
+    assert {floor(t) for t in import_graph()[name]} <= {"compat", "errors"}

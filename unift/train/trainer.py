@@ -1,0 +1,107 @@
+"""The Trainer unift trains with: transformers' Trainer plus atomic checkpoints, token counting, the speed in
+the logs, and the PEFT method's hook right after each optimizer step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Trainer
+
+from unift.data.collate import batch_tokens
+from unift.models.runcard import RunCard
+from unift.peft import MethodSpec
+from unift.runtime import world_size
+from unift.train.args import TrainArgs
+from unift.train.checkpoints import AtomicCheckpoints
+from unift.train.progress import progress_callback, report_targets
+
+
+class UniftTrainer(AtomicCheckpoints, Trainer):
+    """`method`: the run's MethodSpec, whose after_optimizer_step runs right after optimizer.step(), before
+    the gradients are zeroed (AdaLoRA reallocates its rank budget there; a TrainerCallback runs too late)."""
+
+    def __init__(self, *args: Any, method: MethodSpec | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.tokens_seen = 0  # real (non-pad) tokens of training batches, this process, this session
+        self.tokens_trained = 0  # of which tokens with a label
+        self.progress: Any = None  # unift's progress callback: its rate goes into the logs
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        real, trained = batch_tokens(inputs)
+        self.tokens_seen += real
+        self.tokens_trained += trained
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.progress is not None:  # trackers (tensorboard, wandb) get the speed too
+            logs["tokens_per_second"] = round(self.progress.rate(), 1)
+        super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        step_hook = self.method.after_optimizer_step if self.method else None
+        if step_hook is not None and not getattr(optimizer, "_unift_hooked", False):
+            def hook(_opt, _args, _kwargs):
+                step_hook(self.model_wrapped, self.state.global_step)
+
+            optimizer.register_step_post_hook(hook)
+            optimizer._unift_hooked = True
+        return optimizer
+
+
+def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card: RunCard,
+                  callbacks: list | None = None):
+    """The Trainer for a run: TrainingArguments from the flags, unift's progress line instead of tqdm's,
+    and the run card written into every checkpoint before it appears."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    device = ready["device"]
+    dtype = ready["plan"].compute
+    on_gpu = device != "cpu"
+    save_strategy = "steps" if args.save_steps else "epoch"
+    has_val = len(ready["val"]) > 0
+    targs = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_gpu_train_batch_size,
+        per_device_eval_batch_size=args.per_gpu_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=args.weight_decay,
+        optim=ready["method"].optimizer_name(),  # paged AdamW for QLoRA on GPU, else the default
+        logging_steps=max(1, args.logging_steps),
+        save_strategy=save_strategy,
+        save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
+        eval_strategy=save_strategy if has_val else "no",
+        eval_steps=args.save_steps if has_val and args.save_steps else None,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu=not on_gpu,
+        seed=args.seed,
+        report_to=report_targets(args.report_to, args.output_dir) or "none",
+        deepspeed=args.deepspeed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        prediction_loss_only=True,  # evaluation reports the loss; gathering every logit would cost GBs
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        disable_tqdm=False,
+        logging_first_step=True,
+    )
+    trainer = UniftTrainer(
+        model=model, args=targs, train_dataset=ready["train"], eval_dataset=ready["val"] or None,
+        data_collator=collator, processing_class=ready["tokenizer"], callbacks=callbacks, method=ready["method"],
+    )
+    # Every checkpoint-N folder gets the run card before it appears, so generate/eval/merge can use it.
+    trainer.before_publish = [card.save]
+    trainer.progress = progress_callback(lambda: trainer.tokens_seen * world_size())
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(trainer.progress)
+    return trainer
