@@ -65,7 +65,7 @@ def test_ddp_config_is_plain_multi_gpu_ddp():
 
 @pytest.mark.parametrize("config", DEEPSPEED, ids=lambda p: p.name)
 def test_deepspeed_config_is_accepted_by_training_arguments(config, tmp_path):
-    pytest.importorskip("deepspeed")
+    pytest.importorskip("deepspeed", reason="needs deepspeed (requirements-dev.txt: pip install deepspeed)")
     from transformers import TrainingArguments
 
     targs = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(config), bf16=True, use_cpu=True,

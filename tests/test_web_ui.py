@@ -56,7 +56,8 @@ def web(embedded_dir, tmp_path_factory):
 def page(web):
     if not Path(CHROMIUM).exists():
         pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="needs playwright (requirements-dev.txt: pip install playwright)")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 1000})
