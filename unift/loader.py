@@ -40,7 +40,7 @@ def load(
     *,
     base_model: str | None = None,
     model_type: str | None = None,
-    template: str | Any | None = None,
+    template: str | dict | Any | None = None,
     trust_remote_code: bool | None = None,
     device: str | None = None,
     dtype: DtypePlan | str | torch.dtype | None = None,
@@ -73,7 +73,8 @@ def load(
     if tokenizer is None:  # training pads on the right, generation on the left
         tokenizer = load_tokenizer(tokenizer_folder(adapter_dir, path), trust_remote_code=trust,
                                    padding_side="right" if plan.purpose == "train" else "left")
-    chosen = template if template is not None and not isinstance(template, str) else \
+    # a name, a template file or a run card's definition is resolved; a template object is used as it is
+    chosen = template if template is not None and not isinstance(template, (str, dict)) else \
         resolve_template(template, spec.template, tokenizer)
     model = load_model(path, spec, quantization_bit=plan.quantization_bit, compute_dtype=plan.compute_dtype,
                        dtype=plan.storage_dtype, trust_remote_code=trust, device_map=_placement(plan, placed_on, path),

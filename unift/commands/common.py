@@ -22,7 +22,8 @@ class ModelOptions(Options):
     model_name_or_path: str | None = opt(None, "base or merged model folder (default: the run card's, else the "
                                          "embedded model)", group="model", aliases=("--base_model",))
     model_type: str | None = opt(None, "model family (default: the run card's, else llama)", group="model")
-    template: str | None = opt(None, "prompt template (default: the run card's)", group="model")
+    template: str | None = opt(None, "prompt template: a name or a FILE (.yaml/.json fields, .jinja) "
+                               "(default: the run card's)", group="model")
     trust_remote_code: bool | None = opt(None, "allow modelling code shipped with the checkpoint", group="model")
     size: str | None = opt(None, "informational, accepted for the original toolkit's commands", group="model")
     device: str = opt("auto", f"where the model runs: {DEVICE_HELP}", group="model")

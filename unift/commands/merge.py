@@ -29,4 +29,4 @@ def run(options: MergeOptions) -> None:
     merge(options.adapter_dir, options.merged_dir, base_model=options.model_name_or_path,
           model_type=options.model_type, compute_dtype=options.compute_dtype,
           trust_remote_code=options.trust_remote_code, overwrite=options.overwrite, export=options.export,
-          device=options.device)
+          device=options.device, template=options.template)

@@ -15,7 +15,7 @@ from unift.data.pipeline import (
 )
 from unift.data.readers import read_records
 from unift.data.registry import DatasetEntry, resolve_dataset
-from unift.data.templates import TEMPLATES, Message, get_template, resolve_template
+from unift.data.templates import TEMPLATES, Message, get_template, resolve_template, template_definition
 from unift.data.tokenize import (
     IGNORE_INDEX,
     encode_conversation,
@@ -44,6 +44,7 @@ __all__ = [
     "read_records",
     "resolve_dataset",
     "resolve_template",
+    "template_definition",
     "segments",
     "to_conversations",
     "tokenize_conversations",

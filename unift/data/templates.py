@@ -13,7 +13,8 @@ A conversation is a list of messages {"role": ..., "content": str}. Roles:
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from unift.errors import UniftError
 
@@ -104,9 +105,10 @@ class TokenizerTemplate:
     name: str = "auto"
     aliases: tuple[str, ...] = ()
     description: str = "the tokenizer's own chat template"
+    source: str = ""  # a Jinja chat template of its own (from a --template FILE.jinja); "": the tokenizer's
 
     def render(self, messages: list[Message], add_generation_prompt: bool, tokenizer=None) -> str:
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if tokenizer is None or not (self.source or getattr(tokenizer, "chat_template", None)):
             raise UniftError("template 'auto' needs a tokenizer with a chat template; pass --template alpaca")
         system, tools, rest = split_system(messages)
         plain: list[dict[str, str]] = []
@@ -117,13 +119,14 @@ class TokenizerTemplate:
             plain.append({"role": role, "content": message["content"]})
         try:
             text = tokenizer.apply_chat_template(
-                plain, tokenize=False, add_generation_prompt=add_generation_prompt
+                plain, tokenize=False, add_generation_prompt=add_generation_prompt,
+                **({"chat_template": self.source} if self.source else {}),
             )
         except Exception as err:  # Jinja raises its own exception types, e.g. "roles must alternate"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             hint = " (it may not know the 'tool' role: choose e.g. --template chatml)" if any(
                 m["role"] == "tool" for m in plain) else ""
-            raise UniftError(f"template auto: the tokenizer's chat template failed: {first}{hint}") from None
+            raise UniftError(f"template {self.name}: the chat template failed: {first}{hint}") from None
         for message in plain:
             if message["role"] == "tool" and message["content"] not in text:
                 raise UniftError(
@@ -222,7 +225,8 @@ def end_of_turn(template: FormatTemplate | TokenizerTemplate, tokenizer) -> str:
     or "" when the rendering ends an answer with nothing (GLM-4's own chat template): training then
     appends EOS to every answer, and generation stops on the marker in every command."""
     cache = _END_OF_TURN.setdefault(tokenizer, {}) if tokenizer is not None else {}
-    key = (template.name, getattr(tokenizer, "chat_template", None))
+    # the template itself, not its name: two template files may share a name
+    key = (template, getattr(tokenizer, "chat_template", None))
     if key not in cache:
         text = template.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}],
                                add_generation_prompt=False, tokenizer=tokenizer)
@@ -243,11 +247,105 @@ def get_template(name: str) -> FormatTemplate | TokenizerTemplate:
         raise UniftError(f"unknown --template {name!r}; known: {', '.join(known)}") from None
 
 
-def resolve_template(name: str | None, family_default: str, tokenizer) -> FormatTemplate | TokenizerTemplate:
-    """--template if given, else the family's default; `auto` falls back to alpaca without a chat template."""
+def resolve_template(name: str | dict | None, family_default: str, tokenizer) -> FormatTemplate | TokenizerTemplate:
+    """--template if given (a name, a template file, or a run card's definition), else the family's default;
+    `auto` falls back to alpaca without a chat template."""
+    if isinstance(name, dict):
+        return template_from_definition(name)
+    if name and is_template_file(name):
+        return load_template_file(name)
     chosen = name or family_default
     if chosen == "auto" and not getattr(tokenizer, "chat_template", None):
         if name == "auto":
             raise UniftError("--template auto: this tokenizer has no chat template; choose another --template")
         chosen = "alpaca"
     return get_template(chosen)
+
+
+# ---- templates from a file (--template FILE) -----------------------------------------------------------
+
+TEMPLATE_FILE_SUFFIXES = (".yaml", ".yml", ".json", ".jinja")
+FILE_FIELDS = ("prefix", "system", "default_system", "user", "assistant", "observation", "function_call",
+               "system_in_user")
+
+
+def is_template_file(value: str) -> bool:
+    """A --template value naming a file (by its suffix, so a missing file is reported, not taken as a name)."""
+    return Path(value).suffix.lower() in TEMPLATE_FILE_SUFFIXES
+
+
+def load_template_file(path: str | Path) -> FormatTemplate | TokenizerTemplate:
+    """A YAML/JSON file with FormatTemplate's fields, or a Jinja chat template (.jinja)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UniftError(f"--template {path}: cannot read the template file ({err.strerror or err})") from None
+    if path.suffix.lower() == ".jinja":
+        if not text.strip():
+            raise UniftError(f"--template {path}: the Jinja chat template is empty")
+        return template_from_definition({"name": path.stem, "description": f"chat template from {path.name}",
+                                         "jinja": text}, where=str(path))
+    try:
+        if path.suffix.lower() == ".json":
+            import json
+
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001 (json and yaml raise their own types; one line either way)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UniftError(f"--template {path}: not valid {path.suffix[1:].upper()}: {first}") from None
+    if not isinstance(values, dict):
+        raise UniftError(f"--template {path}: expected a mapping of template fields ({', '.join(FILE_FIELDS)})")
+    return template_from_definition({"name": path.stem, "description": f"from {path.name}", "format": values},
+                                    where=str(path))
+
+
+def template_from_definition(definition: dict, where: str = "the run card's template") -> \
+        FormatTemplate | TokenizerTemplate:
+    """A template from what template_definition wrote ({"name", "description", "format": fields} or
+    {"name", "description", "jinja"})."""
+    name = str(definition.get("name") or "custom")
+    description = str(definition.get("description") or "")
+    if "jinja" in definition:
+        return TokenizerTemplate(name=name, description=description, source=definition["jinja"])
+    values = definition.get("format")
+    if not isinstance(values, dict):
+        raise UniftError(f"{where}: a template definition needs 'format' or 'jinja'")
+    unknown = [k for k in values if k not in FILE_FIELDS]
+    if unknown:
+        raise UniftError(f"--template {where}: unknown field {unknown[0]!r}; known: {', '.join(FILE_FIELDS)}")
+    for required in ("user", "assistant"):
+        if not isinstance(values.get(required), str) or not values[required]:
+            raise UniftError(f"--template {where}: field {required!r} is missing (a text with {{content}})")
+    for key, value in values.items():
+        if key == "system_in_user":
+            if not isinstance(value, bool):
+                raise UniftError(f"--template {where}: field 'system_in_user' must be true or false")
+        elif value is not None and not isinstance(value, str):
+            raise UniftError(f"--template {where}: field {key!r} must be a text")
+    template = FormatTemplate(name=name, description=description, **values)
+    try:  # a stray brace or an unknown placeholder fails here, naming the field, not mid-training
+        for key in ("prefix", "system", "user", "assistant", "observation", "function_call"):
+            text = getattr(template, key)
+            if text is not None:
+                text.format(content="", bos="", eos="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise UniftError(f"--template {where}: field {key!r}: bad placeholder {err} (known: {{content}}, "
+                         "{bos}, {eos}; write {{ and }} for braces)") from None
+    return template
+
+
+def template_definition(template: FormatTemplate | TokenizerTemplate) -> str | dict:
+    """What the run card stores: a built-in template's name, else the template itself (so a run keeps
+    prompting the same when the file it came from is gone)."""
+    if TEMPLATES.get(template.name) == template:
+        return template.name
+    if isinstance(template, TokenizerTemplate):
+        return {"name": template.name, "description": template.description, "jinja": template.source}
+    values = asdict(template)
+    return {"name": template.name, "description": template.description, "format": {k: values[k] for k in FILE_FIELDS
+                                              if values[k] != FormatTemplate.__dataclass_fields__[k].default}}

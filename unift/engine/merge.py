@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from unift.data.templates import template_definition
 from unift.errors import UniftError
 from unift.loader import load
 from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
@@ -115,6 +116,9 @@ def format_template_jinja(template: Any, eos: str, bos: str = "") -> str:
 
 def install_chat_template(tokenizer, template) -> bool:
     """Make the tokenizer's chat template render the run's template; True when it now does."""
+    if getattr(template, "source", ""):  # a --template FILE.jinja: the merged tokenizer carries it as it is
+        tokenizer.chat_template = template.source
+        return True
     if getattr(template, "name", "auto") == "auto":
         return bool(getattr(tokenizer, "chat_template", None))
     jinja = format_template_jinja(template, tokenizer.eos_token or "", tokenizer.bos_token or "")
@@ -154,14 +158,16 @@ def merge(
     overwrite: bool = False,
     export: str | None = None,
     device: str | None = None,
+    template: str | None = None,
 ) -> Path:
-    """Fold the adapter of a run folder into its base; write `merged_dir`; return it."""
+    """Fold the adapter of a run folder into its base; write `merged_dir`; return it. `template`: a name or
+    a template file overriding the run card's (the merged folder then prompts with it)."""
     from peft import PeftConfig
 
     from unift import compat
 
     compat.apply()
-    card = read_card(adapter_dir, base_model=base_model, model_type=model_type)
+    card = read_card(adapter_dir, base_model=base_model, model_type=model_type, template=template)
     out = Path(merged_dir)
     if out.resolve() == Path(adapter_dir).resolve():
         raise UniftError("--merged_dir must differ from --adapter_dir")
@@ -178,7 +184,7 @@ def merge(
     # Merged in fp32 (merge_plan); on a GPU when the fp32 weights fit on one, else on the CPU.
     trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
     loaded = load(adapter_dir, base_model=base_model, model_type=model_type, trust_remote_code=trust,
-                  device=device, dtype=merge_plan(), card=card)
+                  device=device, dtype=merge_plan(), card=card, template=template)
     model, tokenizer, template, spec = loaded.model, loaded.tokenizer, loaded.template, loaded.spec
     saved_dtype = torch_dtype(saved_dtype_of(compute_dtype, card, loaded.path, trust))
     if card.quantization_bit:
@@ -226,7 +232,7 @@ def merge(
         from unift.runtime import library_versions, write_json_atomic
 
         write_json_atomic(tmp / MERGED_CARD, {
-            "model_type": spec.name, "template": template.name, "peft_type": card.peft_type,
+            "model_type": spec.name, "template": template_definition(template), "peft_type": card.peft_type,
             "adapter_dir": str(Path(adapter_dir).resolve()), "base_model": card.base_model,
             "dtype": str(saved_dtype).replace("torch.", ""), "quantization_bit_trained": card.quantization_bit,
             "probe_max_abs_logit_diff": diff, "versions": library_versions(),

@@ -20,7 +20,7 @@ MERGED_CARD = "unift_merged.json"
 class RunCard:
     model_type: str
     peft_type: str
-    template: str
+    template: str | dict  # a built-in template's name, or a template file's definition (data.templates)
     base_model: str | None  # None = the embedded model, resolved on whatever machine reads the card
     trust_remote_code: bool = False
     quantization_bit: int | None = None

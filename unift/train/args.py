@@ -46,7 +46,8 @@ class RunArgs(Options):
     model_name_or_path: str | None = opt(
         None, "folder or hub id of the base model (default: the embedded SmolLM2-135M-Instruct)", group="model")
     size: str | None = opt(None, "model size label, informational (the original toolkit's --size)", group="model")
-    template: str | None = opt(None, "prompt template (default: the family's; 'auto' = tokenizer's)", group="model")
+    template: str | None = opt(None, "prompt template: a name or a FILE (.yaml/.json fields, .jinja) "
+                               "(default: the family's; 'auto' = tokenizer's)", group="model")
     trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
     device: str = opt("auto", "where training runs: auto (the first GPU, else the CPU), cpu, cuda or mps; pick "
                       "a GPU with CUDA_VISIBLE_DEVICES", group="model")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from unift.accel import parse_optimizations, prepare_training
-from unift.data import DataOptions, build_datasets, load_sources, resolve_template
+from unift.data import DataOptions, build_datasets, load_sources, resolve_template, template_definition
 from unift.data.collate import PackingCollator, PaddingCollator
 from unift.errors import UniftError
 from unift.loader import load
@@ -139,7 +139,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     collator = (PackingCollator(pad_id, accel.shape_multiple) if accel.padding_free
                 else PaddingCollator(pad_id, accel.shape_multiple))
     card = RunCard(
-        model_type=spec.name, peft_type=method.name, template=ready["template"].name,
+        model_type=spec.name, peft_type=method.name, template=template_definition(ready["template"]),
         base_model=None if args.model_name_or_path is None else ready["path"],
         trust_remote_code=args.trust_remote_code, quantization_bit=bits, compute_dtype=dtype,
         base_dtype=base_dtype, versions=library_versions(), arguments=asdict(args), command=command_line(),
