@@ -76,3 +76,23 @@ def test_data_check_and_the_run_card_count_them(tmp_path, capsys, tiny_model):
     card = json.loads((out_dir / "unift_run.json").read_text())
     counts = {k: card["data"][k] for k in ("examples", "truncated", "long_answers", "dropped", "truncation")}
     assert counts == {"examples": 5, "truncated": 1, "long_answers": 1, "dropped": 1, "truncation": "drop"}
+
+
+def test_training_says_what_the_cutoff_drops_and_warns_over_a_tenth(tmp_path, capsys, tiny_model):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows()), encoding="utf-8")
+    tiny = tiny_model("llama")
+    common = ["train", "--data", str(data), "--model_name_or_path", str(tiny), "--max_steps", "1",
+              "--per_gpu_train_batch_size", "2", "--compute_dtype", "fp32", "--lora_r", "2", "--report_to", "none"]
+    capsys.readouterr()
+    assert main([*common, "--output_dir", str(tmp_path / "cut"), "--cutoff_len", "64"]) == 0
+    err = capsys.readouterr().err
+    assert ("--cutoff_len 64: 1 of 6 records dropped (17%: no answer token within the cutoff; --truncation keep "
+            "keeps an over-long answer cut), 1 cut at the front (prompt or earlier turns lost); raise --cutoff_len"
+            in err)
+    assert "warning: --cutoff_len 64 drops more than a tenth of the records" in err
+    card = json.loads((tmp_path / "cut" / "unift_run.json").read_text())
+    assert (card["data"]["dropped"], card["data"]["examples"], card["data"]["truncated"]) == (1, 5, 1)
+    assert main([*common, "--output_dir", str(tmp_path / "whole"), "--cutoff_len", "512"]) == 0
+    err = capsys.readouterr().err
+    assert "--cutoff_len 512: 0 of 6 records dropped" in err and "more than a tenth" not in err

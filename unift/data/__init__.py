@@ -10,6 +10,7 @@ from unift.data.pipeline import (
     DataOptions,
     Source,
     build_datasets,
+    cutoff_summary,
     load_conversations,
     load_sources,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "Message",
     "Source",
     "build_datasets",
+    "cutoff_summary",
     "detect_format",
     "encode_conversation",
     "encode_prompt",

@@ -300,3 +300,20 @@ def load_conversations(names: list[str], dataset_dir: Path | None = None) -> lis
         if line:
             log.warning("%s", line)
     return conversations
+
+
+def cutoff_summary(stats: dict[str, Any], cutoff_len: int, truncation: str) -> tuple[str, bool]:
+    """One line on what --cutoff_len does to the data, with the flags that change it, and whether it drops
+    more than a tenth of the records (a cutoff that silently throws data away looks like a bad run)."""
+    if stats.get("streaming"):
+        return (f"--cutoff_len {cutoff_len}: in the held-out sample {stats.get('truncated', 0)} cut at the front, "
+                f"{stats.get('dropped', 0)} dropped (streamed counts are unknown before training)", False)
+    dropped, cut, long = stats.get("dropped", 0), stats.get("truncated", 0), stats.get("long_answers", 0)
+    total = stats.get("examples", 0) + dropped
+    share = dropped / total if total else 0.0
+    parts = [f"{dropped} of {total} records dropped ({100 * share:.0f}%: no answer token within the cutoff"
+             + ("; --truncation keep keeps an over-long answer cut" if truncation == "drop" else "") + ")",
+             f"{cut} cut at the front (prompt or earlier turns lost)"]
+    if truncation == "keep" and long:
+        parts.append(f"{long} answers kept cut at the end without their end token (--truncation keep)")
+    return f"--cutoff_len {cutoff_len}: " + ", ".join(parts) + "; raise --cutoff_len to keep more", share > 0.1

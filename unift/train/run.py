@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from unift.accel import parse_optimizations, prepare_training
-from unift.data import DataOptions, build_datasets, load_sources, resolve_template, template_definition
+from unift.data import (
+    DataOptions,
+    build_datasets,
+    cutoff_summary,
+    load_sources,
+    resolve_template,
+    template_definition,
+)
 from unift.data.collate import PackingCollator, PaddingCollator
 from unift.errors import UniftError
 from unift.loader import load
@@ -135,6 +142,12 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             ready["template"].name, dtype, describe_batch(args),
         )
         log.info("optimizations: %s", accel.summary())
+        line, too_many = cutoff_summary(stats, args.cutoff_len, args.truncation)
+        log.info("%s", line)
+        if too_many:
+            log.warning("warning: --cutoff_len %d drops more than a tenth of the records: raise it%s",
+                        args.cutoff_len, ", or pass --truncation keep to train over-long answers cut"
+                        if args.truncation == "drop" else "")
     pad_id = ready["tokenizer"].pad_token_id
     collator = (PackingCollator(pad_id, accel.shape_multiple) if accel.padding_free
                 else PaddingCollator(pad_id, accel.shape_multiple))
