@@ -17,6 +17,7 @@ from unift.data import resolve_template
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.devices import device_map_for, resolve_device
 from unift.models.dtypes import DtypePlan, inference_plan, torch_dtype
+from unift.models.hub import is_hub_adapter, resolve_adapter_dir
 from unift.models.loading import resolve_model_path, upcast_unquantized
 from unift.models.registry import ModelSpec
 from unift.models.runcard import RunCard, read_card, read_merged_card, tokenizer_folder
@@ -47,11 +48,13 @@ def load(
     card: RunCard | None = None,
     tokenizer: Any = None,
 ) -> Loaded:
-    """`adapter_dir`: a run folder or any PEFT adapter folder (its base from `base_model`, else from its card);
+    """`adapter_dir`: a run folder or any PEFT adapter folder, local or ORG/NAME[@REVISION] on the hub (its base from `base_model`, else from its card);
     None: `base_model` alone (a base or merged folder, a hub id, or the embedded model when None).
     `dtype`: a DtypePlan, or the --dtype asked for inference (None: the device's, see inference_plan).
     `card`: the adapter's run card when the caller read it already; `tokenizer` (and a resolved `template`):
     when the caller loaded them already (training does, to check the data before any weights load)."""
+    given = adapter_dir
+    adapter_dir = resolve_adapter_dir(adapter_dir)  # ORG/NAME[@REVISION]: its snapshot in the hub cache
     if adapter_dir and card is None:
         card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
                          template=template if isinstance(template, str) else None)
@@ -87,7 +90,7 @@ def load(
         from unift.peft import load_adapter  # also registers unift's own PEFT methods
 
         model = load_adapter(model, adapter_dir)
-    name = Path(adapter_dir).name if adapter_dir else Path(path).name
+    name = (given if is_hub_adapter(given) else Path(adapter_dir).name) if adapter_dir else Path(path).name
     return Loaded(model, tokenizer, chosen, card if adapter_dir else None, plan, spec, path, name, base_keys)
 
 

@@ -28,6 +28,7 @@ from unift.data.templates import template_definition
 from unift.errors import UniftError
 from unift.loader import load
 from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
+from unift.models.hub import is_hub_adapter, resolve_adapter_dir
 from unift.models.loading import first_line
 from unift.models.runcard import MERGED_CARD, RunCard, read_card
 
@@ -167,6 +168,8 @@ def merge(
     from unift import compat
 
     compat.apply()
+    given = adapter_dir
+    adapter_dir = resolve_adapter_dir(adapter_dir)  # ORG/NAME[@REVISION]: its snapshot in the hub cache
     card = read_card(adapter_dir, base_model=base_model, model_type=model_type, template=template)
     out = Path(merged_dir)
     if out.resolve() == Path(adapter_dir).resolve():
@@ -233,7 +236,7 @@ def merge(
 
         write_json_atomic(tmp / MERGED_CARD, {
             "model_type": spec.name, "template": template_definition(template), "peft_type": card.peft_type,
-            "adapter_dir": str(Path(adapter_dir).resolve()), "base_model": card.base_model,
+            "adapter_dir": given if is_hub_adapter(given) else str(Path(adapter_dir).resolve()), "base_model": card.base_model,
             "dtype": str(saved_dtype).replace("torch.", ""), "quantization_bit_trained": card.quantization_bit,
             "probe_max_abs_logit_diff": diff, "versions": library_versions(),
         })

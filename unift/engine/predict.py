@@ -19,6 +19,7 @@ from unift.data import Message
 from unift.engine.engine import Engine
 from unift.engine.settings import GenerationSettings
 from unift.errors import UniftError
+from unift.models.hub import is_hub_adapter
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def predict(
     result_dir.mkdir(parents=True, exist_ok=True)
     out = result_dir / PREDICTIONS
     state = {"input": str(input_path.resolve()),
-             "model": str(Path(adapter_dir).resolve()) if adapter_dir else engine.name,
+             "model": engine.name if not adapter_dir or is_hub_adapter(adapter_dir) else str(Path(adapter_dir).resolve()),
              "decoding": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
              "max_prompt_tokens": max_prompt_tokens, "dtype": str(getattr(engine.model, "dtype", ""))}
     if overwrite:

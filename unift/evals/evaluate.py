@@ -22,6 +22,7 @@ from unift.engine.settings import PRESETS
 from unift.errors import UniftError
 from unift.evals.extract import answer_line, get_extractor
 from unift.models.dtypes import dtype_name
+from unift.models.hub import is_hub_adapter
 from unift.options import NON_NEGATIVE, POSITIVE_INT, Options, opt
 from unift.runtime import write_json_atomic
 
@@ -227,7 +228,9 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
     # the questions already read (and cut to --max_samples), which the predictions line up with
     print_examples(document, {n: loaded[0][n] for n in options.data[:1]}, options.show)
     print("\n" + markdown_table(document))
-    target = Path(output) if output else Path(adapter_dir or ".") / RESULTS
+    # beside a local adapter; a hub adapter's folder is the hub cache, so the current folder then
+    local = adapter_dir if adapter_dir and not is_hub_adapter(adapter_dir) else "."
+    target = Path(output) if output else Path(local) / RESULTS
     target.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(target, document)
     print(f"\nwrote {target}")

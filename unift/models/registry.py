@@ -48,7 +48,9 @@ register_model(ModelSpec(
     name="internlm", model_class="LlamaForCausalLM", config_class="LlamaConfig",
     lora_targets=LLAMA_LINEAR, attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     mlp_targets=("gate_proj", "up_proj", "down_proj"), mlp_output="down_proj", template="internlm",
-    remote_code_note="InternLM2/3 checkpoints ship their own modelling code",
+    # Only InternLM 1 checkpoints converted to the Llama layout load with LlamaForCausalLM.
+    remote_code_note="the official InternLM 1 checkpoints (internlm/internlm-7b) and InternLM2/3 ship their own "
+    "modelling code; InternLM 1 converted to the Llama layout loads natively",
     config_overrides=(("attention_bias", True),),
 ))
 register_model(ModelSpec(
