@@ -186,6 +186,40 @@ def test_reload_saved_weights_restores_them_exactly(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path), tmp_path)
 
 
+def rank_pattern_warnings(load) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load()
+    return model, [str(w.message) for w in caught if "rank_pattern keys did not match" in str(w.message)]
+
+
+def test_upstream_peft_warns_that_adalora_rank_pattern_keys_match_nothing(tmp_path):
+    """Fails once peft stops reading AdaLoRA's saved masks ("<module>.lora_E": [kept]) as LoRA's rank regexes
+    at reload (the keys are applied, by resize_modules_by_rank_pattern: the pruned shapes come back)."""
+    from peft import PeftModel
+
+    saved_adalora(tmp_path)
+    model, found = rank_pattern_warnings(lambda: PeftModel.from_pretrained(tiny_llama(), tmp_path))
+    assert found and ".lora_E'" in found[0]
+    assert {p.shape[0] for n, p in model.named_parameters() if "lora_E" in n} == {3}  # not ignored at all
+
+
+def test_unift_reload_drops_only_that_warning(tmp_path):
+    from unift.peft import load_adapter
+
+    saved_adalora(tmp_path)
+    model, found = rank_pattern_warnings(lambda: load_adapter(tiny_llama(), str(tmp_path)))
+    assert not found
+    assert {p.shape[0] for n, p in model.named_parameters() if "lora_E" in n} == {3}
+    # a key that names no module of the model is a real mismatch: that warning stays
+    assert not compat.peft_adapters._adalora_mask_keys_only(
+        "The following rank_pattern keys did not match any targeted module and were ignored: "
+        "['model.layers.9.self_attn.q_proj.lora_E'].", tiny_llama())
+    assert compat.peft_adapters._adalora_mask_keys_only(
+        "The following rank_pattern keys did not match any targeted module and were ignored: "
+        "['model.layers.1.self_attn.q_proj.lora_E'].", tiny_llama())
+
+
 # ---- bitsandbytes: the CPU AVX512-BF16 repack of 4-bit weights ------------------------------------------
 
 def linear_4bit():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import memorisation_rows
+from conftest import FAMILIES, memorisation_rows
 
 from unift.cli import main
 from unift.engine.engine import Engine
@@ -68,6 +68,28 @@ def test_adalora_reallocates_the_rank_budget(tiny_model, data_file, tmp_path):
     engine = Engine.load(str(tmp_path / "run"))
     reloaded_E = [p for n, p in engine.model.named_parameters() if "lora_E" in n]
     assert sorted(p.shape[0] for p in reloaded_E) == sorted(ranks.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adalora_reload_keeps_the_pruned_ranks_on_every_family(family, tiny_model, data_file, tmp_path):
+    """The saved and reloaded adapter has the shapes its rank pattern says and the trained model's logits,
+    and reloading it raises no warning about its rank pattern (unift.compat.peft_adapters)."""
+    import warnings
+
+    result = train(args_for(tiny_model(family), data_file, tmp_path / "run", peft_type="adalora",
+                            adalora_init_r=6, lora_r=2, max_steps=10, learning_rate=3e-2, compute_dtype="fp32"))
+    pattern = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern, "no budget allocation ran"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine.load(str(tmp_path / "run"), device="cpu", dtype="fp32")
+    assert not [w for w in caught if "rank_pattern" in str(w.message)], [str(w.message) for w in caught]
+    shapes = {n: (p.shape[0],) for n, p in engine.model.named_parameters() if "lora_E" in n}
+    wanted = {f"base_model.model.{key}.default": (sum(kept),) for key, kept in pattern.items()}
+    assert shapes == wanted
+    assert sum(kept for kept, *_ in shapes.values()) < 6 * len(shapes)  # something was pruned
+    trained = result.model.eval()
+    assert torch.allclose(logits(engine.model.eval()), logits(trained), atol=1e-4, rtol=1e-4)
 
 
 def test_adalora_schedule_must_fit_the_run(tiny_model, data_file, tmp_path, capsys):

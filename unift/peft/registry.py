@@ -217,7 +217,8 @@ def load_adapter(model: Any, adapter_dir: str):
 
     compat.apply()
     try:
-        wrapped = PeftModel.from_pretrained(model, adapter_dir)
+        with compat.peft_adapters.quiet_adalora_rank_pattern(model, adapter_dir):
+            wrapped = PeftModel.from_pretrained(model, adapter_dir)
     except (ValueError, KeyError, RuntimeError) as err:
         raise UniftError(f"cannot load the adapter in {adapter_dir}: {str(err).splitlines()[0]}") from err
     compat.peft_adapters.reload_saved_weights(wrapped, adapter_dir)
