@@ -121,6 +121,12 @@ def test_train_and_eval_with_the_homework_prompt(tmp_path, tiny_model, capsys):
     document = json.loads(results.read_text(encoding="utf-8"))
     ours = document["setups"][0]["tasks"][str(held_out)]["perplexity"]
 
+    # --template overrides the card's in eval too (it was ignored there)
+    other = tmp_path / "eval-chatml.json"
+    assert main(["eval", "--adapter_dir", str(out_dir), "--data", str(held_out), "--metrics", "ppl",
+                 "--output", str(other), "--device", "cpu", "--dtype", "fp32", "--template", "chatml"]) == 0
+    assert json.loads(other.read_text(encoding="utf-8"))["setups"][0]["tasks"][str(held_out)]["perplexity"] != ours
+
     from unift.loader import load
 
     loaded = load(str(out_dir), device="cpu", dtype="fp32")

@@ -25,4 +25,5 @@ def run(options: EvalArgs) -> None:
 
     scoring = EvalOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(EvalOptions)})
     evaluate(options.adapter_dir, scoring, base_model=options.model_name_or_path, model_type=options.model_type,
-             output=options.output, plot=options.plot, device=options.device, dtype=parse_dtype(options.dtype))
+             output=options.output, plot=options.plot, device=options.device, dtype=parse_dtype(options.dtype),
+             template=options.template, trust_remote_code=options.trust_remote_code)

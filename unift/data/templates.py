@@ -285,7 +285,7 @@ def load_template_file(path: str | Path) -> FormatTemplate | TokenizerTemplate:
         if not text.strip():
             raise UniftError(f"--template {path}: the Jinja chat template is empty")
         return template_from_definition({"name": path.stem, "description": f"chat template from {path.name}",
-                                         "jinja": text}, where=str(path))
+                                         "jinja": text}, where=f"--template {path}")
     try:
         if path.suffix.lower() == ".json":
             import json
@@ -301,7 +301,7 @@ def load_template_file(path: str | Path) -> FormatTemplate | TokenizerTemplate:
     if not isinstance(values, dict):
         raise UniftError(f"--template {path}: expected a mapping of template fields ({', '.join(FILE_FIELDS)})")
     return template_from_definition({"name": path.stem, "description": f"from {path.name}", "format": values},
-                                    where=str(path))
+                                    where=f"--template {path}")
 
 
 def template_from_definition(definition: dict, where: str = "the run card's template") -> \
@@ -317,16 +317,16 @@ def template_from_definition(definition: dict, where: str = "the run card's temp
         raise UniftError(f"{where}: a template definition needs 'format' or 'jinja'")
     unknown = [k for k in values if k not in FILE_FIELDS]
     if unknown:
-        raise UniftError(f"--template {where}: unknown field {unknown[0]!r}; known: {', '.join(FILE_FIELDS)}")
+        raise UniftError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(FILE_FIELDS)}")
     for required in ("user", "assistant"):
         if not isinstance(values.get(required), str) or not values[required]:
-            raise UniftError(f"--template {where}: field {required!r} is missing (a text with {{content}})")
+            raise UniftError(f"{where}: field {required!r} is missing (a text with {{content}})")
     for key, value in values.items():
         if key == "system_in_user":
             if not isinstance(value, bool):
-                raise UniftError(f"--template {where}: field 'system_in_user' must be true or false")
+                raise UniftError(f"{where}: field 'system_in_user' must be true or false")
         elif value is not None and not isinstance(value, str):
-            raise UniftError(f"--template {where}: field {key!r} must be a text")
+            raise UniftError(f"{where}: field {key!r} must be a text")
     template = FormatTemplate(name=name, description=description, **values)
     try:  # a stray brace or an unknown placeholder fails here, naming the field, not mid-training
         for key in ("prefix", "system", "user", "assistant", "observation", "function_call"):
@@ -334,7 +334,7 @@ def template_from_definition(definition: dict, where: str = "the run card's temp
             if text is not None:
                 text.format(content="", bos="", eos="")
     except (KeyError, IndexError, ValueError) as err:
-        raise UniftError(f"--template {where}: field {key!r}: bad placeholder {err} (known: {{content}}, "
+        raise UniftError(f"{where}: field {key!r}: bad placeholder {err} (known: {{content}}, "
                          "{bos}, {eos}; write {{ and }} for braces)") from None
     return template
 
