@@ -90,8 +90,10 @@ def test_not_cached_is_one_line(hub, capsys):
     code = main(["generate", "--adapter_dir", "nobody/nothing", "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err == ("unift: error: --adapter_dir nobody/nothing: hub adapter nobody/nothing is not cached and "
-                   "HF_HUB_OFFLINE=1; run once online to download it\n")
+    assert err == ("unift: error: --adapter_dir nobody/nothing: no such folder, and hub adapter nobody/nothing is "
+                   "not cached and HF_HUB_OFFLINE=1; run once online to download it\n")
+    code = main(["merge", "--adapter_dir", "nobody/nothing@v3", "--merged_dir", "m"])
+    assert code == 2 and "hub adapter nobody/nothing@v3 is not cached" in capsys.readouterr().err
 
 
 def test_readme_says_what_is_true():

@@ -49,8 +49,9 @@ def resolve_adapter_dir(value: str | None, flag: str = "--adapter_dir") -> str |
         return snapshot_download(repo, revision=revision, repo_type="model")
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise UniftError(f"{flag} {value}: hub adapter {where} is not cached and HF_HUB_OFFLINE=1; run once "
-                             "online to download it") from None
+            # "no such folder" first: a mistyped local folder reads like a hub id
+            raise UniftError(f"{flag} {value}: no such folder, and hub adapter {where} is not cached and "
+                             "HF_HUB_OFFLINE=1; run once online to download it") from None
         raise UniftError(f"{flag} {value}: cannot reach the hub to download {where}") from None
     except GatedRepoError:
         raise UniftError(f"{flag} {value}: hub adapter {repo} is gated: accept its terms on the hub and log in "
