@@ -9,7 +9,7 @@ from unift.options import opt
 
 
 @dataclass
-class ChatOptions(FindRunOptions, DtypeOptions, DecodingOptions):
+class ChatOptions(DecodingOptions, DtypeOptions, FindRunOptions):
     preset: str = opt("chat", "named decoding settings; 'original' = the original toolkit's", group="decoding",
                       choices=PRESET_NAMES)
     system: str | None = opt(None, "system prompt")

@@ -12,7 +12,7 @@ from unift.options import opt
 
 
 @dataclass
-class EvalArgs(ModelOptions, DtypeOptions, EvalOptions):
+class EvalArgs(EvalOptions, DtypeOptions, ModelOptions):
     output: str | None = opt(None, "results file (default: <adapter_dir or .>/eval_results.json)")
     plot: bool = opt(False, "also write PNG bar charts beside the results")
 

@@ -9,7 +9,7 @@ from unift.options import opt
 
 
 @dataclass
-class GenerateOptions(FindRunOptions, DtypeOptions, DecodingOptions):
+class GenerateOptions(DecodingOptions, DtypeOptions, FindRunOptions):
     prompt: str | None = opt(None, "answer this once and exit (without it: an interactive chat)")
     system: str | None = opt(None, "system prompt")
 

@@ -9,7 +9,7 @@ from unift.options import POSITIVE_INT, opt
 
 
 @dataclass
-class PredictOptions(ModelOptions, DtypeOptions, DecodingOptions):
+class PredictOptions(DecodingOptions, DtypeOptions, ModelOptions):
     input: str = opt(None, "prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL (or .txt, "
                      "one prompt per line)", aliases=("--data",), required=True)
     result_dir: str = opt(None, "folder for predictions.jsonl (resumed if there)", required=True)

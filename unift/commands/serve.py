@@ -9,7 +9,7 @@ from unift.options import POSITIVE_INT, Range, opt
 
 
 @dataclass
-class ServeOptions(FindRunOptions, DtypeOptions, DecodingOptions):
+class ServeOptions(DecodingOptions, DtypeOptions, FindRunOptions):
     preset: str = opt("chat", "named decoding settings; 'original' = the original toolkit's", group="decoding",
                       choices=PRESET_NAMES)
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)", group="service")
