@@ -106,11 +106,6 @@ class Options:
         check_ranges(self)
 
 
-def bounded(kind: type, bounds: Range):
-    """An argparse `type` for a number in a range: `argument --top_p: must be in (0, 1] (got 0)`."""
-    return _wrap_check(kind, None, bounds)
-
-
 def _flag_type(tp: Any) -> tuple[Any, bool]:
     """(scalar type, is_list) from an annotation such as `int | None` or `list[str] | None`."""
     if isinstance(tp, str):
