@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN ?= runs/arith-lora
+# pytest workers for `make test` (pytest-xdist); each test file stays on one worker, so module fixtures build once
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
@@ -40,7 +42,7 @@ demo: install
 
 test: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check .

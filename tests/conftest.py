@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on two cores: one thread each (and in what they start), or the
+    # workers' thread pools oversubscribe the cores and spin against each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 FAMILIES = ["llama", "internlm", "bloom", "chatglm", "moss", "qwen2"]
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
