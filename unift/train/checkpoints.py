@@ -68,6 +68,9 @@ class AtomicCheckpoints:
 
     _staging = False
     before_publish: list[Callable[[Path], None]]
+    # Called on every rank with the staged folder, after the Trainer wrote it: an engine whose checkpoint
+    # holds only shards (FSDP) adds the whole adapter there, so every checkpoint loads in plain peft.
+    save_whole: Callable[[Path], None] | None = None
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)  # type: ignore[misc]
@@ -90,6 +93,8 @@ class AtomicCheckpoints:
                              f"checkpoint is {Path(last).name if last else 'none'}") from None
         finally:
             self._staging = False
+        if self.save_whole is not None:
+            self.save_whole(run_dir / STAGING / name)
         args = self.args  # type: ignore[attr-defined]
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank wrote its RNG state
         staged = run_dir / STAGING / name
