@@ -117,3 +117,21 @@ def save_adapter(trainer: Any, model: Any, folder: str | Path) -> None:
     state_dict = _gathered_adapter(model) if name == "fsdp" and world_size() > 1 else None
     if trainer.is_world_process_zero():
         model.save_pretrained(folder, state_dict=state_dict)
+
+
+def scaling_record(args: Any) -> dict[str, Any]:
+    """The engine, world size, node count and every process's peak resident memory (MiB, by rank); a
+    collective under torch.distributed, so every rank calls it."""
+    import torch.distributed as dist
+
+    from unift.runtime import peak_rss_mib
+
+    mine = round(peak_rss_mib(), 1)
+    peaks = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, mine)
+    world = world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    return {"engine": engine(args), "world_size": world, "nodes": max(1, world // max(1, per_node)),
+            "peak_rss_mib": peaks}

@@ -41,7 +41,13 @@ from unift.train.checkpoints import (
     checkpoint_bytes,
     clear_staging,
 )
-from unift.train.engines import engine_optimizations, prepare_engine, prepare_process, save_adapter
+from unift.train.engines import (
+    engine_optimizations,
+    prepare_engine,
+    prepare_process,
+    save_adapter,
+    scaling_record,
+)
 from unift.train.progress import LOSS_PLOT, plot_losses
 from unift.train.scaling import check_engine, describe_batch, sharded_quantized_storage
 from unift.train.trainer import build_trainer
@@ -183,6 +189,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         raise KeyboardInterrupt
     metrics: dict[str, Any] = {}
     save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first
+    card.scaling = scaling_record(args)  # every rank: gathers each process's peak memory
     if trainer.is_world_process_zero():
         ready["tokenizer"].save_pretrained(out)
         card.save(out)
@@ -204,6 +211,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             "trainable_parameters": trainable,
             "total_parameters": total,
             "world_size": world_size(),
+            **{key: card.scaling[key] for key in ("engine", "nodes")},
+            "peak_rss_mib_per_process": card.scaling["peak_rss_mib"],
             "compute_dtype": dtype,
             "base_dtype": base_dtype,
             "optimizations": accel.applied,
