@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -71,41 +70,78 @@ def setup(tiny_model, tmp_path_factory):
     return tmp_path, flags
 
 
-@pytest.fixture(scope="module")
-def engine_runs(setup):
-    tmp_path, flags = setup
-    done = {}
-    for engine in ENGINES:
-        out = tmp_path / engine
-        proc = run(launch(engine, REPO / "uniform_finetune.py",
-                          [*flags, "--output_dir", str(out), "--per_gpu_train_batch_size", "2"]), tmp_path)
-        done[engine] = (out, proc.stderr)
-    return done
+def kill_and_resume(engine: str, tmp_path: Path, flags: list[str]) -> tuple[Path, str]:
+    """The engine's documented launch, SIGKILLed on every process after step 3 (checkpoint-2 published,
+    step 3 trained and lost), then the same command with --resume_from_checkpoint to the end."""
+    out = tmp_path / engine
+    mine = [*flags, "--output_dir", str(out), "--per_gpu_train_batch_size", "2"]
+    proc = subprocess.Popen(launch(engine, WORKER, ["--pause_at", "3", "--", *mine]), cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not all((out / f"paused-rank{r}").exists() for r in (0, 1)):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the ranks never reached their pause"
+        time.sleep(0.05)
+    for rank in (0, 1):
+        os.kill(int((out / f"paused-rank{rank}").read_text()), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+    for name in ("paused", "paused-rank0", "paused-rank1"):
+        (out / name).unlink()
+    run(launch(engine, REPO / "uniform_finetune.py", [*mine, "--resume_from_checkpoint"]), tmp_path)
+    return out, stderr
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_two_processes_train_as_one_and_save_the_adapter_whole(engine, setup, engine_runs):
+def test_two_processes_killed_and_resumed_train_as_one_and_save_the_adapter_whole(engine, setup):
+    """One chain per engine proves three things against the one-process run: 2 x batch 2 trains as 1 x
+    batch 4 (losses of every step, checkpoint and final adapter), checkpoints are written whole, and a
+    SIGKILL then --resume_from_checkpoint ends where the uninterrupted run ends (a resume that lost the
+    optimizer's moments or the data position moves most parameters by about lr: far outside tolerance)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     tmp_path, flags = setup
-    out, stderr = engine_runs[engine]
+    out, stderr = kill_and_resume(engine, tmp_path, flags)
     expected = "fsdp" if engine == "fsdp" else "deepspeed"
     assert f"x 2 processes = 4 examples per step ({expected})" in stderr
     one = tmp_path / "one"
+    got = json.loads((out / "metrics.json").read_text())["loss_curve"]
+    assert [p["step"] for p in got] == list(range(1, STEPS + 1))
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one)), rtol=1e-5, atol=0)
-    assert len(losses(out)) == STEPS
-    assert_same_weights(adapter(out), adapter(one), f"{engine}: the saved adapter")
-    assert not torch.equal(adapter(out), adapter(tmp_path / "one" / "checkpoint-2"))  # it trained on
-    # Every checkpoint holds the whole adapter of its step, equal to the one-process run's.
-    assert_same_weights(adapter(out / "checkpoint-2"), adapter(one / "checkpoint-2"), f"{engine}: checkpoint-2")
+    # Every checkpoint holds the whole adapter of its step (checkpoint-2 written before the kill).
+    for folder in ("checkpoint-2", "checkpoint-4", "."):
+        assert_same_weights(adapter(out / folder), adapter(one / folder), f"{engine}: {folder}")
+    assert not torch.equal(adapter(out), adapter(out / "checkpoint-2"))  # it trained on after the resume
 
     card = json.loads((out / "unift_run.json").read_text())["scaling"]
     assert card["engine"] == expected and card["world_size"] == 2 and card["nodes"] == 1
     assert len(card["peak_rss_mib"]) == 2 and all(peak > 100 for peak in card["peak_rss_mib"])
 
-    # Plain peft loads it and computes what it computed in training.
+    # Plain peft loads it and holds exactly the saved tensors.
     base = AutoModelForCausalLM.from_pretrained(flags[flags.index("--model_name_or_path") + 1])
     model = PeftModel.from_pretrained(base, str(out))
     loaded = torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
     torch.testing.assert_close(loaded.sort().values, adapter(out).sort().values, rtol=0, atol=0)
+
+
+def test_two_nodes_train_as_one_two_process_run(setup):
+    """`torchrun --nnodes 2 --node_rank 0|1 --master_addr ...`, one process per node, on one machine and a
+    shared run folder: one run of world size 2 over 2 nodes, equal to the one-process run."""
+    tmp_path, flags = setup
+    out, port = tmp_path / "two-nodes", free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         str(REPO / "uniform_finetune.py"), *flags, "--output_dir", str(out), "--per_gpu_train_batch_size", "2"],
+        cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+    card = json.loads((out / "unift_run.json").read_text())["scaling"]
+    assert card["engine"] == "ddp" and card["world_size"] == 2 and card["nodes"] == 2
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0)
+    for folder in ("checkpoint-2", "checkpoint-4", "."):
+        assert_same_weights(adapter(out / folder), adapter(tmp_path / "one" / folder), f"two nodes: {folder}")

@@ -120,18 +120,20 @@ def save_adapter(trainer: Any, model: Any, folder: str | Path) -> None:
 
 
 def scaling_record(args: Any) -> dict[str, Any]:
-    """The engine, world size, node count and every process's peak resident memory (MiB, by rank); a
+    """The engine, world size, node count and every process's resident memory in MiB, by rank: its peak
+    (reached while the whole model loads) and what it holds after training (the engine's sharded share). A
     collective under torch.distributed, so every rank calls it."""
     import torch.distributed as dist
 
-    from unift.runtime import peak_rss_mib
+    from unift.runtime import peak_rss_mib, rss_mib
 
-    mine = round(peak_rss_mib(), 1)
-    peaks = [mine]
+    now = rss_mib()
+    mine = (round(peak_rss_mib(), 1), None if now is None else round(now, 1))
+    every = [mine]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, mine)
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
     world = world_size()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
     return {"engine": engine(args), "world_size": world, "nodes": max(1, world // max(1, per_node)),
-            "peak_rss_mib": peaks}
+            "peak_rss_mib": [peak for peak, _ in every], "rss_mib_after_training": [now for _, now in every]}
