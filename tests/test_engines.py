@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from after_training_helpers import cli_result, free_port
 from safetensors.torch import load_file
 from test_torchrun import REPO, WORKER, assert_same_weights, env, run, varied_rows
 
 ENGINES = ("fsdp", "zero2", "zero3")
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(engine: str, script: Path, args: list[str]) -> list[str]:
@@ -95,7 +89,7 @@ def kill_and_resume(engine: str, tmp_path: Path, flags: list[str]) -> tuple[Path
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_two_processes_killed_and_resumed_train_as_one_and_save_the_adapter_whole(engine, setup):
+def test_two_processes_killed_and_resumed_train_as_one_and_save_the_adapter_whole(engine, setup, capsys):
     """One chain per engine proves three things against the one-process run: 2 x batch 2 trains as 1 x
     batch 4 (losses of every step, checkpoint and final adapter), checkpoints are written whole, and a
     SIGKILL then --resume_from_checkpoint ends where the uninterrupted run ends (a resume that lost the
@@ -126,6 +120,23 @@ def test_two_processes_killed_and_resumed_train_as_one_and_save_the_adapter_whol
     loaded = torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
     torch.testing.assert_close(loaded.sort().values, adapter(out).sort().values, rtol=0, atol=0)
 
+    # The run folder and a checkpoint work as any other (predict and eval load through the same Engine).
+    code, text, err = cli_result(["generate", "--adapter_dir", str(out / "checkpoint-2"), "--prompt", "Hi?",
+                                  "--max_new_tokens", "3"], capsys)
+    assert code == 0 and text.strip(), err
+    code, _, err = cli_result(["merge", "--adapter_dir", str(out), "--merged_dir", str(tmp_path / f"merged-{engine}")],
+                              capsys)
+    assert code == 0, err
+    if engine == "zero3":
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"instruction": f"What is code word {i}?", "output": f"w{i}"}) + "\n" for i in range(2)))
+        code, _, err = cli_result(["predict", "--lora_dir", str(out), "--data", str(prompts), "--result_dir",
+                                   str(tmp_path / "predicted"), "--max_new_tokens", "3"], capsys)
+        assert code == 0 and len((tmp_path / "predicted" / "predictions.jsonl").read_text().splitlines()) == 2, err
+        code, text, err = cli_result(["eval", "--adapter_dir", str(out), "--data", str(prompts), "--max_samples", "2",
+                                      "--max_new_tokens", "3", "--show", "0"], capsys)
+        assert code == 0 and "tuned" in text, err
+
 
 def test_two_nodes_train_as_one_two_process_run(setup):
     """`torchrun --nnodes 2 --node_rank 0|1 --master_addr ...`, one process per node, on one machine and a
@@ -145,3 +156,20 @@ def test_two_nodes_train_as_one_two_process_run(setup):
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0)
     for folder in ("checkpoint-2", "checkpoint-4", "."):
         assert_same_weights(adapter(out / folder), adapter(tmp_path / "one" / folder), f"two nodes: {folder}")
+
+
+@pytest.mark.parametrize("engine", ("fsdp", "zero3"))
+def test_qlora_trains_under_the_sharding_engines(engine, setup):
+    """A 4-bit base (its packed weights stored in the compute dtype, so the engine can shard them) under
+    FSDP and ZeRO-3, on 2 CPU processes: it trains, and the adapter is saved whole."""
+    tmp_path, flags = setup
+    out = tmp_path / f"qlora-{engine}"
+    mine = [*flags, "--peft_type", "qlora", "--output_dir", str(out), "--per_gpu_train_batch_size", "2"]
+    mine[mine.index("--max_steps") + 1] = "2"
+    run(launch(engine, REPO / "uniform_finetune.py", mine), tmp_path)
+    card = json.loads((out / "unift_run.json").read_text())
+    assert card["quantization_bit"] == 4 and card["scaling"]["world_size"] == 2
+    tensors = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for key, t in tensors.items() if "lora_B" in key]
+    assert lora_b and all(t.dim() == 2 and t.numel() > 0 for t in tensors.values())
+    assert all(t.abs().max() > 0 for t in lora_b)  # zero at initialisation: it trained

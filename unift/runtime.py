@@ -32,7 +32,17 @@ def peak_rss_mib() -> float:
 
 def rss_mib() -> float | None:
     """Resident memory of this process now (Linux' /proc; None elsewhere): after training it shows what
-    the engine keeps per process, which the peak (taken while the whole model loads) cannot."""
+    the engine keeps per process, which the peak (taken while the whole model loads) cannot. Freed memory
+    is handed back to the system first (glibc's malloc_trim): glibc keeps freed blocks under 32 MiB (a
+    weight matrix of a few hundred million parameter model) in its heap, where they would still count."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the figure may include freed memory
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):
