@@ -119,6 +119,16 @@ def save_adapter(trainer: Any, model: Any, folder: str | Path) -> None:
         model.save_pretrained(folder, state_dict=state_dict)
 
 
+def node_count() -> int:
+    """Nodes as the launcher counted them: torchrun (and accelerate, which runs it) says GROUP_WORLD_SIZE,
+    DeepSpeed's launcher CROSS_SIZE; otherwise the world size over the processes of this node."""
+    for name in ("GROUP_WORLD_SIZE", "CROSS_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", ""))
+    return max(1, world_size() // int(per_node)) if per_node.isdigit() and int(per_node) > 0 else 1
+
+
 def scaling_record(args: Any) -> dict[str, Any]:
     """The engine, world size, node count and every process's resident memory in MiB, by rank: its peak
     (reached while the whole model loads) and what it holds after training (the engine's sharded share). A
@@ -133,7 +143,5 @@ def scaling_record(args: Any) -> dict[str, Any]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
-    world = world_size()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
-    return {"engine": engine(args), "world_size": world, "nodes": max(1, world // max(1, per_node)),
+    return {"engine": engine(args), "world_size": world_size(), "nodes": node_count(),
             "peak_rss_mib": [peak for peak, _ in every], "rss_mib_after_training": [now for _, now in every]}
