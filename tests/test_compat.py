@@ -387,3 +387,15 @@ def test_skip_shm_comm_build_makes_the_backend_skip_it(monkeypatch):
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, compat.deepspeed_cpu.SHM_OP, True)
     assert compat.deepspeed_cpu.skip_shm_comm_build()
     assert ds_torch.build_shm_op() is None  # returns at once: nothing compiled
+
+
+# ---- accelerate_fsdp: accelerate's FSDP state on a CPU ---------------------------------------------------
+
+def test_upstream_accelerate_turns_fsdp_on_only_for_gpu_like_devices():
+    """Fails once AcceleratorState also sets DistributedType.FSDP for MULTI_CPU (then unift need not)."""
+    from accelerate.state import AcceleratorState
+
+    source = inspect.getsource(AcceleratorState.__init__)
+    at = source.index("self.distributed_type = DistributedType.FSDP")
+    branch = source[source.rindex("elif self.distributed_type in [", 0, at):at]
+    assert "DistributedType.MULTI_GPU" in branch and "MULTI_CPU" not in branch

@@ -69,17 +69,20 @@ def kill_and_resume(engine: str, tmp_path: Path, flags: list[str]) -> tuple[Path
     step 3 trained and lost), then the same command with --resume_from_checkpoint to the end."""
     out = tmp_path / engine
     mine = [*flags, "--output_dir", str(out), "--per_gpu_train_batch_size", "2"]
-    proc = subprocess.Popen(launch(engine, WORKER, ["--pause_at", "3", "--", *mine]), cwd=tmp_path, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tmp_path / f"{engine}-killed.log"  # a file, not a pipe: nobody reads while the run waits
+    with log.open("w") as sink:
+        proc = subprocess.Popen(launch(engine, WORKER, ["--pause_at", "3", "--", *mine]), cwd=tmp_path, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=sink, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while not all((out / f"paused-rank{r}").exists() for r in (0, 1)):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "the ranks never reached their pause"
         time.sleep(0.05)
     for rank in (0, 1):
         os.kill(int((out / f"paused-rank{rank}").read_text()), signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    stderr = log.read_text()
     assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
     assert not (out / "adapter_model.safetensors").exists()
     for name in ("paused", "paused-rank0", "paused-rank1"):
@@ -109,6 +112,9 @@ def test_two_processes_killed_and_resumed_train_as_one_and_save_the_adapter_whol
     for folder in ("checkpoint-2", "checkpoint-4", "."):
         assert_same_weights(adapter(out / folder), adapter(one / folder), f"{engine}: {folder}")
     assert not torch.equal(adapter(out), adapter(out / "checkpoint-2"))  # it trained on after the resume
+    # The engine really ran (accelerate on a CPU would silently run DDP): its own state is in the checkpoint.
+    saved = {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert {"pytorch_model_fsdp_0", "optimizer_0"} <= saved if engine == "fsdp" else "global_step2" in saved
 
     card = json.loads((out / "unift_run.json").read_text())["scaling"]
     assert card["engine"] == expected and card["world_size"] == 2 and card["nodes"] == 1
@@ -143,14 +149,17 @@ def test_two_nodes_train_as_one_two_process_run(setup):
     shared run folder: one run of world size 2 over 2 nodes, equal to the one-process run."""
     tmp_path, flags = setup
     out, port = tmp_path / "two-nodes", free_port()
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-         str(REPO / "uniform_finetune.py"), *flags, "--output_dir", str(out), "--per_gpu_train_batch_size", "2"],
-        cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for node in nodes:
-        _, stderr = node.communicate(timeout=600)
-        assert node.returncode == 0, stderr[-3000:]
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]  # files: one node must not block on a full pipe
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as sink:
+            nodes.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 str(REPO / "uniform_finetune.py"), *flags, "--output_dir", str(out), "--per_gpu_train_batch_size",
+                 "2"], cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=sink))
+    for node, log in zip(nodes, logs):
+        assert node.wait(timeout=600) == 0, log.read_text()[-3000:]
     card = json.loads((out / "unift_run.json").read_text())["scaling"]
     assert card["engine"] == "ddp" and card["world_size"] == 2 and card["nodes"] == 2
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0)

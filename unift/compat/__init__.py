@@ -6,8 +6,8 @@ named for what it patches, each applied by an explicit call; importing a unift m
   Engine.load, merge(), unift.peft's wrap_model and load_adapter).
 - per model or per process, called where they are needed: `peft_adapters` (AdaLoRA after wrapping and
   loading), `bitsandbytes` (4-bit models on CPU), `keep_out` (the CLI before anything is imported),
-  `peft_types` (unift's bottleneck plugin), `quiet` (the CLI's logging set-up), `deepspeed_cpu`
-  (DeepSpeed runs without an accelerator).
+  `peft_types` (unift's bottleneck plugin), `quiet` (the CLI's logging set-up), `deepspeed_cpu` and
+  `accelerate_fsdp` (DeepSpeed and FSDP runs without an accelerator).
 
 This package imports no other unift module but unift.errors: everything else calls into it.
 """
@@ -15,6 +15,7 @@ This package imports no other unift module but unift.errors: everything else cal
 from __future__ import annotations
 
 from unift.compat import (
+    accelerate_fsdp,
     bitsandbytes,
     deepspeed_cpu,
     generation_cache,
@@ -31,4 +32,4 @@ def apply() -> None:
     generation_cache.apply()
 
 
-__all__ = ["apply", "bitsandbytes", "deepspeed_cpu", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet"]
+__all__ = ["accelerate_fsdp", "apply", "bitsandbytes", "deepspeed_cpu", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet"]

@@ -62,28 +62,14 @@ def deepspeed_setting(args: Any) -> str | dict | None:
     return config
 
 
-def fsdp_on_cpu(trainer: Any) -> None:
-    """accelerate only turns ACCELERATE_USE_FSDP into its FSDP distributed type for GPU-like devices: on a
-    CPU it keeps MULTI_CPU and wraps the model in DDP (measured with accelerate 1.16). The state a GPU run
-    gets is set here, before the Trainer prepares the model, so accelerate's own FSDP path runs."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = trainer.accelerator.state
-    if state.distributed_type == DistributedType.FSDP:
-        return
-    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment, as on a GPU
-    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    trainer.is_fsdp_enabled = True
-
-
 def prepare_engine(trainer: Any, model: Any) -> None:
     """After the Trainer is built, before it trains. FSDP gets PEFT's auto-wrap policy: each layer with
     trainable weights becomes its own unit, so FSDP never groups frozen and trained weights (or bf16 and
     fp32 ones) together; its checkpoints get the whole adapter beside the sharded state."""
     if engine(trainer.args) == "fsdp" and not has_accelerator() and world_size() > 1:
-        fsdp_on_cpu(trainer)
+        from unift.compat import accelerate_fsdp
+
+        accelerate_fsdp.use_fsdp_state(trainer)
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is not None:
         from peft.utils.other import fsdp_auto_wrap_policy
