@@ -4,6 +4,7 @@ Tiny random models built from configs here; nothing from the hub."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import subprocess
@@ -365,3 +366,36 @@ def test_checkpoint_mixin_redirects_the_output_dir():
     assert trainer._get_output_dir(None) == "/run"
     trainer._staging = True
     assert trainer._get_output_dir(None) == f"/run/{STAGING}"
+
+
+# ---- deepspeed_cpu: no C++ op compiled when DeepSpeed runs on a CPU --------------------------------------
+
+def test_upstream_deepspeed_compiles_the_shm_comm_op_when_its_backend_starts():
+    """Fails once deepspeed stops building the shared-memory op at start-up (or stops reading the table)."""
+    import deepspeed.ops
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `import ... as` finds torch itself there
+    assert "build_shm_op()" in inspect.getsource(ds_torch.TorchBackend.__init__)
+    assert "__compatible_ops__" in inspect.getsource(ds_torch.build_shm_op)
+    assert deepspeed.ops.__compatible_ops__.get(compat.deepspeed_cpu.SHM_OP) is True
+
+
+def test_skip_shm_comm_build_makes_the_backend_skip_it(monkeypatch):
+    import deepspeed.ops
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, compat.deepspeed_cpu.SHM_OP, True)
+    assert compat.deepspeed_cpu.skip_shm_comm_build()
+    assert ds_torch.build_shm_op() is None  # returns at once: nothing compiled
+
+
+# ---- accelerate_fsdp: accelerate's FSDP state on a CPU ---------------------------------------------------
+
+def test_upstream_accelerate_turns_fsdp_on_only_for_gpu_like_devices():
+    """Fails once AcceleratorState also sets DistributedType.FSDP for MULTI_CPU (then unift need not)."""
+    from accelerate.state import AcceleratorState
+
+    source = inspect.getsource(AcceleratorState.__init__)
+    at = source.index("self.distributed_type = DistributedType.FSDP")
+    branch = source[source.rindex("elif self.distributed_type in [", 0, at):at]
+    assert "DistributedType.MULTI_GPU" in branch and "MULTI_CPU" not in branch

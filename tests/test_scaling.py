@@ -1,10 +1,10 @@
-"""DeepSpeed and FSDP, ready for GPUs. On a CPU, accelerate and the Trainer would silently run FSDP as plain
-DDP and train without DeepSpeed, so unift refuses both there; what a CPU can check is that the shipped
-config files are accepted by the libraries that read them, and the refusals."""
+"""The shipped engine configs as the libraries read them, what unift changes on a CPU (and only there), and
+the refusals. Training under each engine: tests/test_engines.py."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,27 +27,36 @@ def accelerate_env(config: Path) -> dict[str, str]:
     return prepare_multi_gpu_env(args)
 
 
-def test_fsdp_config_builds_accelerates_plugin_and_takes_peft_wrap_policy(monkeypatch, tiny_model):
+def test_fsdp_config_builds_accelerates_fsdp2_plugin_and_takes_peft_wrap_policy(monkeypatch, tiny_model):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from unift.train.scaling import prepare_engine
+    import unift.train.engines
+    from unift.train.engines import prepare_engine
 
     env = accelerate_env(REPO / "configs" / "accelerate" / "fsdp.yaml")
-    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
-    # The two settings that need a device to build the plugin (rank 0 loads, then broadcasts the weights).
-    needs_device = {"FSDP_SYNC_MODULE_STATES": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
-    assert all(env[key] == "true" for key in needs_device)
-    for key, value in {**env, **needs_device}.items():
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    # What a GPU run keeps (rank 0 loads, then broadcasts the weights) and a CPU run must switch off:
+    # accelerate refuses sync_module_states on a CPU.
+    assert env["FSDP_SYNC_MODULE_STATES"] == env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: True)
+    assert unift.train.engines.prepare_process(TrainArgs()) == "fsdp"
+    assert os.environ["FSDP_SYNC_MODULE_STATES"] == "true"  # a GPU run: the config as written
+    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: False)
+    unift.train.engines.prepare_process(TrainArgs())
+    assert os.environ["FSDP_SYNC_MODULE_STATES"] == os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
     plugin = FullyShardedDataParallelPlugin()
-    assert plugin.sharding_strategy.name == "FULL_SHARD" and plugin.use_orig_params is False
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model("qwen2")),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    prepare_engine(SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))), model)
+    trainer = SimpleNamespace(args=TrainArgs(), accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no FSDP state to set
+    prepare_engine(trainer, model)
     policy = plugin.auto_wrap_policy
     lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
     decoder = model.base_model.model.model.layers[0]
@@ -55,6 +64,7 @@ def test_fsdp_config_builds_accelerates_plugin_and_takes_peft_wrap_policy(monkey
     wraps = {name: policy(module=m, recurse=False, nonwrapped_numel=0)
              for name, m in (("lora", lora_a), ("decoder", decoder), ("embed", embed))}
     assert wraps == {"lora": True, "decoder": True, "embed": False}
+    assert callable(trainer.save_whole)  # FSDP checkpoints get the whole adapter
 
 
 def test_ddp_config_is_plain_multi_gpu_ddp():
@@ -80,16 +90,25 @@ def test_deepspeed_config_is_accepted_by_training_arguments(config, tmp_path):
     assert ds.get_value("bf16.enabled") is True
 
 
-def test_deepspeed_and_fsdp_are_refused_without_an_accelerator(monkeypatch, capsys):
-    zero2 = REPO / "configs" / "deepspeed" / "zero2.json"
-    assert main(["train", "--deepspeed", str(zero2)]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "unift: error: DeepSpeed needs a GPU: on a CPU accelerate and the Trainer would silently train without "
-        "DeepSpeed; use torchrun or configs/accelerate/ddp.yaml")
+@pytest.mark.parametrize("config", DEEPSPEED, ids=lambda p: p.name)
+def test_on_a_cpu_deepspeed_gets_torch_adamw_and_the_file_is_otherwise_unchanged(config, monkeypatch):
+    import unift.train.engines
+
+    args = TrainArgs(deepspeed=str(config))
+    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: True)
+    assert unift.train.engines.deepspeed_setting(args) == str(config)  # GPUs: the file as it is
+    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: False)
+    setting = unift.train.engines.deepspeed_setting(args)
+    assert setting == {**json.loads(config.read_text()), "zero_force_ds_cpu_optimizer": False}
+
+
+def test_fsdp_drops_the_lever_that_reads_a_sharded_weight(monkeypatch):
+    from unift.accel import OPTIMIZATIONS
+    from unift.train.engines import engine_optimizations
+
+    assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == OPTIMIZATIONS
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert main(["train"]) == 2
-    assert "unift: error: FSDP needs a GPU: on a CPU accelerate and the Trainer would silently train plain DDP" \
-        in capsys.readouterr().err
+    assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == tuple(o for o in OPTIMIZATIONS if o != "label_loss")
 
 
 def test_bad_deepspeed_file_is_named(tmp_path, capsys):
@@ -102,7 +121,6 @@ def test_bad_deepspeed_file_is_named(tmp_path, capsys):
 def test_an_8bit_base_is_refused_for_sharding_engines(monkeypatch):
     import unift.train.scaling
 
-    monkeypatch.setattr(unift.train.scaling, "has_accelerator", lambda: True)  # the refusal comes before any GPU work
     zero3 = str(REPO / "configs" / "deepspeed" / "zero3.json")
     with pytest.raises(UniftError, match="an 8-bit base cannot be sharded by ZeRO-3"):
         unift.train.scaling.check_engine(TrainArgs(quantization_bit=8, deepspeed=zero3))

@@ -6,14 +6,24 @@ named for what it patches, each applied by an explicit call; importing a unift m
   Engine.load, merge(), unift.peft's wrap_model and load_adapter).
 - per model or per process, called where they are needed: `peft_adapters` (AdaLoRA after wrapping and
   loading), `bitsandbytes` (4-bit models on CPU), `keep_out` (the CLI before anything is imported),
-  `peft_types` (unift's bottleneck plugin), `quiet` (the CLI's logging set-up).
+  `peft_types` (unift's bottleneck plugin), `quiet` (the CLI's logging set-up), `deepspeed_cpu` and
+  `accelerate_fsdp` (DeepSpeed and FSDP runs without an accelerator).
 
 This package imports no other unift module but unift.errors: everything else calls into it.
 """
 
 from __future__ import annotations
 
-from unift.compat import bitsandbytes, generation_cache, keep_out, peft_adapters, peft_types, quiet
+from unift.compat import (
+    accelerate_fsdp,
+    bitsandbytes,
+    deepspeed_cpu,
+    generation_cache,
+    keep_out,
+    peft_adapters,
+    peft_types,
+    quiet,
+)
 
 
 def apply() -> None:
@@ -22,4 +32,4 @@ def apply() -> None:
     generation_cache.apply()
 
 
-__all__ = ["apply", "bitsandbytes", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet"]
+__all__ = ["accelerate_fsdp", "apply", "bitsandbytes", "deepspeed_cpu", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet"]

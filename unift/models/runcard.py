@@ -33,6 +33,8 @@ class RunCard:
     data: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     created: str = ""
+    # how it ran: engine (single, ddp, fsdp, deepspeed), world_size, nodes, each process's peak RSS (MiB)
+    scaling: dict[str, Any] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
         from unift.runtime import write_json_atomic

@@ -113,7 +113,7 @@ class RunArgs(Options):
     save_total_limit: int = opt(2, "checkpoints to keep", group="training", range=POSITIVE_INT)
     seed: int = opt(42, "random seed", group="training", range=NON_NEGATIVE)
     report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training")
-    deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/; GPUs only)", group="training")
+    deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/; GPUs or CPU, docs/scaling.md)", group="training")
     resume_from_checkpoint: str | None = opt(
         None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
         nargs="?", const="latest")

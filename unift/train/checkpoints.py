@@ -68,13 +68,16 @@ class AtomicCheckpoints:
 
     _staging = False
     before_publish: list[Callable[[Path], None]]
+    # Called on every rank with the staged folder, after the Trainer wrote it: an engine whose checkpoint
+    # holds only shards (FSDP) adds the whole adapter there, so every checkpoint loads in plain peft.
+    save_whole: Callable[[Path], None] | None = None
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)  # type: ignore[misc]
         return os.path.join(run_dir, STAGING) if self._staging else run_dir
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         run_dir = Path(self._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"  # type: ignore[attr-defined]
@@ -90,23 +93,34 @@ class AtomicCheckpoints:
                              f"checkpoint is {Path(last).name if last else 'none'}") from None
         finally:
             self._staging = False
+        if self.save_whole is not None:
+            self.save_whole(run_dir / STAGING / name)
         args = self.args  # type: ignore[attr-defined]
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank wrote its RNG state
         staged = run_dir / STAGING / name
-        # The main process of each node publishes (on a shared file system the first one does).
-        if args.local_process_index == 0 and staged.is_dir():
-            for hook in getattr(self, "before_publish", []):
-                hook(staged)
-            try:
-                publish(staged, run_dir / name)
-                (run_dir / STAGING).rmdir()  # only when empty: a run folder without clutter
-            except FileNotFoundError:
-                pass  # another node's main process published it on a shared file system
-            except OSError:
-                pass  # not empty: another checkpoint is being staged
-            if args.should_save:
-                rotate_checkpoints(str(run_dir), save_total_limit=args.save_total_limit, use_mtime=False)
+        # The first process publishes; then the first process of every other node, where its folder is
+        # still staged (a node-local run folder). One at a time: on a shared folder a second node would
+        # write the run card into a folder being renamed away.
+        self._publish(staged, run_dir / name, args.process_index == 0)
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+        if args.world_size > 1:
+            self._publish(staged, run_dir / name, args.process_index != 0 and args.local_process_index == 0)
+            self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+
+    def _publish(self, staged: Path, final: Path, mine: bool) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        if not mine or not staged.is_dir():
+            return
+        for hook in getattr(self, "before_publish", []):
+            hook(staged)
+        publish(staged, final)
+        try:
+            staged.parent.rmdir()  # only when empty: a run folder without clutter
+        except OSError:
+            pass  # not empty: another checkpoint is being staged
+        rotate_checkpoints(str(final.parent), save_total_limit=self.args.save_total_limit,  # type: ignore[attr-defined]
+                           use_mtime=False)
 
 
 class StopOnSignal:

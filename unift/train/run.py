@@ -41,8 +41,15 @@ from unift.train.checkpoints import (
     checkpoint_bytes,
     clear_staging,
 )
+from unift.train.engines import (
+    engine_optimizations,
+    prepare_engine,
+    prepare_process,
+    save_adapter,
+    scaling_record,
+)
 from unift.train.progress import LOSS_PLOT, plot_losses
-from unift.train.scaling import check_engine, describe_batch, prepare_engine, sharded_quantized_storage
+from unift.train.scaling import check_engine, describe_batch, sharded_quantized_storage
 from unift.train.trainer import build_trainer
 
 log = logging.getLogger("unift")
@@ -107,6 +114,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
 
     args.output_dir = args.output_dir or default_output_dir(args)
     check_engine(args)
+    prepare_process(args)
     check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run
     set_seed(args.seed)
     resume = resolve_resume(args)
@@ -114,7 +122,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     spec, method = ready["spec"], ready["method"]
     ready["device"] = device = training_device(args.device)
     bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
-    wanted = parse_optimizations(args.optimizations)
+    wanted = engine_optimizations(args, parse_optimizations(args.optimizations))
     # The run's dtypes, decided once: the card records these, not what the loaded model reports
     plan = training_plan(args.compute_dtype, device, quantization_bit=bits, half_base="base_dtype" in wanted,
                          sharded=sharded_quantized_storage(args))
@@ -180,8 +188,9 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
                      stop.stopped_at, trainer.state.max_steps, out, stop.stopped_at)
         raise KeyboardInterrupt
     metrics: dict[str, Any] = {}
+    save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first
+    card.scaling = scaling_record(args)  # every rank: gathers each process's peak memory
     if trainer.is_world_process_zero():
-        model.save_pretrained(out)
         ready["tokenizer"].save_pretrained(out)
         card.save(out)
         tokens = trainer.tokens_seen * world_size()
@@ -202,6 +211,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             "trainable_parameters": trainable,
             "total_parameters": total,
             "world_size": world_size(),
+            **{key: card.scaling[key] for key in ("engine", "nodes")},
+            "peak_rss_mib_per_process": card.scaling["peak_rss_mib"],
             "compute_dtype": dtype,
             "base_dtype": base_dtype,
             "optimizations": accel.applied,

@@ -60,10 +60,6 @@ def check_engine(args: Any) -> str:
     name = engine(args)
     if args.deepspeed:
         deepspeed_config(args.deepspeed)  # a missing or broken file fails in one line, before loading
-    if name in ("deepspeed", "fsdp") and not has_accelerator():
-        instead = "plain DDP" if name == "fsdp" else "without DeepSpeed"
-        raise UniftError(f"{'FSDP' if name == 'fsdp' else 'DeepSpeed'} needs a GPU: on a CPU accelerate and the "
-                         f"Trainer would silently train {instead}; use torchrun or configs/accelerate/ddp.yaml")
     if name in ("deepspeed", "fsdp"):
         bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
         sharded = name == "fsdp" or zero_stage(args) == 3
@@ -86,13 +82,3 @@ def describe_batch(args: Any) -> str:
     per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
     return (f"batch {args.per_gpu_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
             f"x {world} process{'es' if world > 1 else ''} = {per_step} examples per step ({engine(args)})")
-
-
-def prepare_engine(trainer: Any, model: Any) -> None:
-    """FSDP gets PEFT's auto-wrap policy: each layer with trainable weights becomes its own unit, so FSDP
-    never flattens frozen and trained weights (or bf16 and fp32 ones) into one tensor."""
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    if plugin is not None:
-        from peft.utils.other import fsdp_auto_wrap_policy
-
-        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)

@@ -13,6 +13,7 @@ from unift.peft import MethodSpec
 from unift.runtime import world_size
 from unift.train.args import TrainArgs
 from unift.train.checkpoints import AtomicCheckpoints
+from unift.train.engines import deepspeed_setting
 from unift.train.progress import progress_callback, report_targets
 
 
@@ -85,7 +86,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
         use_cpu=not on_gpu,
         seed=args.seed,
         report_to=report_targets(args.report_to, args.output_dir) or "none",
-        deepspeed=args.deepspeed,
+        deepspeed=deepspeed_setting(args),
         gradient_checkpointing=args.gradient_checkpointing,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,

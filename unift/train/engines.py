@@ -1,0 +1,133 @@
+"""The engines at work: what unift sets so that DeepSpeed and FSDP train on a machine without an
+accelerator with the same config files as on GPUs, and the adapter gathered whole before it is written.
+
+Measured with torch 2.13, accelerate 1.16, transformers 5.24, deepspeed 0.19.8 on a CPU (docs/scaling.md):
+- DeepSpeed: the Trainer's own DeepSpeed path runs as it stands (gloo); unift only keeps DeepSpeed from
+  compiling C++ ops (the shared-memory all-reduce at start-up, cpu_adam for an offloaded optimizer).
+- FSDP: accelerate keeps a CPU run MULTI_CPU and wraps the model in DDP, whatever the config says; unift sets
+  accelerate's FSDP state itself, and accelerate's own FSDP2 path (fully_shard) then runs on gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from unift.runtime import is_main_process, world_size
+from unift.train.scaling import deepspeed_config, engine, has_accelerator
+
+log = logging.getLogger("unift")
+
+# Speed levers that read a weight outside its module's forward: under FSDP2 that weight is still a sharded
+# DTensor there (measured: "aten.mm.default got mixed torch.Tensor and DTensor" in label_loss).
+FSDP_UNSAFE_LEVERS = {"label_loss": "it reads the output layer's weight, which FSDP shards, outside that layer"}
+
+
+def prepare_process(args: Any) -> str:
+    """Before anything starts the engine (the Trainer does); returns the engine's name."""
+    name = engine(args)
+    if name == "deepspeed" and not has_accelerator():
+        from unift.compat import deepspeed_cpu
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        deepspeed_cpu.skip_shm_comm_build()
+    if name == "fsdp" and not has_accelerator():
+        # Both make rank 0 load the weights and broadcast them from a device; accelerate refuses them on a
+        # CPU, and unift loads the same weights on every rank anyway.
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    return name
+
+
+def engine_optimizations(args: Any, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The speed levers the engine can take (--optimizations names what may apply)."""
+    if engine(args) != "fsdp":
+        return wanted
+    dropped = [name for name in wanted if name in FSDP_UNSAFE_LEVERS]
+    if dropped and is_main_process():
+        log.info("under FSDP, not applied: %s", "; ".join(f"{n} ({FSDP_UNSAFE_LEVERS[n]})" for n in dropped))
+    return tuple(name for name in wanted if name not in FSDP_UNSAFE_LEVERS)
+
+
+def deepspeed_setting(args: Any) -> str | dict | None:
+    """What TrainingArguments(deepspeed=...) gets: the file as given on a GPU; on a CPU its contents with
+    DeepSpeed's own C++ optimizer (cpu_adam, compiled at start: ~4 minutes measured) replaced by torch's
+    AdamW, which DeepSpeed takes with `zero_force_ds_cpu_optimizer: false`."""
+    if not args.deepspeed or has_accelerator():
+        return args.deepspeed
+    config = deepspeed_config(args.deepspeed)
+    config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def prepare_engine(trainer: Any, model: Any) -> None:
+    """After the Trainer is built, before it trains. FSDP gets PEFT's auto-wrap policy: each layer with
+    trainable weights becomes its own unit, so FSDP never groups frozen and trained weights (or bf16 and
+    fp32 ones) together; its checkpoints get the whole adapter beside the sharded state."""
+    if engine(trainer.args) == "fsdp" and not has_accelerator() and world_size() > 1:
+        from unift.compat import accelerate_fsdp
+
+        accelerate_fsdp.use_fsdp_state(trainer)
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        trainer.save_whole = lambda folder: save_adapter(trainer, model, folder)
+
+
+def _gathered_adapter(model: Any) -> dict[str, Any]:
+    """The adapter's tensors, whole, from FSDP's shards: a collective, every rank calls it (same order)."""
+    from torch.distributed.tensor import DTensor
+
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    adapter = f".{model.active_adapter}"
+    whole = {}
+    for key, value in sorted(model.state_dict().items()):
+        if key in trained or f"{adapter}." in key or key.endswith(adapter):
+            value = value.full_tensor() if isinstance(value, DTensor) else value
+            whole[key] = value.detach().cpu()
+    return whole
+
+
+def save_adapter(trainer: Any, model: Any, folder: str | Path) -> None:
+    """Write the adapter whole into `folder`; every rank calls it. DeepSpeed: the Trainer's save_model (it
+    gathers ZeRO-3's partitions); FSDP: the shards gathered, then written by the main process; DDP and one
+    process hold the whole adapter already."""
+    name = engine(trainer.args)
+    if name == "deepspeed":
+        trainer.save_model(str(folder))
+        return
+    state_dict = _gathered_adapter(model) if name == "fsdp" and world_size() > 1 else None
+    if trainer.is_world_process_zero():
+        model.save_pretrained(folder, state_dict=state_dict)
+
+
+def node_count() -> int:
+    """Nodes as the launcher counted them: torchrun (and accelerate, which runs it) says GROUP_WORLD_SIZE,
+    DeepSpeed's launcher CROSS_SIZE; otherwise the world size over the processes of this node."""
+    for name in ("GROUP_WORLD_SIZE", "CROSS_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", ""))
+    return max(1, world_size() // int(per_node)) if per_node.isdigit() and int(per_node) > 0 else 1
+
+
+def scaling_record(args: Any) -> dict[str, Any]:
+    """The engine, world size, node count and every process's resident memory in MiB, by rank: its peak
+    (reached while the whole model loads) and what it holds after training (the engine's sharded share). A
+    collective under torch.distributed, so every rank calls it."""
+    import torch.distributed as dist
+
+    from unift.runtime import peak_rss_mib, rss_mib
+
+    now = rss_mib()
+    mine = (round(peak_rss_mib(), 1), None if now is None else round(now, 1))
+    every = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    return {"engine": engine(args), "world_size": world_size(), "nodes": node_count(),
+            "peak_rss_mib": [peak for peak, _ in every], "rss_mib_after_training": [now for _, now in every]}
