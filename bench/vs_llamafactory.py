@@ -11,8 +11,8 @@ Contenders, each in its own process:
 - LLaMA-Factory fastest: use_cpu, disable_gradient_checkpointing (bf16 where native)
 - LLaMA-Factory leanest: the same with gradient checkpointing (its default)
 - unift train with its defaults
-- standard workload only: unift with --lora_dropout 0, LLaMA-Factory's default (unift keeps the original
-  toolkit's 0.05), for reference; the targets are about unift's defaults
+- with --reference (standard workload): unift with --lora_dropout 0, LLaMA-Factory's default (unift keeps
+  the original toolkit's 0.05); the targets are about unift's defaults
 Workloads (LoRA r=8 on every linear projection, one epoch, lr 1e-4 cosine, no evaluation or checkpoint):
 - standard: the embedded SmolLM2-135M-Instruct, the first 64 records of an alpaca-format file, cutoff 128,
   batch 4
@@ -21,7 +21,8 @@ Workloads (LoRA r=8 on every linear projection, one epoch, lr 1e-4 cosine, no ev
 samples/s is each Trainer's train_samples_per_second; tokens/s is samples/s x that side's input tokens per
 record.
 
-    bench/vs_llamafactory.sh --data FILE.json [--workload standard|scale] [--rounds 3] [--examples N] [--json OUT]
+    bench/vs_llamafactory.sh --data FILE.json [--workload standard|scale] [--rounds 3] [--examples N] [--reference]
+        [--json OUT]
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--workload", choices=tuple(WORKLOADS), default="standard")
     parser.add_argument("--examples", type=int, help="records trained (default: 64 standard, 16 scale)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reference", action="store_true",
+                        help="standard workload: also unift with --lora_dropout 0 (LLaMA-Factory's dropout)")
     parser.add_argument("--json", type=Path)
     ns = parser.parse_args()
     from unift.models import embedded_model_dir
@@ -138,7 +141,7 @@ def main() -> None:
         print(f"NOTE: {ns.rounds} round(s) only; the targets are read from medians of at least 3\n")
 
     runs: dict[str, list[dict]] = {LF_FAST: [], LF_LEAN: [], UNIFT: []}
-    if ns.workload == "standard":
+    if ns.reference and ns.workload == "standard":
         runs[UNIFT_ALIKE] = []
     peaks = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,6 +166,9 @@ def main() -> None:
             for i, name in enumerate(names):
                 print(f"round {round_ + 1}/{ns.rounds}: {name}", file=sys.stderr, flush=True)
                 runs[name].append(jobs[name](folder / f"run{round_}-{i}"))
+                # each run as it ends, so that a run cut short still leaves what it measured
+                print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                  for k, v in runs[name][-1].items()}), file=sys.stderr, flush=True)
                 if name == UNIFT and not checked:  # fail before spending the other rounds on an unfair race
                     check_tokens(lf_counts, runs[UNIFT][0])
                     checked = True
