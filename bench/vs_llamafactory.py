@@ -190,9 +190,9 @@ def main() -> None:
     print(f"{'run':<48} {'samples/s':>9} {'tokens/s':>9} {'peak RSS MiB':>12} {'train loss':>10}   "
           "per round (samples/s; peak RSS MiB)")
     for name, row in table.items():
-        rounds = ", ".join(f"{r['samples_per_second']:.2f}" for r in runs[name])
+        rounds = ", ".join(f"{r['samples_per_second']:.3g}" for r in runs[name])
         rss = ", ".join(f"{r['peak_rss_mib']:.0f}" for r in runs[name])
-        print(f"{name:<48} {row['samples_per_second']:>9.2f} {row['tokens_per_second']:>9.0f} "
+        print(f"{name:<48} {row['samples_per_second']:>9.3g} {row['tokens_per_second']:>9.3g} "
               f"{row['peak_rss_mib']:>12.0f} {row['train_loss']:>10.4f}   {rounds}; {rss}")
     fast, lean, mine = table[LF_FAST], table[LF_LEAN], table[UNIFT]
     # Rounds run minutes apart on a machine whose speed drifts: the ratio within each round pairs runs made
