@@ -2,7 +2,8 @@
 
 For 1, 16 and 50 concurrent clients (half of them streaming, the client's default two retries), each
 client asks one chat question; one client at a time asks 16 in a row. Prints answered / refused
-(429 after the retries) and generated tokens/s for each level, and the speed-up over one client.
+(429 after the retries), generated tokens/s for each level, the speed-up over one client, and the time
+to first token (median and p95) of the streaming requests.
 
     python bench/serve_load.py [--levels 1 16 50] [--max_tokens 48] [--adapter_dir RUN] [--json OUT]
 """
@@ -55,23 +56,38 @@ def start_server(port: int, adapter_dir: str | None) -> subprocess.Popen:
     raise SystemExit("the server did not start within 3 minutes")
 
 
-def one_request(client, i: int, max_tokens: int) -> tuple[bool, int]:
-    """(answered, completion tokens)."""
+def one_request(client, i: int, max_tokens: int) -> tuple[bool, int, float | None]:
+    """(answered, completion tokens, time to first token in seconds: streaming requests only, from the
+    request to the first chunk with text)."""
     import openai
 
     messages = [{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}]
+    start = time.perf_counter()
     try:
         if i % 2:
-            tokens = 0
+            tokens, first = 0, None
             for chunk in client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens,
                                                         stream=True, stream_options={"include_usage": True}):
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - start
                 if chunk.usage:
                     tokens = chunk.usage.completion_tokens
-            return True, tokens
+            return True, tokens, first
         reply = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens)
-        return True, reply.usage.completion_tokens
+        return True, reply.usage.completion_tokens, None
     except openai.RateLimitError:
-        return False, 0
+        return False, 0, None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation; nan without values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def level(base_url: str, clients: int, max_tokens: int) -> dict:
@@ -83,10 +99,12 @@ def level(base_url: str, clients: int, max_tokens: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(client, i, max_tokens), range(requests)))
     wall = time.perf_counter() - start
-    tokens = sum(t for _, t in results)
-    return {"clients": clients, "requests": requests, "answered": sum(ok for ok, _ in results),
-            "refused": sum(not ok for ok, _ in results), "tokens": tokens, "seconds": wall,
-            "tokens_per_second": tokens / wall}
+    tokens = sum(t for _, t, _ in results)
+    firsts = [f for _, _, f in results if f is not None]
+    return {"clients": clients, "requests": requests, "answered": sum(ok for ok, _, _ in results),
+            "refused": sum(not ok for ok, _, _ in results), "tokens": tokens, "seconds": wall,
+            "tokens_per_second": tokens / wall, "ttft_median": percentile(firsts, 0.5),
+            "ttft_p95": percentile(firsts, 0.95)}
 
 
 def main() -> None:
@@ -112,11 +130,13 @@ def main() -> None:
     print(f"\nunift serve on the embedded model{' + ' + ns.adapter_dir if ns.adapter_dir else ''}, "
           f"max_tokens {ns.max_tokens}, half the clients streaming; {machine()}; {date.today()}\n")
     print(f"{'clients':>7} {'requests':>8} {'answered':>8} {'refused':>7} {'tokens':>7} {'seconds':>8} "
-          f"{'tokens/s':>8} {'vs 1':>6}")
+          f"{'tokens/s':>8} {'vs 1':>6} {'TTFT median s':>13} {'TTFT p95 s':>10}")
     for r in rows:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['answered']:>8} {r['refused']:>7} {r['tokens']:>7} "
               f"{r['seconds']:>8.1f} {r['tokens_per_second']:>8.1f} "
-              f"{r['tokens_per_second'] / one['tokens_per_second']:>5.1f}x")
+              f"{r['tokens_per_second'] / one['tokens_per_second']:>5.1f}x {r['ttft_median']:>13.2f} "
+              f"{r['ttft_p95']:>10.2f}")
+    print("(time to first token: the streaming half of the requests, from sending to the first text)")
     print(f"\nserver: {health['batches']} batches for {health['requests']} requests, largest {health['largest_batch']}")
     if ns.json:
         ns.json.write_text(json.dumps({"levels": rows, "health": health}, indent=2))

@@ -52,6 +52,47 @@ def test_an_answer_longer_than_the_cutoff_is_dropped_or_kept_by_choice(tokenizer
     assert 0 < sum(t != IGNORE_INDEX for t in kept.labels) < 64
 
 
+@pytest.mark.parametrize(("source", "target", "budget", "kept"), [
+    (100, 10, 64, (54, 10)),  # a short answer is kept whole, the prompt cut
+    (10, 100, 64, (10, 54)),  # a short prompt is kept whole, the answer cut
+    (80, 40, 64, (43, 21)),  # both long: shared in proportion, int(64 * 40 / 120) = 21 for the answer
+    (5, 5, 64, (5, 5)),
+])
+def test_split_shares_the_cut_as_llamafactory_does(source, target, budget, kept):
+    from unift.data.tokenize import _split_lengths
+
+    assert _split_lengths(source, target, budget) == kept
+
+
+def test_split_truncation_keeps_the_start_of_prompt_and_answer(tokenizer):
+    template = get_template("chatml")
+    question = [{"role": "user", "content": "Which number? " + "filler " * 100},
+                {"role": "assistant", "content": "It is 47."}]
+    full = encode_conversation(question, template, tokenizer, cutoff_len=4096)
+    cut = encode_conversation(question, template, tokenizer, cutoff_len=48, truncation="split")
+    answer = [t for t in full.labels if t != IGNORE_INDEX]
+    assert len(cut.input_ids) == 48 and cut.truncated and not cut.long_answer
+    assert cut.input_ids == full.input_ids[:48 - len(answer)] + answer  # the prompt's start, the whole answer
+    assert [t for t in cut.labels if t != IGNORE_INDEX] == answer
+    assert "Which number?" in tokenizer.decode(cut.input_ids)  # the question stays (the front cut loses it)
+    assert "Which number?" not in tokenizer.decode(encode_conversation(question, template, tokenizer, 48).input_ids)
+
+    long = encode_conversation(LONG_ANSWER, template, tokenizer, cutoff_len=64, truncation="split")
+    whole = encode_conversation(LONG_ANSWER, template, tokenizer, cutoff_len=4096)
+    prompt = sum(t == IGNORE_INDEX for t in whole.labels)
+    assert long.long_answer and long.input_ids == whole.input_ids[:64]  # short prompt whole, answer cut
+    assert sum(t != IGNORE_INDEX for t in long.labels) == 64 - prompt
+
+
+def test_split_truncation_spends_the_cutoff_turn_by_turn(tokenizer):
+    template = get_template("chatml")
+    full = encode_conversation(TURNS, template, tokenizer, cutoff_len=4096)
+    cut = encode_conversation(TURNS, template, tokenizer, cutoff_len=40, truncation="split")
+    assert len(cut.input_ids) == 40 and cut.input_ids[:30] == full.input_ids[:30]  # the first turn's start
+    answer = tokenizer.decode([t for t in cut.labels if t != IGNORE_INDEX])
+    assert answer == "Noted: 47.<|im_end|>\n"  # the first answer fits whole; the second turn has no room left
+
+
 def rows() -> list[dict]:
     normal = [{"instruction": f"Say the code word {i}.", "input": "", "output": f"The code is w{i}."} for i in range(4)]
     return [*normal, {"instruction": "long " * 120, "input": "", "output": "Short."},

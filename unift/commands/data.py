@@ -184,7 +184,8 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         w(f"truncated by --cutoff_len {options.cutoff_len}: {truncated} of {len(lengths)} "
           f"({100 * truncated / len(lengths):.1f}%) lost prompt or earlier turns")
         w(f"; dropped (no answer token left): {stats['dropped']}\n" if not options.streaming else "\n")
-        fate = "dropped" if options.truncation == "drop" else "kept cut at the end, without their end token"
+        fate = {"drop": "dropped", "keep": "kept cut at the end, without their end token",
+                "split": "cut at the end, sharing the cut with the prompt"}[options.truncation]
         w(f"answers longer than the cutoff on their own: {stats.get('long_answers', 0)} ({fate}; "
           f"--truncation {options.truncation})\n")
         w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")

@@ -32,7 +32,7 @@ class DataOptions:
     data_ratios: list[float] | None = None
     seed: int = 42
     train_on_prompt: bool = False
-    truncation: str = "drop"  # an answer longer than cutoff_len alone: "drop" the example or "keep" it cut
+    truncation: str = "drop"  # "drop"/"keep" an answer longer than cutoff_len alone, or "split" the cut
     streaming: bool = False
     num_proc: int | None = None
     overwrite_cache: bool = False

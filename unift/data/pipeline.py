@@ -313,7 +313,8 @@ def cutoff_summary(stats: dict[str, Any], cutoff_len: int, truncation: str) -> t
     share = dropped / total if total else 0.0
     parts = [f"{dropped} of {total} records dropped ({100 * share:.0f}%: no answer token within the cutoff"
              + ("; --truncation keep keeps an over-long answer cut" if truncation == "drop" else "") + ")",
-             f"{cut} cut at the front (prompt or earlier turns lost)"]
-    if truncation == "keep" and long:
-        parts.append(f"{long} answers kept cut at the end without their end token (--truncation keep)")
+             f"{cut} cut" + (" between prompt and answer (--truncation split)" if truncation == "split"
+                             else " at the front (prompt or earlier turns lost)")]
+    if truncation != "drop" and long:
+        parts.append(f"{long} answers kept cut at the end without their end token (--truncation {truncation})")
     return f"--cutoff_len {cutoff_len}: " + ", ".join(parts) + "; raise --cutoff_len to keep more", share > 0.1

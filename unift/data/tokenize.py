@@ -17,7 +17,10 @@ from unift.data.templates import TRAINED_ROLES, Message, end_of_turn
 from unift.errors import UniftError
 
 IGNORE_INDEX = -100
-TRUNCATION = ("drop", "keep")  # what to do with an answer that alone exceeds --cutoff_len
+# What --cutoff_len does to a conversation that is too long: "drop"/"keep" cut the prompt and earlier turns
+# from the front (an answer that alone exceeds the cutoff is dropped, or kept cut at its end); "split"
+# shares the cut between each prompt and its answer, turn by turn (LLaMA-Factory's rule, see _split_lengths)
+TRUNCATION = ("drop", "keep", "split")
 _CONTEXT_CHARS = 32  # text before a piece that SentencePiece-style tokenizers see while encoding it
 
 _PREFIXING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -130,7 +133,8 @@ def encode_conversation(
 ) -> Encoded:
     """input_ids and labels. Too long: the prompt and earlier turns are cut from the front, so the last
     answer keeps its end-of-turn token. An answer that alone exceeds the cutoff is dropped (its labels all
-    masked, so the row is left out) or, with truncation="keep", trained cut at the end (without an end)."""
+    masked, so the row is left out) or, with truncation="keep", trained cut at the end (without an end).
+    truncation="split" instead shares the cut between each prompt and its answer (_split_cut)."""
     input_ids: list[int] = []
     labels: list[int] = []
     answer = 0  # tokens of the last trained turn (the last piece)
@@ -141,6 +145,8 @@ def encode_conversation(
     length = len(input_ids)
     if length <= cutoff_len:
         return Encoded(input_ids, labels, False, length)
+    if truncation == "split" and not is_text(messages):
+        return _split_cut(messages, template, tokenizer, cutoff_len, train_on_prompt, length)
     if is_text(messages):  # continued pre-training: no prompt to give up, the text is cut at the end
         return Encoded(input_ids[:cutoff_len], labels[:cutoff_len], True, length)
     bos = bos_to_add(tokenizer)
@@ -153,6 +159,47 @@ def encode_conversation(
     tail = cutoff_len - int(keep_bos)
     head_ids, head_labels = ([bos], [IGNORE_INDEX]) if keep_bos else ([], [])
     return Encoded(head_ids + input_ids[-tail:], head_labels + labels[-tail:], True, length)
+
+
+def _split_lengths(source: int, target: int, budget: int) -> tuple[int, int]:
+    """How many tokens of a prompt (`source`) and its answer (`target`) fit in `budget`: a short answer is
+    kept whole and the prompt cut; else a short prompt is kept whole and the answer cut; else both are cut
+    in proportion to their lengths (the rule LLaMA-Factory applies, so both tools can train the same
+    tokens)."""
+    if 2 * target < budget:
+        target_max = budget
+    elif 2 * source < budget:
+        target_max = budget - source
+    else:
+        target_max = int(budget * (target / (source + target)))
+    new_target = min(target_max, target)
+    return min(max(budget - new_target, 0), source), new_target
+
+
+def _split_cut(messages: list[Message], template, tokenizer, cutoff_len: int, train_on_prompt: bool,
+               length: int) -> Encoded:
+    """truncation="split": turn by turn, each prompt keeps its start and each answer its start, the cut
+    shared by _split_lengths within what the earlier turns left of the cutoff."""
+    pairs: list[tuple[list[int], list[int]]] = []
+    source: list[int] = []
+    for ids, is_answer in _encode_pieces(segments(messages, template, tokenizer), tokenizer):
+        if is_answer:
+            pairs.append((source, ids))
+            source = []
+        else:
+            source = source + ids  # BOS and the prompt before an answer belong to its turn
+    input_ids: list[int] = []
+    labels: list[int] = []
+    long_answer = False
+    for source, target in pairs:
+        budget = cutoff_len - len(input_ids)
+        if budget <= 0:
+            break
+        keep_source, keep_target = _split_lengths(len(source), len(target), budget)
+        long_answer = keep_target < len(target)
+        input_ids += source[:keep_source] + target[:keep_target]
+        labels += (source[:keep_source] if train_on_prompt else [IGNORE_INDEX] * keep_source) + target[:keep_target]
+    return Encoded(input_ids, labels, True, length, long_answer=long_answer)
 
 
 def encode_prompt(messages: list[Message], template, tokenizer) -> list[int]:

@@ -67,7 +67,9 @@ class RunArgs(Options):
     cutoff_len: int = opt(512, "maximum tokens per example (longer ones lose the prompt and earlier turns "
                           "first, so the answer keeps its end)", group="data", range=POSITIVE_INT)
     truncation: str = opt("drop", "an answer longer than --cutoff_len on its own: drop the example, or keep it "
-                          "cut at the end (it then never ends)", group="data", choices=("drop", "keep"))
+                          "cut at the end (it then never ends); split: cut prompt and answer each from the end, "
+                          "sharing the cut between them turn by turn (as LLaMA-Factory does)", group="data",
+                          choices=("drop", "keep", "split"))
     val_set_size: float = opt(0, "held-out examples for evaluation (a count, or a fraction < 1)", group="data",
                                 range=NON_NEGATIVE)
     max_samples: int | None = opt(None, "use at most this many examples from each --data entry", group="data",
