@@ -24,7 +24,7 @@ import pytest
 import torch
 from after_training_helpers import cli_result, free_port
 from safetensors.torch import load_file
-from test_torchrun import REPO, WORKER, assert_same_weights, env, run, varied_rows
+from test_torchrun import REPO, WORKER, assert_same_weights, env, equality_flags, run
 
 ENGINES = ("fsdp", "zero2", "zero3")
 STEPS = 4
@@ -54,11 +54,7 @@ def losses(folder: Path) -> list[float]:
 def setup(tiny_model, tmp_path_factory):
     """The one-process reference: batch 4, the steps every engine run repeats with 2 x batch 2."""
     tmp_path = tmp_path_factory.mktemp("engines")
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in varied_rows(16)), encoding="utf-8")
-    flags = ["--model_type", "qwen2", "--model_name_or_path", str(tiny_model("qwen2")), "--data", str(data),
-             "--max_steps", str(STEPS), "--learning_rate", "1e-2", "--logging_steps", "1", "--compute_dtype",
-             "fp32", "--lora_dropout", "0", "--save_steps", "2"]
+    flags = equality_flags(tiny_model("qwen2"), tmp_path, steps=STEPS, save_steps=2)
     run([sys.executable, str(REPO / "uniform_finetune.py"), *flags, "--output_dir", str(tmp_path / "one"),
          "--per_gpu_train_batch_size", "4"], tmp_path)
     return tmp_path, flags

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from after_training_helpers import free_port
 from conftest import memorisation_rows
 from safetensors.torch import load_file
 
@@ -60,17 +61,23 @@ def torchrun(worker_args: list[str], cwd: Path, port: int) -> list[str]:
             str(WORKER), *worker_args]
 
 
+def equality_flags(model: Path, tmp_path: Path, steps: int, save_steps: int) -> list[str]:
+    """The flags of every 'N processes equal one' run: the tiny qwen2, fp32, no dropout, 16 varied rows
+    written into tmp_path (default --optimizations: all)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in varied_rows(16)), encoding="utf-8")
+    return ["--model_type", "qwen2", "--model_name_or_path", str(model), "--data", str(data),
+            "--max_steps", str(steps), "--learning_rate", "1e-2", "--logging_steps", "1", "--compute_dtype", "fp32",
+            "--lora_dropout", "0", "--save_steps", str(save_steps)]
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     """The same 6 steps as two ranks of batch 2 and as one process of batch 4, each step recorded."""
     tmp_path = tmp_path_factory.mktemp("ddp")
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in varied_rows(16)), encoding="utf-8")
-    flags = ["--model_type", "qwen2", "--model_name_or_path", str(tiny_model("qwen2")), "--data", str(data),
-             "--max_steps", "6", "--learning_rate", "1e-2", "--logging_steps", "1", "--compute_dtype", "fp32",
-             "--lora_dropout", "0", "--save_steps", "3"]  # default --optimizations: all
+    flags = equality_flags(tiny_model("qwen2"), tmp_path, steps=6, save_steps=3)
     ddp = run(torchrun(["--record", str(tmp_path / "rec-ddp"), "--", *flags, "--output_dir", str(tmp_path / "ddp"),
-                        "--per_gpu_train_batch_size", "2"], tmp_path, 29517), tmp_path)
+                        "--per_gpu_train_batch_size", "2"], tmp_path, free_port()), tmp_path)
     run([sys.executable, str(WORKER), "--record", str(tmp_path / "rec-one"), "--", *flags,
          "--output_dir", str(tmp_path / "one"), "--per_gpu_train_batch_size", "4"], tmp_path)
     return tmp_path, flags, ddp.stderr
@@ -109,7 +116,7 @@ def test_ctrl_c_on_one_rank_stops_both_at_one_step_with_a_checkpoint_that_resume
     tmp_path, flags, _ = runs
     out = tmp_path / "ctrl-c"
     mine = [*flags, "--output_dir", str(out), "--per_gpu_train_batch_size", "2", "--save_steps", "4"]
-    proc = subprocess.Popen(torchrun(["--pause_at", "2", "--", *mine], tmp_path, 29518), cwd=tmp_path, env=env(),
+    proc = subprocess.Popen(torchrun(["--pause_at", "2", "--", *mine], tmp_path, free_port()), cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not all((out / f"paused-rank{r}").exists() for r in (0, 1)):
@@ -127,7 +134,7 @@ def test_ctrl_c_on_one_rank_stops_both_at_one_step_with_a_checkpoint_that_resume
         {p.name for p in saved.iterdir()}
     assert not (out / "adapter_model.safetensors").exists()
 
-    run(torchrun(["--", *mine, "--resume_from_checkpoint"], tmp_path, 29519), tmp_path)
+    run(torchrun(["--", *mine, "--resume_from_checkpoint"], tmp_path, free_port()), tmp_path)
     got, expected = (json.loads((folder / "metrics.json").read_text())["loss_curve"]
                      for folder in (out, tmp_path / "ddp"))
     assert [p["step"] for p in got] == list(range(1, 7))
