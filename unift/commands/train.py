@@ -11,6 +11,12 @@ CONFIG = True  # takes --config FILE.yaml
 
 
 def run(options: TrainArgs) -> None:
+    from unift.train.engines import leave_process_group
     from unift.train.run import train
 
-    train(options)
+    finished = False
+    try:
+        train(options)
+        finished = True
+    finally:
+        leave_process_group(finished)
