@@ -7,7 +7,8 @@ named for what it patches, each applied by an explicit call; importing a unift m
 - per model or per process, called where they are needed: `peft_adapters` (AdaLoRA after wrapping and
   loading), `bitsandbytes` (4-bit models on CPU), `keep_out` (the CLI before anything is imported),
   `peft_types` (unift's bottleneck plugin), `quiet` (the CLI's logging set-up), `deepspeed_cpu` and
-  `accelerate_fsdp` (DeepSpeed and FSDP runs without an accelerator).
+  `accelerate_fsdp` (DeepSpeed and FSDP runs without an accelerator), `trl_stages` (the preference stages'
+  reference model).
 
 This package imports no other unift module but unift.errors: everything else calls into it.
 """
@@ -23,6 +24,7 @@ from unift.compat import (
     peft_adapters,
     peft_types,
     quiet,
+    trl_stages,
 )
 
 
@@ -32,4 +34,4 @@ def apply() -> None:
     generation_cache.apply()
 
 
-__all__ = ["accelerate_fsdp", "apply", "bitsandbytes", "deepspeed_cpu", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet"]
+__all__ = ["accelerate_fsdp", "apply", "bitsandbytes", "deepspeed_cpu", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet", "trl_stages"]

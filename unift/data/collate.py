@@ -82,5 +82,7 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     mask = batch.get("attention_mask")
     pad = batch.get("pad_tokens")
     real = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()) - int(pad.sum() if pad is not None else 0)
+    if "labels" not in batch:  # preference batches (TRL's collators) mark the answers instead
+        return real, int(batch["completion_mask"].sum()) if "completion_mask" in batch else 0
     trained = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
     return real, trained

@@ -9,11 +9,23 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from unift.data.layouts import CONVERTERS, Converter, detect_format, normalize_format
+from unift.data.layouts import (
+    CONVERTERS,
+    KINDS,
+    Converter,
+    conversation_kind,
+    detect_format,
+    normalize_format,
+)
 from unift.data.quality import Skipped, Untrainable
 from unift.data.readers import data_files, file_columns, iter_records
 from unift.data.templates import Message
 from unift.errors import UniftError
+
+# What to change when the data does not fit the run
+STAGE_HINT = {"sft": "preference data trains with --stage dpo, orpo, simpo, kto or rm",
+              "pairs": "give records with chosen and rejected answers (or use --stage sft / kto)",
+              "unpaired": "give records with a completion and a true/false label (or kto_tag)"}
 
 
 def to_conversations(path: Path, fmt: str | None = None, columns: dict | None = None,
@@ -25,12 +37,13 @@ def to_conversations(path: Path, fmt: str | None = None, columns: dict | None = 
 def iter_conversations(
     path: Path, fmt: str | None = None, columns: dict | None = None, tags: dict | None = None,
     notes: Counter | None = None, formats: Counter | None = None, limit: int | None = None,
-    skipped: Skipped | None = None,
+    skipped: Skipped | None = None, kind: str | None = None,
 ) -> Iterator[tuple[str, list[Message]]]:
     """(where, conversation) for the records of a file or folder, lazily, validated one by one.
     `notes` collects counted remarks (e.g. dropped leading turns), `formats` the format of each file.
     With `skipped`, records that cannot be trained are counted there and left out (see unift.data.quality);
-    without it they refuse the file."""
+    without it they refuse the file. With `kind` (sft, pairs, unpaired), a record of another kind refuses
+    the file: preference data never trains as instruction data by accident, nor the reverse."""
     fmt = normalize_format(fmt)
     produced = 0
     for file in data_files(path):
@@ -58,6 +71,9 @@ def iter_conversations(
                 skipped.add(err)
                 left_out += 1
                 continue
+            if kind is not None and conversation_kind(conversation) != kind:
+                raise UniftError(f"{where}: this record holds {KINDS[conversation_kind(conversation)]}, but the run "
+                                 f"trains on {KINDS[kind]}; {STAGE_HINT[kind]}")
             yield where, conversation
             produced += 1
             if limit is not None and produced >= limit:

@@ -6,6 +6,12 @@ Layouts (the --data formats):
   sharegpt  conversations: [{from, value}] with roles human, gpt, system, function_call, observation; tools
   messages  OpenAI-style messages: [{role, content}] with user, assistant, system, tool (and tool_calls)
   text      plain text for continued pre-training (a "text" field, or .txt lines)
+  preference  TRL's layouts: {prompt, chosen, rejected} (paired; text or message lists, the prompt implicit
+            when chosen and rejected are whole conversations) and {prompt, completion, label} (unpaired, KTO)
+alpaca and sharegpt also read LLaMA-Factory's ranking entries (chosen and rejected columns; in sharegpt the
+conversation ends on the user turn and each answer is a {from, value} object) and its kto_tag column.
+A preference record becomes a conversation whose last assistant turn carries the other answer under
+"rejected" (paired) or the verdict under "label" (unpaired); see conversation_kind.
 Column names can be mapped (LLaMA-Factory's `columns` and `tags`). Reading the files is unift.data.readers';
 joining the two over a file or folder is unift.data.conversations'.
 """
@@ -20,12 +26,17 @@ from unift.data.quality import Untrainable
 from unift.data.templates import PROMPT_ROLES, TRAINED_ROLES, Message
 from unift.errors import UniftError
 
+PREFERENCE_COLUMNS = {"chosen": "chosen", "rejected": "rejected", "kto_tag": "kto_tag"}
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                  "history": "history", "tools": "tools"}
-CHAT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
+                  "history": "history", "tools": "tools", **PREFERENCE_COLUMNS}
+CHAT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools", **PREFERENCE_COLUMNS}
 TEXT_COLUMNS = {"prompt": "text"}
-UNSUPPORTED_COLUMNS = {"images": "images", "videos": "videos", "audios": "audio", "chosen": "preference pairs",
-                       "rejected": "preference pairs", "kto_tag": "KTO labels"}
+PAIR_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "completion": "completion",
+                "label": "label"}
+UNSUPPORTED_COLUMNS = {"images": "images", "videos": "videos", "audios": "audio"}
+# What a conversation trains: instruction data (sft), a preference pair, or one answer judged good or bad
+KINDS = {"sft": "instruction data", "pairs": "preference pairs (chosen and rejected answers)",
+         "unpaired": "answers labelled desirable or not (KTO)"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 MESSAGES_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
@@ -36,7 +47,24 @@ ROLE_SYNONYMS = {"human": "user", "user": "user", "gpt": "assistant", "assistant
                  "function_call": "function_call", "observation": "observation", "tool": "observation",
                  "function": "observation"}
 FORMAT_ALIASES = {"openai": "messages", "pt": "text", "plain": "text", "pretrain": "text"}
-FORMATS = ("alpaca", "cot", "sharegpt", "messages", "text")
+FORMATS = ("alpaca", "cot", "sharegpt", "messages", "text", "preference")
+
+
+def conversation_kind(messages: list[Message]) -> str:
+    """sft, pairs or unpaired: what the last turn of a converted record carries."""
+    last = messages[-1] if messages else {}
+    return "pairs" if "rejected" in last else "unpaired" if "label" in last else "sft"
+
+
+def _verdict(value: Any, where: str, column: str) -> bool:
+    """A KTO label: true/false, or LLaMA-Factory's kto_tag written as a string or 0/1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise UniftError(f"{where}: field {column!r} must be true or false, found {value!r}")
 
 
 def _string(record: dict, column: str, where: str, required: bool, mapped_from: str | None = None) -> str:
@@ -106,8 +134,7 @@ class Converter:
         columns = dict(columns or {})
         for key in columns:
             if key in UNSUPPORTED_COLUMNS:
-                raise UniftError(f"column {key!r}: {UNSUPPORTED_COLUMNS[key]} are not supported for supervised "
-                                 "fine-tuning")
+                raise UniftError(f"column {key!r}: {UNSUPPORTED_COLUMNS[key]} are not supported (text only)")
             if key not in self.defaults:
                 raise UniftError(f"unknown column mapping key {key!r} for format {self.format}; known: "
                                  f"{', '.join(self.defaults)}")
@@ -149,11 +176,13 @@ class AlpacaConverter(Converter):
         col = self.col
         instruction = self.clean(self._field(record, "prompt", where, required=True))
         extra = self.clean(self._field(record, "query", where, required=False))
-        output = self.clean(self._field(record, "response", where, required=True))
+        paired = col["chosen"] in record or col["rejected"] in record
+        answer = "chosen" if paired else "response"
+        output = self.clean(self._field(record, answer, where, required=True))
         if not instruction.strip() and not extra.strip():
             raise Untrainable(f"{where}: field {col['prompt']!r} is empty")
         if not output.strip():
-            raise Untrainable(f"{where}: field {col['response']!r} is empty")
+            raise Untrainable(f"{where}: field {col[answer]!r} is empty")
         if "\\n" in instruction + output and self.format == "alpaca":
             self.notes["records with literal \\n escapes (Alpaca-CoT data? use formatting 'cot')"] += 1
         messages: list[Message] = []
@@ -172,8 +201,19 @@ class AlpacaConverter(Converter):
             messages += [{"role": "user", "content": self.clean(pair[0])},
                          {"role": "assistant", "content": self.clean(pair[1])}]
         prompt = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else (instruction + extra)
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        last: Message = {"role": "assistant", "content": output}
+        if paired:
+            last["rejected"] = self._rejected(self.clean(self._field(record, "rejected", where, required=True)),
+                                              where)
+        elif record.get(col["kto_tag"]) is not None:
+            last["label"] = _verdict(record[col["kto_tag"]], where, col["kto_tag"])
+        messages += [{"role": "user", "content": prompt}, last]
         return messages
+
+    def _rejected(self, text: str, where: str) -> str:
+        if not text.strip():
+            raise Untrainable(f"{where}: field {self.col['rejected']!r} is empty")
+        return text
 
 
 class CotConverter(AlpacaConverter):
@@ -276,7 +316,28 @@ class ChatConverter(Converter):
                 system = (messages[0]["content"] + "\n\n" + system) if system else messages[0]["content"]
                 messages = messages[1:]
             messages.insert(0, {"role": "system", "content": system, **({"tools": tools} if tools else {})})
-        return check_turns(messages, where, field, self.notes)
+        col = self.col
+        if col["chosen"] in record or col["rejected"] in record:  # LLaMA-Factory's ranking: answers apart
+            chosen = self._answer(record, "chosen", where)
+            messages.append({"role": "assistant", "content": chosen, "rejected": self._answer(record, "rejected", where)})
+        messages = check_turns(messages, where, field, self.notes)
+        if record.get(col["kto_tag"]) is not None:
+            messages[-1]["label"] = _verdict(record[col["kto_tag"]], where, col["kto_tag"])
+        return messages
+
+    def _answer(self, record: dict, key: str, where: str) -> str:
+        """A ranking entry's answer: a {from, value} object (or a plain string), never empty."""
+        column = self.col[key]
+        value = record.get(column)
+        if value is None:
+            raise UniftError(f"{where}: field {column!r} is missing")
+        text = self._content(value, f"{where}: field {column!r}") if isinstance(value, dict) else value
+        if not isinstance(text, str):
+            raise UniftError(f"{where}: field {column!r} must be a {{{self.role_tag}, {self.content_tag}}} object or "
+                             f"a string, found {type(value).__name__}")
+        if not text.strip():
+            raise Untrainable(f"{where}: field {column!r} is empty")
+        return text
 
 
 class MessagesConverter(ChatConverter):
@@ -299,9 +360,70 @@ class TextConverter(Converter):
         return [{"role": "text", "content": text}]
 
 
+class PreferenceConverter(Converter):
+    """TRL's preference layouts. Paired: {prompt, chosen, rejected}, each a text or a message list; without a
+    prompt, chosen and rejected are whole conversations that differ in their last (assistant) turn. Unpaired
+    (KTO): {prompt, completion, label}."""
+
+    format = "preference"
+    defaults = PAIR_COLUMNS
+
+    def __init__(self, columns: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        super().__init__(columns, tags)
+        self.chat = MessagesConverter(None, tags)
+
+    def required(self) -> list[str]:
+        return []
+
+    def _turns(self, record: dict, key: str, where: str, role: str) -> list[dict]:
+        column = self.col[key]
+        value = record.get(column)
+        if value is None:
+            raise UniftError(f"{where}: field {column!r} is missing")
+        if isinstance(value, str):
+            return [{"role": role, "content": value}]
+        if isinstance(value, list) and all(isinstance(turn, dict) for turn in value) and value:
+            return value
+        raise UniftError(f"{where}: field {column!r} must be a text or a non-empty list of "
+                         f"{{role, content}} messages, found {type(value).__name__}")
+
+    def __call__(self, record: dict, where: str) -> list[Message]:
+        col = self.col
+        unpaired = col["completion"] in record or col["label"] in record
+        answer = "completion" if unpaired else "chosen"
+        chosen = self._turns(record, answer, where, "assistant")
+        if col["prompt"] in record:
+            prompt = self._turns(record, "prompt", where, "user")
+            other = None if unpaired else self._turns(record, "rejected", where, "assistant")
+        else:  # implicit prompt: the shared start of two whole conversations
+            if unpaired:
+                raise UniftError(f"{where}: field {col['prompt']!r} is missing")
+            prompt, chosen = chosen[:-1], chosen[-1:]
+            other = self._turns(record, "rejected", where, "assistant")
+            if other[:-1] != prompt:
+                raise UniftError(f"{where}: fields {col['chosen']!r} and {col['rejected']!r} must share every turn "
+                                 "but the last (the prompt), or give the prompt in its own field")
+            other = other[-1:]
+        if len(chosen) != 1 or (other is not None and len(other) != 1):
+            raise UniftError(f"{where}: each answer must be one assistant message")
+        for key, turns in ((answer, chosen), ("rejected", other or [])):
+            text = turns[0].get("content") if turns else "?"
+            if isinstance(text, str) and not text.strip():
+                raise Untrainable(f"{where}: field {col[key]!r} is empty")
+        messages = self.chat({"messages": prompt + chosen}, where)
+        if other is not None:
+            rejected = self.chat({"messages": prompt + other}, where)[-1]
+            messages[-1]["rejected"] = rejected["content"]
+        else:
+            if col["label"] not in record:
+                raise UniftError(f"{where}: field {col['label']!r} is missing")
+            messages[-1]["label"] = _verdict(record[col["label"]], where, col["label"])
+        return messages
+
+
 CONVERTERS: dict[str, type[Converter]] = {
     "alpaca": AlpacaConverter, "cot": CotConverter, "sharegpt": ChatConverter, "messages": MessagesConverter,
-    "text": TextConverter,
+    "text": TextConverter, "preference": PreferenceConverter,
 }
 
 
@@ -325,6 +447,8 @@ def detect_format(record: dict, columns: dict | None = None, tags: dict | None =
         return "text"
     if "conversations" in record:
         return "sharegpt"
+    if "instruction" not in record and ("chosen" in record or "completion" in record):
+        return "preference"
     if "messages" in record:
         first = record["messages"][0] if isinstance(record["messages"], list) and record["messages"] else {}
         return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"

@@ -38,6 +38,7 @@ class DataOptions:
     overwrite_cache: bool = False
     strict_data: bool = False  # refuse records that cannot be trained instead of skipping them
     stream_length: int = 0  # rows a streaming training set reports as its length (steps x batch)
+    kind: str = "sft"  # what the stage trains on: sft (instruction data), pairs (chosen/rejected), unpaired (KTO)
 
     @classmethod
     def from_args(cls, args: Any, **extra: Any) -> DataOptions:
@@ -64,6 +65,8 @@ class DataOptions:
                 raise UniftError("--data_ratios must be non-negative with at least one positive value")
         if self.num_proc is not None and self.num_proc < 1:
             raise UniftError(f"--num_proc must be positive, not {self.num_proc}")
+        if self.streaming and self.kind != "sft":
+            raise UniftError("--streaming reads instruction data only; preference stages read their pairs whole")
         if self.streaming:
             if self.stream_length < 1:
                 raise UniftError("--streaming needs --max_steps: the length of a stream is not known in advance")
@@ -85,6 +88,7 @@ class Source:
     bytes: int = 0
     skipped: dict = field(default_factory=dict)  # untrainable records left out: count, first few, reasons
     strict: bool = False
+    kind: str | None = None  # the stage's kind of record (see iter_conversations)
 
     @property
     def name(self) -> str:
@@ -93,7 +97,7 @@ class Source:
     def iter(self, notes: Counter | None = None, limit: int | None = None) -> Iterator[tuple[str, list[Message]]]:
         cap = min(x for x in (self.limit, limit) if x is not None) if (self.limit or limit) else None
         return iter_conversations(self.entry.path, self.entry.formatting, self.entry.columns, self.entry.tags,
-                                  notes=notes, limit=cap, skipped=Skipped(self.strict))
+                                  notes=notes, limit=cap, skipped=Skipped(self.strict), kind=self.kind)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Any
 
 from unift.data.conversations import iter_conversations
 from unift.data.options import DataBundle, DataOptions, Source
+from unift.data.preference import COLUMNS, encode_preference
 from unift.data.quality import Skipped, skipped_summary
 from unift.data.readers import data_files
 from unift.data.registry import DatasetEntry, expand_names, resolve_dataset
@@ -44,7 +45,6 @@ CACHE_VERSION = 2  # bump when tokenization changes, so old cache entries are no
 CACHE_MIN_RECORDS = 1000  # below this, tokenizing in memory is faster than writing and reading a cache
 RECORDS_PER_WORKER = 5000  # auto --num_proc: one worker per this many records (no pool for small data)
 STREAM_CHECK = 1000  # records per source validated up front in streaming mode
-TRAIN_COLUMNS = ["input_ids", "labels"]
 
 
 def cache_root() -> Path:
@@ -55,10 +55,10 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _source_key(entry: DatasetEntry, files: list[Path], limit: int | None) -> str:
+def _source_key(entry: DatasetEntry, files: list[Path], limit: int | None, kind: str = "sft") -> str:
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return _digest({"v": CACHE_VERSION, "files": stats, "format": entry.formatting, "columns": entry.columns,
-                    "tags": entry.tags, "limit": limit})
+                    "tags": entry.tags, "limit": limit, **({"kind": kind} if kind != "sft" else {})})
 
 
 def load_sources(options: DataOptions) -> list[Source]:
@@ -75,8 +75,8 @@ def load_sources(options: DataOptions) -> list[Source]:
         files = data_files(entry.path)
         caps = [x for x in (options.max_samples, entry.num_samples) if x is not None]
         limit = min(caps) if caps else None
-        source = Source(entry, limit, _source_key(entry, files, limit), bytes=sum(f.stat().st_size for f in files),
-                        strict=options.strict_data)
+        source = Source(entry, limit, _source_key(entry, files, limit, options.kind),
+                        bytes=sum(f.stat().st_size for f in files), strict=options.strict_data, kind=options.kind)
         notes: Counter = Counter()
         formats: Counter = Counter()
         skipped = Skipped(options.strict_data)
@@ -84,7 +84,7 @@ def load_sources(options: DataOptions) -> list[Source]:
             # A stream is validated on its first records now, and record by record as training reads it.
             for _ in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags, notes=notes,
                                         formats=formats, limit=min(STREAM_CHECK, limit or STREAM_CHECK),
-                                        skipped=skipped):
+                                        skipped=skipped, kind=options.kind):
                 pass
             source.formats, source.notes, source.skipped = dict(formats), dict(notes), skipped.as_dict()
         else:
@@ -96,7 +96,7 @@ def load_sources(options: DataOptions) -> list[Source]:
             else:
                 source.conversations = [c for _, c in iter_conversations(
                     entry.path, entry.formatting, entry.columns, entry.tags, notes=notes, formats=formats,
-                    limit=limit, skipped=skipped)]
+                    limit=limit, skipped=skipped, kind=options.kind)]
                 source.records, source.formats, source.notes = len(source.conversations), dict(formats), dict(notes)
                 source.skipped = skipped.as_dict()
         line = skipped_summary(source.name, source.skipped)
@@ -126,7 +126,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _encode_batch(batch: dict[str, list], template, tokenizer, cutoff_len: int,
-                  train_on_prompt: bool, truncation: str = "drop") -> dict[str, list]:
+                  train_on_prompt: bool, truncation: str = "drop", kind: str = "sft") -> dict[str, list]:
+    if kind != "sft":
+        rows = [encode_preference(json.loads(text), template, tokenizer, cutoff_len, truncation)
+                for text in batch["conversation"]]
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trained": [],
                             "long_answer": []}
     for text in batch["conversation"]:
@@ -171,7 +175,8 @@ def _tokenize(conversations: list[list[Message]], template, tokenizer, options: 
             _encode_batch, batched=True, batch_size=256, num_proc=workers if workers > 1 else None,
             remove_columns=["conversation"], new_fingerprint=key, desc="tokenizing",
             fn_kwargs={"template": template, "tokenizer": tokenizer, "cutoff_len": options.cutoff_len,
-                       "train_on_prompt": options.train_on_prompt, "truncation": options.truncation},
+                       "train_on_prompt": options.train_on_prompt, "truncation": options.truncation,
+                       "kind": options.kind},
         )
 
 
@@ -181,7 +186,7 @@ def tokenized_source(source: Source, template, tokenizer, options: DataOptions, 
     from filelock import FileLock
 
     key = _digest([source.key, tok_fp, repr(template), options.cutoff_len, options.train_on_prompt,
-                   options.truncation])
+                   options.truncation, options.kind])
     folder = cache_root() / source.key / key
     if folder.is_dir() and not options.overwrite_cache:
         return datasets.load_from_disk(str(folder))
@@ -284,18 +289,23 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
             for n, s in enumerate(sources)
         ],
     }
-    return DataBundle(train_full.select_columns(TRAIN_COLUMNS), val_full.select_columns(TRAIN_COLUMNS), stats,
+    columns = COLUMNS[options.kind]
+    if options.kind != "sft":
+        stats["pairs" if options.kind == "pairs" else "answers"] = stats["examples"]
+    return DataBundle(train_full.select_columns(columns), val_full.select_columns(columns), stats,
                       sources, train_full, val_full, tables)
 
 
-def load_conversations(names: list[str], dataset_dir: Path | None = None) -> list[list[Message]]:
-    """Every --data entry (names or paths), validated and merged in the given order."""
+def load_conversations(names: list[str], dataset_dir: Path | None = None,
+                       kind: str | None = None) -> list[list[Message]]:
+    """Every --data entry (names or paths), validated and merged in the given order (of one kind, if given)."""
     conversations: list[list[Message]] = []
     for name in expand_names(names, dataset_dir):
         entry = resolve_dataset(name, dataset_dir)
         skipped = Skipped()
         conversations += [c for _, c in iter_conversations(entry.path, entry.formatting, entry.columns,
-                                                           entry.tags, limit=entry.num_samples, skipped=skipped)]
+                                                           entry.tags, limit=entry.num_samples, skipped=skipped,
+                                                           kind=kind)]
         line = skipped_summary(entry.name, skipped.as_dict())
         if line:
             log.warning("%s", line)

@@ -54,8 +54,6 @@ def _entry(name: str, raw: dict, dataset_dir: Path) -> DatasetEntry:
     where = f"{dataset_dir / 'dataset_info.json'}: {name!r}"
     if not isinstance(raw, dict):
         raise UniftError(f"{where}: expected an object")
-    if raw.get("ranking"):
-        raise UniftError(f"{where}: preference data (ranking) is not supported by supervised fine-tuning")
     if "file_name" not in raw and "hf_hub_url" not in raw:
         hub = next((f"{k} {raw[k]!r}" for k in HUB_KEYS if k in raw), None)
         if hub:

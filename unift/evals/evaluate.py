@@ -1,5 +1,7 @@
 """`unift eval`: the figures the seed reports measure, for the base model, an adapter or a merged model.
 
+Per held-out set of preference pairs (--pairs): preference accuracy (the chosen answer more likely than the
+rejected one) and the mean log-likelihood margin between them (unift.evals.likelihood).
 Per held-out set (--data): exact match with a chosen answer extractor, perplexity of the reference answers
 (unift.evals.likelihood), BLEU and ROUGE-L; per exam (--exam): multiple-choice accuracy per subject and
 overall (unift.evals.exams). Rows of the table are setups of the same model: the base zero-shot, the base
@@ -50,6 +52,8 @@ class EvalOptions(Options):
 
     data: list[str] | None = opt(None, "held-out conversations, the last answer being the reference (default: "
                                  "arith_test unless --exam is given)")
+    pairs: list[str] = opt([], "held-out preference pairs (chosen/rejected): preference accuracy (the chosen "
+                           "answer more likely) and the mean log-likelihood margin, chosen minus rejected")
     exam: list[str] = opt([], "multiple-choice exam files or folders (MMCU JSON, C-Eval / CMMLU / MMLU CSV)")
     metrics: list[str] = opt(["em", "ppl"], "for --data: em ppl bleu rouge")
     extractor: str = opt("answer", "what exact match compares: answer (the Answer:/答案： line, default), "
@@ -72,7 +76,7 @@ class EvalOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.data is None:
-            self.data = [] if self.exam else ["arith_test"]
+            self.data = [] if self.exam or self.pairs else ["arith_test"]
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise UniftError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
@@ -153,6 +157,29 @@ def generation_task(engine: Engine, conversations: list[list[Message]], setup: S
     return figures
 
 
+def pairs_task(engine: Engine, conversations: list[list[Message]], setup: Setup,
+               options: EvalOptions) -> dict[str, Any]:
+    """How often, and by how much, the model finds each chosen answer more likely than its rejected one:
+    the summed log-likelihood of each answer after the same prompt, as the preference stages score them."""
+    from unift.data.preference import ANSWER_KEYS
+    from unift.evals.likelihood import last_answer_labels, score_rows
+
+    started = time.perf_counter()
+    rows = []
+    for c in conversations:
+        prompt, last = c[:-1], {k: v for k, v in c[-1].items() if k not in ANSWER_KEYS}
+        for answer in (last, {**last, "content": c[-1]["rejected"]}):
+            encoded = encode_conversation([*prompt, answer], engine.template, engine.tokenizer, cutoff_len=10**9)
+            rows.append((encoded.input_ids, last_answer_labels(encoded.labels)))
+    with engine.adapter_enabled(setup.adapter):
+        scored = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, options.batch_size,
+                            options.cutoff_len)
+    margins = [rejected.nll - chosen.nll for chosen, rejected in zip(scored[0::2], scored[1::2])]
+    won = sum(m > 0 for m in margins)
+    return {"examples": len(margins), "correct": won, "preference_accuracy": won / len(margins),
+            "margin": sum(margins) / len(margins), "margins": margins, "seconds": time.perf_counter() - started}
+
+
 def exam_task(engine: Engine, questions, pool, setup: Setup, options: EvalOptions) -> dict[str, Any]:
     from unift.evals.exams import score_exam
 
@@ -179,7 +206,10 @@ def load_tasks(options: EvalOptions) -> tuple[dict[str, list], dict[str, tuple]]
     from unift.evals.exams import load_exam
 
     dataset_dir = Path(options.dataset_dir) if options.dataset_dir else None
-    tasks = {name: load_conversations([name], dataset_dir)[:options.max_samples] for name in options.data}
+    tasks = {name: load_conversations([name], dataset_dir, kind="sft")[:options.max_samples] for name in options.data}
+    for name in options.pairs:
+        tasks[f"{name} (pairs)" if name in tasks else name] = \
+            load_conversations([name], dataset_dir, kind="pairs")[:options.max_samples]
     for name, conversations in tasks.items():
         if not conversations:
             raise UniftError(f"--data {name}: no examples")
@@ -204,7 +234,9 @@ def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dic
     for setup in setups(engine.has_adapter, options):
         row: dict[str, Any] = {"label": setup.label, "adapter": setup.adapter, "shots": setup.shots, "tasks": {}}
         for name, conversations in tasks.items():
-            row["tasks"][name] = generation_task(engine, conversations, setup, pool, options)
+            paired = conversations and "rejected" in conversations[0][-1]
+            row["tasks"][name] = (pairs_task(engine, conversations, setup, options) if paired
+                                  else generation_task(engine, conversations, setup, pool, options))
         for name, (questions, exam_pool) in exams.items():
             row["tasks"][name] = exam_task(engine, questions, exam_pool, setup, options)
         document["setups"].append(row)
@@ -218,8 +250,8 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
     """Load, evaluate, print the table, write eval_results.json (and PNGs with plot); returns the document."""
     from unift.evals.report import markdown_table, plot_results, print_examples
 
-    if not options.data and not options.exam:
-        raise UniftError("nothing to evaluate: pass --data and/or --exam")
+    if not options.data and not options.exam and not options.pairs:
+        raise UniftError("nothing to evaluate: pass --data, --pairs and/or --exam")
     loaded = load_tasks(options)  # bad data fails in a second, before the model loads
     engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device,
                                    dtype=dtype, template=template, trust_remote_code=trust_remote_code)

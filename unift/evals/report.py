@@ -14,6 +14,8 @@ COLUMNS = (
     ("bleu", "BLEU", "num"),
     ("rouge_l", "ROUGE-L", "num"),
     ("accuracy", "accuracy", "pct"),
+    ("preference_accuracy", "preference accuracy", "pct"),
+    ("margin", "log-likelihood margin", "num"),
 )
 
 

@@ -35,6 +35,7 @@ class RunCard:
     created: str = ""
     # how it ran: engine (single, ddp, fsdp, deepspeed), world_size, nodes, each process's peak RSS (MiB)
     scaling: dict[str, Any] = field(default_factory=dict)
+    stage: str = "sft"  # what trained the adapter (--stage): sft, dpo, orpo, simpo, kto
 
     def save(self, folder: Path) -> None:
         from unift.runtime import write_json_atomic

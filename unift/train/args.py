@@ -18,9 +18,11 @@ from unift.options import (
     Options,
     Range,
     check_ranges,
+    default_of,
     opt,
 )
 from unift.peft import MethodSpec, check_args, get_method, method_flag_fields
+from unift.train.stages import DPO_LOSSES, check_stage
 
 
 def _check_model_type(value: str) -> str:
@@ -29,6 +31,12 @@ def _check_model_type(value: str) -> str:
 
 def _check_peft_type(value: str) -> str:
     return get_method(value).name
+
+
+def _check_stage(value: str) -> str:
+    from unift.train.stages import get_stage
+
+    return get_stage(value).name
 
 
 def _check_optimizations(value: Any) -> str:
@@ -59,6 +67,18 @@ class RunArgs(Options):
     peft_type: str = opt("lora", "PEFT method", group="method", check=_check_peft_type)
     load_in_8bit: bool = opt(False, "load the base in 8-bit (lora, adalora, ia3; dora on GPU); = --quantization_bit 8",
                              group="model")
+    # stage
+    stage: str = opt("sft", "what to train: sft (supervised), dpo, orpo, simpo (preference pairs), kto (answers "
+                     "labelled good or bad); docs/stages.md", group="stage", check=_check_stage)
+    pref_beta: float | None = opt(None, "the preference loss's beta (default: dpo 0.1, orpo 0.1 (its lambda), "
+                                  "simpo 2.0, kto 0.1)", group="stage", range=POSITIVE)
+    pref_loss: str = opt("sigmoid", "--stage dpo's loss, one of TRL's: sigmoid (DPO), ipo, hinge, robust, "
+                         "sigmoid_norm, ...", group="stage", choices=DPO_LOSSES)
+    simpo_gamma: float = opt(0.5, "--stage simpo's target reward margin", group="stage", range=NON_NEGATIVE)
+    kto_desirable_weight: float = opt(1.0, "--stage kto's weight of desirable answers", group="stage",
+                                      range=POSITIVE)
+    kto_undesirable_weight: float = opt(1.0, "--stage kto's weight of undesirable answers", group="stage",
+                                        range=POSITIVE)
     # data
     data: list[str] = opt(["arith"], "dataset names from dataset_info.json, or paths to files or folders; "
                           "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))
@@ -137,6 +157,7 @@ class RunArgs(Options):
         # built: `unift train` refuses an unsupported pair or an ignored flag before loading anything.
         check_ranges(self)
         check_args(self)
+        check_stage(self, {f.name: default_of(f) for f in dataclasses.fields(RunArgs)})
 
 
 def _compose() -> type:

@@ -50,6 +50,7 @@ from unift.train.engines import (
 )
 from unift.train.progress import LOSS_PLOT, plot_losses
 from unift.train.scaling import check_engine, describe_batch, sharded_quantized_storage
+from unift.train.stages import get_stage, stage_levers
 from unift.train.trainer import build_trainer
 
 log = logging.getLogger("unift")
@@ -64,13 +65,14 @@ def prepare(args: TrainArgs) -> dict[str, Any]:
     spec, method = args.spec, args.method  # the pair was checked when the arguments were built
     # A stream has no length of its own: it reports the rows the run will consume.
     stream_length = max(0, args.max_steps) * args.per_gpu_train_batch_size * args.gradient_accumulation_steps
-    options = DataOptions.from_args(args, stream_length=stream_length * world_size())
+    stage = get_stage(args.stage)
+    options = DataOptions.from_args(args, stream_length=stream_length * world_size(), kind=stage.kind)
     sources = load_sources(options)  # every record validated here, before the tokenizer or model loads
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
     template = resolve_template(args.template, spec.template, tokenizer)
     data = build_datasets(sources, template, tokenizer, options)
-    return {"spec": spec, "method": method, "path": path, "tokenizer": tokenizer, "template": template,
+    return {"spec": spec, "method": method, "stage": stage, "path": path, "tokenizer": tokenizer, "template": template,
             "train": data.train, "val": data.val, "stats": data.stats}
 
 
@@ -122,7 +124,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     spec, method = ready["spec"], ready["method"]
     ready["device"] = device = training_device(args.device)
     bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
-    wanted = engine_optimizations(args, parse_optimizations(args.optimizations))
+    wanted, not_for_stage = stage_levers(ready["stage"], engine_optimizations(args, parse_optimizations(args.optimizations)))
     # The run's dtypes, decided once: the card records these, not what the loaded model reports
     plan = training_plan(args.compute_dtype, device, quantization_bit=bits, half_base="base_dtype" in wanted,
                          sharded=sharded_quantized_storage(args))
@@ -143,12 +145,14 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         check_output_dir(args.output_dir, checkpoint_bytes(trainable, args.save_total_limit))
         clear_staging(args.output_dir)  # what a kill left half-written
         log.info(
-            "%s (%s) + %s: %s trainable of %s parameters (%.3f%%); %d train / %d val examples "
+            "%s%s (%s) + %s: %s trainable of %s parameters (%.3f%%); %d train / %d val examples "
             "(%d truncated to %d tokens); template %s; compute %s; %s",
-            ready["path"], spec.name, method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+            "" if args.stage == "sft" else f"--stage {args.stage}: ", ready["path"], spec.name, method.name,
+            f"{trainable:,}", f"{total:,}", 100 * trainable / total,
             len(ready["train"]), len(ready["val"]), stats["truncated"], args.cutoff_len,
             ready["template"].name, dtype, describe_batch(args),
         )
+        accel.skipped.update(not_for_stage)
         log.info("optimizations: %s", accel.summary())
         line, too_many = cutoff_summary(stats, args.cutoff_len, args.truncation)
         log.info("%s", line)
@@ -168,7 +172,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             {k: src.get(k) for k in ("name", "path", "records", "skipped", "dropped")} for src in stats["sources"]],
             # what --cutoff_len did: examples whose front was cut, answers too long on their own
             **{k: stats.get(k) for k in ("examples", "truncated", "long_answers", "dropped", "truncation")}},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), stage=args.stage,
     )
     stop = StopOnSignal()
     trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])

@@ -17,8 +17,9 @@ from unift.train.engines import deepspeed_setting
 from unift.train.progress import progress_callback, report_targets
 
 
-class UniftTrainer(AtomicCheckpoints, Trainer):
-    """`method`: the run's MethodSpec, whose after_optimizer_step runs right after optimizer.step(), before
+class UniftHooks:
+    """What every unift trainer adds to transformers' (or TRL's) Trainer, whatever the stage.
+    `method`: the run's MethodSpec, whose after_optimizer_step runs right after optimizer.step(), before
     the gradients are zeroed (AdaLoRA reallocates its rank budget there; a TrainerCallback runs too late)."""
 
     def __init__(self, *args: Any, method: MethodSpec | None = None, **kwargs: Any) -> None:
@@ -51,6 +52,10 @@ class UniftTrainer(AtomicCheckpoints, Trainer):
         return optimizer
 
 
+class UniftTrainer(UniftHooks, AtomicCheckpoints, Trainer):
+    """Supervised fine-tuning."""
+
+
 def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card: RunCard,
                   callbacks: list | None = None):
     """The Trainer for a run: TrainingArguments from the flags, unift's progress line instead of tqdm's,
@@ -63,7 +68,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
     on_gpu = device != "cpu"
     save_strategy = "steps" if args.save_steps else "epoch"
     has_val = len(ready["val"]) > 0
-    targs = TrainingArguments(
+    settings = dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.per_gpu_train_batch_size,
         per_device_eval_batch_size=args.per_gpu_train_batch_size,
@@ -96,10 +101,17 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
         disable_tqdm=False,
         logging_first_step=True,
     )
-    trainer = UniftTrainer(
-        model=model, args=targs, train_dataset=ready["train"], eval_dataset=ready["val"] or None,
-        data_collator=collator, processing_class=ready["tokenizer"], callbacks=callbacks, method=ready["method"],
-    )
+    stage = ready["stage"]
+    if stage.kind == "sft":
+        trainer = UniftTrainer(
+            model=model, args=TrainingArguments(**settings), train_dataset=ready["train"],
+            eval_dataset=ready["val"] or None, data_collator=collator, processing_class=ready["tokenizer"],
+            callbacks=callbacks, method=ready["method"],
+        )
+    else:
+        from unift.train.stages import preference_trainer
+
+        trainer = preference_trainer(stage, args, settings, ready, model, callbacks)
     # Every checkpoint-N folder gets the run card before it appears, so generate/eval/merge can use it.
     trainer.before_publish = [card.save]
     trainer.progress = progress_callback(lambda: trainer.tokens_seen * world_size())
