@@ -101,8 +101,9 @@ def support_table() -> str:
         "trains, reloads, generates with the KV cache and merges LoRA through a tiny ChatGLM-style model of "
         "that kind, with the targets found in the model (every linear layer but the output head).\n\n"
         + _methods_table()
-        + "\n\nStages (--stage) by method, on every family above (docs/stages.md); yes = trained by "
-        "tests/test_stages.py:\n\n" + _stages_table()
+        + "\n\nStages (--stage) by method (docs/stages.md). yes = the pair trains: tests/test_stages.py runs "
+        "dpo and kto with LoRA on every family above and every stage with a set of methods in CI, and every "
+        "pair with UNIFT_ALL_STAGE_PAIRS=1:\n\n" + _stages_table()
     )
 
 

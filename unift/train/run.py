@@ -160,6 +160,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             log.warning("warning: --cutoff_len %d drops more than a tenth of the records: raise it%s",
                         args.cutoff_len, ", or pass --truncation keep to train over-long answers cut"
                         if args.truncation == "drop" else "")
+    ready["shape_multiple"] = accel.shape_multiple
     pad_id = ready["tokenizer"].pad_token_id
     collator = (PackingCollator(pad_id, accel.shape_multiple) if accel.padding_free
                 else PaddingCollator(pad_id, accel.shape_multiple))

@@ -194,15 +194,18 @@ def _trainer_class(stage: StageSpec) -> type:
                 {"stage": stage, "__module__": __name__})
 
 
-def _config(stage: StageSpec, settings: dict, args: Any):
+def _config(stage: StageSpec, settings: dict, args: Any, multiple: int):
     from trl import DPOConfig, KTOConfig
 
     config = KTOConfig if stage.kind == "unpaired" else DPOConfig
     # unift tokenized and cut the rows already (--cutoff_len); TRL must not cut them again. Without a
     # reference, "precomputed" reference log-probs keep TRL from loading a reference model (see
     # PreferenceHooks._precompute_ref_logps: nothing is computed).
+    # Batches padded to a multiple of `multiple` tokens, as unift's collators do: a CPU's matmul library
+    # builds a kernel for every new shape (measured on DPO, 135M, CPU: 31 s a step at every width, 5 s at
+    # multiples of 32)
     return config(**{**settings, **stage.settings(args)}, max_length=None, dataset_num_proc=None,
-                  precompute_ref_log_probs=not stage.reference)
+                  precompute_ref_log_probs=not stage.reference, pad_to_multiple_of=multiple if multiple > 1 else None)
 
 
 def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict, model, callbacks: list | None):
@@ -211,7 +214,7 @@ def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict,
 
     from unift import compat
 
-    config = _config(stage, settings, args)
+    config = _config(stage, settings, args, ready.get("shape_multiple", 1))
     adapter = isinstance(model, PeftModel)
     # full or freeze: the starting weights, frozen, are the reference
     reference = copy.deepcopy(model).eval().requires_grad_(False) if stage.reference and not adapter else None
