@@ -35,6 +35,9 @@ class RunCard:
     created: str = ""
     # how it ran: engine (single, ddp, fsdp, deepspeed), world_size, nodes, each process's peak RSS (MiB)
     scaling: dict[str, Any] = field(default_factory=dict)
+    # The folder holds the whole trained model (config.json, model.safetensors), not an adapter: methods
+    # that train the model's own weights (full, freeze). Loaded from here; base_model is only its origin.
+    holds_model: bool = False
 
     def save(self, folder: Path) -> None:
         from unift.runtime import write_json_atomic

@@ -95,9 +95,11 @@ def _gathered_adapter(model: Any) -> dict[str, Any]:
 def save_adapter(trainer: Any, model: Any, folder: str | Path) -> None:
     """Write the adapter whole into `folder`; every rank calls it. DeepSpeed: the Trainer's save_model (it
     gathers ZeRO-3's partitions); FSDP: the shards gathered, then written by the main process; DDP and one
-    process hold the whole adapter already."""
+    process hold the whole adapter already. A method that trains the model itself (full, freeze): the
+    whole model, as the Trainer writes it into checkpoints (save_pretrained, safetensors)."""
     name = engine(trainer.args)
-    if name == "deepspeed":
+    method = getattr(trainer, "method", None)
+    if name == "deepspeed" or (method is not None and method.holds_model):
         trainer.save_model(str(folder))
         return
     state_dict = _gathered_adapter(model) if name == "fsdp" and world_size() > 1 else None
