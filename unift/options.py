@@ -97,6 +97,19 @@ def check_ranges(args: Any) -> None:
         check_range(f.name, getattr(args, f.name), f.metadata.get("range"))
 
 
+def check_choices(args: Any) -> None:
+    """Every choice-valued field holds one of its choices, however the options were built (argparse checks
+    flags; a --config file, an experiment file or a caller are checked here)."""
+    for f in dataclasses.fields(args):
+        choices, value = f.metadata.get("choices"), getattr(args, f.name)
+        if not choices or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                flag = f.metadata.get("flag") or f"--{f.name}"
+                raise UniftError(f"{flag}: {item!r} is not one of {', '.join(map(str, choices))}")
+
+
 @dataclass
 class Options:
     """Base of every command's options: numbers are range-checked when the options are built, whether they
@@ -104,6 +117,7 @@ class Options:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        check_choices(self)
 
 
 def _flag_type(tp: Any) -> tuple[Any, bool]:
