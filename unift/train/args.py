@@ -110,7 +110,7 @@ class RunArgs(Options):
                                  check=check_scheduler)
     optim: str | None = opt(None, "optimizer, by transformers' name: adamw_torch, adamw_torch_fused, adafactor, "
                             "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ... "
-                            "(default: adamw_torch; qlora on a GPU: paged_adamw_32bit)", group="training",
+                            "(default: transformers' own, adamw_torch_fused; qlora on a GPU: paged_adamw_32bit)", group="training",
                             check=check_optim)
     optim_args: str | None = opt(None, "the optimizer's own settings as key=value,key=value (sgd: momentum, "
                                  "nesterov; rmsprop: alpha, centered, ...)", group="training", check=check_optim_args)

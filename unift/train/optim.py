@@ -48,6 +48,13 @@ def optimizer_names() -> tuple[str, ...]:
     return tuple(o.value for o in OptimizerNames)
 
 
+def default_optimizer() -> str:
+    """transformers' own default (adamw_torch_fused in 5.24), which unift keeps."""
+    from transformers import TrainingArguments
+
+    return str(TrainingArguments.__dataclass_fields__["optim"].default)
+
+
 def scheduler_names() -> tuple[str, ...]:
     from transformers.trainer_utils import SchedulerType
 
@@ -114,7 +121,7 @@ def check_optim_args(value: str | None) -> str | None:
 def check_optim_pair(optim: str | None, optim_args: str | None) -> None:
     """--optim_args keys the chosen optimizer would silently ignore are an error (transformers drops them)."""
     keys = parse_optim_args(optim_args)
-    name = optim or "adamw_torch"
+    name = optim or default_optimizer()
     if not keys or name not in ARGS_READ:
         return
     ignored = [k for k in keys if k not in ARGS_READ[name]]
