@@ -44,19 +44,23 @@ def default_of(f: dataclasses.Field) -> Any:
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a numeric flag; `also` lists extra allowed values (such as -1 for "no limit")."""
+    """Bounds of a numeric flag; `also` lists extra allowed values (such as -1 for "no limit"), `exclude`
+    values refused inside the bounds (such as 0 for a count that may be negative)."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # low itself excluded
     high_open: bool = False
     also: tuple = ()
+    exclude: tuple = ()
 
     def contains(self, value: float) -> bool:
         if value != value:  # NaN is in no range
             return False
         if value in self.also:
             return True
+        if value in self.exclude:
+            return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
@@ -70,9 +74,11 @@ class Range:
                     f"{')' if self.high_open else ']'}")
         elif self.low is not None:
             text = f"{'>' if self.low_open else '≥'} {num(self.low)}"
-        else:
+        elif self.high is not None:
             text = f"{'<' if self.high_open else '≤'} {num(self.high)}"
-        return text + "".join(f" or {num(x)}" for x in self.also)
+        else:
+            return " and ".join(f"≠ {num(x)}" for x in self.exclude)
+        return text + "".join(f" or {num(x)}" for x in self.also) + "".join(f" and ≠ {num(x)}" for x in self.exclude)
 
 
 POSITIVE_INT = Range(1)

@@ -11,20 +11,14 @@ from typing import Any
 
 from unift.errors import UniftError
 from unift.models.registry import ModelSpec
-from unift.options import opt
+from unift.options import Range, opt
 from unift.peft.registry import MethodSpec, register_method
-
-
-def _nonzero(value: int) -> int:
-    if value == 0:
-        raise UniftError("0 layers would train nothing; give N > 0 (the last N layers) or N < 0 (the first |N|)")
-    return value
 
 
 @dataclass
 class FreezeFlags:
     freeze_trainable_layers: int = opt(2, "freeze: train the last N decoder layers (a negative N: the first |N|)",
-                                       group="freeze", check=_nonzero)
+                                       group="freeze", range=Range(exclude=(0,)))
     freeze_trainable_modules: list[str] = opt(["all"], "freeze: modules of those layers that train, by name "
                                               "part (e.g. mlp self_attn, or q_proj); all: every one",
                                               group="freeze", nargs="+")
