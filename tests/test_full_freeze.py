@@ -156,6 +156,19 @@ def test_after_training_commands_load_the_run_folder(tiny_model, data_file, tmp_
                                "--prompt", "Hi"], capsys)
     assert code == 2 and "holds the whole trained model" in err
 
+    # the web service offers the tuned model alone: no ":base" id, as there is no adapter to switch off
+    from starlette.testclient import TestClient
+
+    from unift.engine.settings import PRESETS
+    from unift.serve.app import create_app
+
+    engine = Engine.load(run)
+    with TestClient(create_app(engine, PRESETS["chat"], ui=False)) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [engine.name]
+        answer = client.post("/v1/chat/completions", json={
+            "model": engine.name, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+
     merged = tmp_path / "merged"
     code, _, err = cli_result(["merge", "--adapter_dir", run, "--merged_dir", str(merged)], capsys)
     assert code == 0 and "nothing to fold in, writing it as it is" in err
@@ -163,6 +176,25 @@ def test_after_training_commands_load_the_run_folder(tiny_model, data_file, tmp_
     assert card["peft_type"] == "freeze" and card["probe_max_abs_logit_diff"] == 0.0
     as_merged = Engine.load(base_model=str(merged))
     assert torch.allclose(logits(as_merged.model), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_terminal_chat_says_a_whole_model_has_no_base(monkeypatch):
+    import io
+
+    from test_chat import EchoEngine, FakeTTY
+
+    from unift.engine.chat import chat_loop
+    from unift.engine.settings import GenerationSettings
+
+    class WholeModel(EchoEngine):
+        has_adapter, holds_model = False, True
+
+    lines = iter(["/base", "hello", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    engine, out = WholeModel(), io.StringIO()
+    chat_loop(engine, GenerationSettings(), system=None, stdin=FakeTTY(), out=out)
+    assert "holds the whole fine-tuned model: there is no adapter to switch off" in out.getvalue()
+    assert [adapter for _, adapter in engine.seen] == [True]  # still the tuned model
 
 
 def test_full_and_freeze_are_in_the_support_table():

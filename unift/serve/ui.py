@@ -35,7 +35,7 @@ def build_ui(service: Service):
 
     engine, defaults = service.engine, service.settings
     # a run trained whole (full, freeze) is the tuned model, with no base beside it
-    choices = [TUNED, BASE] if engine.has_adapter else [TUNED] if engine.holds_model else [BASE]
+    choices = [TUNED, BASE] if engine.has_adapter else [TUNED] if getattr(engine, "holds_model", False) else [BASE]
 
     def respond(message: str, history: list[Message], display: list[dict], model: str, temperature: float,
                 top_p: float, max_new_tokens: float, repetition_penalty: float):
