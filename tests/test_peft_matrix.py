@@ -26,7 +26,8 @@ MATRIX = support_matrix()
 WORKS = [(model, method) for model, row in MATRIX.items() for method, reason in row.items() if not reason]
 STEPS = 4
 # Methods that start as (or near) the identity and move slowly get a larger step so 4 steps show a fall.
-LEARNING_RATE = {"ia3": 5e-2, "vera": 5e-2, "prompt": 5e-2, "prefix": 3e-2, "adalora": 3e-2}
+LEARNING_RATE = {"ia3": 5e-2, "vera": 5e-2, "prompt": 5e-2, "prefix": 3e-2, "adalora": 3e-2,
+                 "full": 1e-3, "freeze": 1e-3}
 IDS = torch.tensor([[1, 2, 3, 4, 5, 6]])
 PROMPTS = [[{"role": "user", "content": "What is the code word number 3?"}], [{"role": "user", "content": "Hi"}],
            [{"role": "user", "content": "Say the code word number 5, then the code word number 6, please."}]]
@@ -106,8 +107,12 @@ def test_pair_trains_saves_reloads_and_generates(tiny_model, data_file, tmp_path
     as_trained = Engine.load(str(result.output_dir), dtype=torch_dtype(RunCard.load(result.output_dir).base_dtype))
     reloaded = forward_logits(as_trained.model, IDS)
     assert torch.allclose(reloaded, forward_logits(unwrapped(result.model), IDS), atol=1e-5, rtol=1e-5)
-    with as_trained.model.disable_adapter():
-        assert not torch.allclose(forward_logits(as_trained.model, IDS), reloaded)  # the adapter does something
+    if get_method(peft_type).holds_model:  # full, freeze: the run folder is the trained model, no adapter
+        base = Engine.load(base_model=str(tiny_model(model_type)), model_type=model_type).model
+        assert not torch.allclose(forward_logits(base, IDS), reloaded)  # training changed the model
+    else:
+        with as_trained.model.disable_adapter():
+            assert not torch.allclose(forward_logits(as_trained.model, IDS), reloaded)  # the adapter does something
     check_generation(Engine.load(str(result.output_dir)))  # the default engine (fp32 on a CPU)
 
 

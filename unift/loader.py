@@ -2,7 +2,8 @@
 folder, onto a device, in the dtypes of a DtypePlan (unift.models.dtypes), quantized where the plan says.
 
 Training loads its base through it (no adapter), Engine.load (generate, chat, predict, eval, serve) and
-merge load a base and an adapter through it.
+merge load a base and an adapter through it. A run folder whose card says it holds the whole trained model
+(--peft_type full, freeze) is loaded as that model, with its card, and no adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from unift.data import resolve_template
+from unift.errors import UniftError
 from unift.models import get_model_spec, load_model, load_tokenizer
 from unift.models.devices import device_map_for, resolve_device
 from unift.models.dtypes import DtypePlan, inference_plan, torch_dtype
@@ -28,7 +30,7 @@ class Loaded:
     model: Any  # a PeftModel when an adapter was loaded, else the transformers model
     tokenizer: Any
     template: Any
-    card: RunCard | None  # the adapter's run card (inferred for a foreign adapter); None: no adapter
+    card: RunCard | None  # the run's card (inferred for a foreign adapter); None: a base or merged model
     plan: DtypePlan
     spec: ModelSpec
     path: str  # the base (or merged) checkpoint the weights came from
@@ -65,6 +67,12 @@ def load(
         trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
     else:
         trust = bool(trust_remote_code)
+    holds_model = bool(card and card.holds_model)
+    if holds_model:  # the run folder is the trained model; its base is only where it came from
+        if base_model and base_model != card.base_model:
+            raise UniftError(f"{adapter_dir} holds the whole trained model (--peft_type {card.peft_type}), not "
+                             "an adapter: it cannot be put over --model_name_or_path; leave that flag out")
+        base_model = adapter_dir
     path = resolve_model_path(base_model)
     merged = read_merged_card(path)
     if merged and not card:  # a merged folder prompts as its run did
@@ -86,7 +94,7 @@ def load(
         upcast_unquantized(model)
     # Only merges compare against them (and a quantized base's state dict is costly to build).
     base_keys = frozenset(model.state_dict()) if plan.purpose == "merge" else frozenset()
-    if adapter_dir:
+    if adapter_dir and not holds_model:
         from unift.peft import load_adapter  # also registers unift's own PEFT methods
 
         model = load_adapter(model, adapter_dir)

@@ -44,19 +44,23 @@ def default_of(f: dataclasses.Field) -> Any:
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a numeric flag; `also` lists extra allowed values (such as -1 for "no limit")."""
+    """Bounds of a numeric flag; `also` lists extra allowed values (such as -1 for "no limit"), `exclude`
+    values refused inside the bounds (such as 0 for a count that may be negative)."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # low itself excluded
     high_open: bool = False
     also: tuple = ()
+    exclude: tuple = ()
 
     def contains(self, value: float) -> bool:
         if value != value:  # NaN is in no range
             return False
         if value in self.also:
             return True
+        if value in self.exclude:
+            return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
@@ -70,9 +74,11 @@ class Range:
                     f"{')' if self.high_open else ']'}")
         elif self.low is not None:
             text = f"{'>' if self.low_open else '≥'} {num(self.low)}"
-        else:
+        elif self.high is not None:
             text = f"{'<' if self.high_open else '≤'} {num(self.high)}"
-        return text + "".join(f" or {num(x)}" for x in self.also)
+        else:
+            return " and ".join(f"≠ {num(x)}" for x in self.exclude)
+        return text + "".join(f" or {num(x)}" for x in self.also) + "".join(f" and ≠ {num(x)}" for x in self.exclude)
 
 
 POSITIVE_INT = Range(1)
@@ -97,6 +103,19 @@ def check_ranges(args: Any) -> None:
         check_range(f.name, getattr(args, f.name), f.metadata.get("range"))
 
 
+def check_choices(args: Any) -> None:
+    """Every choice-valued field holds one of its choices, however the options were built (argparse checks
+    flags; a --config file, an experiment file or a caller are checked here)."""
+    for f in dataclasses.fields(args):
+        choices, value = f.metadata.get("choices"), getattr(args, f.name)
+        if not choices or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                flag = f.metadata.get("flag") or f"--{f.name}"
+                raise UniftError(f"{flag}: {item!r} is not one of {', '.join(map(str, choices))}")
+
+
 @dataclass
 class Options:
     """Base of every command's options: numbers are range-checked when the options are built, whether they
@@ -104,6 +123,7 @@ class Options:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        check_choices(self)
 
 
 def _flag_type(tp: Any) -> tuple[Any, bool]:

@@ -74,7 +74,8 @@ class Acceleration:
 
 def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, device: str, compute: torch.dtype,
                      padding_free_asked: str = "auto") -> Acceleration:
-    """Apply the chosen optimizations to a freshly wrapped PeftModel, in place (`restore` undoes them)."""
+    """Apply the chosen optimizations to a freshly wrapped PeftModel (or the plain model a method trains
+    itself), in place (`restore` undoes them)."""
     from unift.accel.attention import register
     from unift.accel.dropout import use_fast_dropout
     from unift.accel.forward import TrainingForward
@@ -82,7 +83,7 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
     from unift.accel.lora import fuse_lora_layers
 
     done = Acceleration(shape_multiple=SHAPE_MULTIPLE.get(device, 1))
-    inner = peft_model.get_base_model()
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     quantized = bool(getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False))
     on_cpu = device == "cpu"
     if "base_dtype" in wanted:

@@ -108,6 +108,9 @@ def _interactive(engine: Engine, settings: GenerationSettings, system: str | Non
             out.write("(conversation cleared)\n")
             continue
         if text in ("/base", "/tuned"):
+            if getattr(engine, "holds_model", False):  # duck-typed engines (tests) may lack it
+                out.write("(this run folder holds the whole fine-tuned model: there is no adapter to switch off)\n")
+                continue
             if not engine.has_adapter:
                 out.write("(no adapter loaded: this is the base model)\n")
                 continue

@@ -97,7 +97,13 @@ class Engine:
 
     @property
     def has_adapter(self) -> bool:
-        return self.card is not None
+        return self.card is not None and not self.card.holds_model
+
+    @property
+    def holds_model(self) -> bool:
+        """The model is a run's whole trained model (--peft_type full, freeze): tuned, but no adapter to
+        switch off, so there is no base model to compare with in memory."""
+        return self.card is not None and self.card.holds_model
 
     # ---- adapter on/off ---------------------------------------------------------------------------
 

@@ -148,6 +148,32 @@ def _probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
 
 
+def _fold(model, base_keys: frozenset[str], card: RunCard, tokenizer, template) -> tuple[Any, float]:
+    """merge_and_unload, checked: no adapter weight left behind, and the merged model's logits on a probe
+    prompt equal the adapter model's. Returns (merged model, max |Δlogit|)."""
+    base = model.get_base_model()
+    probe = tokenizer(template.render(PROBE, add_generation_prompt=True, tokenizer=tokenizer),
+                      add_special_tokens=False, return_tensors="pt")["input_ids"].to(base.device)
+    before = _probe_logits(model, probe)
+    try:
+        merged = model.merge_and_unload()
+    except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as err:
+        raise UniftError(f"cannot merge --peft_type {card.peft_type}: {first_line(err)}") from err
+    leftover = set(merged.state_dict()) - base_keys
+    if leftover:
+        raise UniftError(f"merging --peft_type {card.peft_type} left adapter weights behind "
+                         f"({sorted(leftover)[0]}, ...); it cannot be saved as a plain model")
+    after = _probe_logits(merged, probe)
+    diff = (after - before).abs().max().item()
+    scale = before.abs().max().item() or 1.0
+    log.info("merged model vs adapter model on a probe prompt: max |Δlogit| = %.2e (logits up to %.1f)",
+             diff, scale)
+    if diff > CHECK_RTOL * scale:
+        raise UniftError(f"the merged model does not reproduce the adapter model (max |Δlogit| {diff:.3g}); "
+                         "nothing was written")
+    return merged, diff
+
+
 def merge(
     adapter_dir: str,
     merged_dir: str,
@@ -176,13 +202,16 @@ def merge(
         raise UniftError("--merged_dir must differ from --adapter_dir")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UniftError(f"--merged_dir {out} exists and is not empty; pass --overwrite or choose another folder")
-    try:
-        peft_config = PeftConfig.from_pretrained(adapter_dir)
-    except (ValueError, OSError) as err:
-        raise UniftError(f"{adapter_dir}: cannot read the adapter config: {first_line(err)}") from err
-    reason = merge_refusal(card, peft_config)
-    if reason:
-        raise UniftError(f"cannot merge --peft_type {card.peft_type}: {reason}")
+    if not card.holds_model:
+        try:
+            peft_config = PeftConfig.from_pretrained(adapter_dir)
+        except (ValueError, OSError) as err:
+            raise UniftError(f"{adapter_dir}: cannot read the adapter config: {first_line(err)}") from err
+        reason = merge_refusal(card, peft_config)
+        if reason:
+            raise UniftError(f"cannot merge --peft_type {card.peft_type}: {reason}")
+    if export and export != "gguf":
+        raise UniftError(f"--export {export!r}: only gguf is supported")
 
     # Merged in fp32 (merge_plan); on a GPU when the fp32 weights fit on one, else on the CPU.
     trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
@@ -194,30 +223,17 @@ def merge(
         log.info("the adapter was trained over a %d-bit base; merging it into the base re-loaded in full "
                  "precision and saving at %s", card.quantization_bit, str(saved_dtype).replace("torch.", ""))
     model.eval()
-    base = model.get_base_model()
-    probe = tokenizer(template.render(PROBE, add_generation_prompt=True, tokenizer=tokenizer),
-                      add_special_tokens=False, return_tensors="pt")["input_ids"].to(base.device)
-    before = _probe_logits(model, probe)
-    if export and export != "gguf":
-        raise UniftError(f"--export {export!r}: only gguf is supported")
     if export == "gguf":
-        gguf_refusal(base.config, tokenizer)  # refuse before the work, not after it
-    try:
-        merged = model.merge_and_unload()
-    except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as err:
-        raise UniftError(f"cannot merge --peft_type {card.peft_type}: {first_line(err)}") from err
-    leftover = set(merged.state_dict()) - loaded.base_keys
-    if leftover:
-        raise UniftError(f"merging --peft_type {card.peft_type} left adapter weights behind "
-                         f"({sorted(leftover)[0]}, ...); it cannot be saved as a plain model")
-    after = _probe_logits(merged, probe)
-    diff = (after - before).abs().max().item()
-    scale = before.abs().max().item() or 1.0
-    log.info("merged model vs adapter model on a probe prompt: max |Δlogit| = %.2e (logits up to %.1f)",
-             diff, scale)
-    if diff > CHECK_RTOL * scale:
-        raise UniftError(f"the merged model does not reproduce the adapter model (max |Δlogit| {diff:.3g}); "
-                         "nothing was written")
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        gguf_refusal(inner.config, tokenizer)  # refuse before the work, not after it
+    if card.holds_model:
+        # Nothing to fold: the run trained the model itself. The merged folder is that model, written as
+        # any merge is (the chat template, unift_merged.json), so plain transformers and GGUF take it alike.
+        log.info("%s holds the whole trained model (--peft_type %s): nothing to fold in, writing it as it is",
+                 adapter_dir, card.peft_type)
+        merged, diff = model, 0.0
+    else:
+        merged, diff = _fold(model, loaded.base_keys, card, tokenizer, template)
 
     merged = merged.to(saved_dtype)
     config = merged.config

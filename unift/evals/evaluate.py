@@ -87,7 +87,14 @@ class EvalOptions(Options):
         get_extractor(self.extractor)  # a bad name or regex fails before any model loads
 
 
-def setups(has_adapter: bool, options: EvalOptions) -> list[Setup]:
+def setups(has_adapter: bool, options: EvalOptions, holds_model: bool = False) -> list[Setup]:
+    """`holds_model`: the model is a run's whole trained model (full, freeze): the tuned row only."""
+    if holds_model:
+        if options.compare_base or options.num_shots:
+            raise UniftError("--compare_base and --num_shots score the base model, which a run folder of a "
+                             "model trained whole (full, freeze) does not hold: evaluate the base on its own "
+                             "(--model_name_or_path BASE)")
+        return [Setup("tuned", True, 0)]
     rows = []
     if not has_adapter or options.compare_base:
         rows.append(Setup("base 0-shot", False, 0))
@@ -231,7 +238,7 @@ def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dic
         "dtype": dtype_name(next(engine.model.parameters()).dtype),  # the weights as scored (--dtype)
         "options": {k: v for k, v in options.__dict__.items()}, "setups": [],
     }
-    for setup in setups(engine.has_adapter, options):
+    for setup in setups(engine.has_adapter, options, engine.holds_model):
         row: dict[str, Any] = {"label": setup.label, "adapter": setup.adapter, "shots": setup.shots, "tasks": {}}
         for name, conversations in tasks.items():
             paired = conversations and "rejected" in conversations[0][-1]

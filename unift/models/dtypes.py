@@ -150,11 +150,15 @@ class DtypePlan:
 
 
 def training_plan(compute_dtype: str, device: str, *, quantization_bit: int | None = None,
-                  half_base: bool = True, sharded: bool = False) -> DtypePlan:
+                  half_base: bool = True, sharded: bool = False, trains_weights: bool = False) -> DtypePlan:
     """--compute_dtype on `device`. `half_base`: the base_dtype speed-up is wanted (the frozen base stored
     in a half-precision compute dtype instead of being cast on every step). `sharded`: an engine that
-    shards 4-bit weights (FSDP, ZeRO-3) packs them in the compute dtype."""
+    shards 4-bit weights (FSDP, ZeRO-3) packs them in the compute dtype. `trains_weights`: the model's own
+    weights train (full, freeze): they are stored in fp32 on every device, the optimizer's master copy
+    (updates far below a bf16 weight's precision would otherwise round away), and autocast computes."""
     compute = resolve_compute_dtype(compute_dtype, device)
+    if trains_weights:
+        return DtypePlan(compute, "fp32", "train")
     if quantization_bit:
         # bitsandbytes keeps the unquantized weights (norms, embeddings, head) in its compute dtype
         return DtypePlan(compute, compute, "train", quantization_bit,

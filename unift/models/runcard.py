@@ -36,6 +36,9 @@ class RunCard:
     # how it ran: engine (single, ddp, fsdp, deepspeed), world_size, nodes, each process's peak RSS (MiB)
     scaling: dict[str, Any] = field(default_factory=dict)
     stage: str = "sft"  # what trained the adapter (--stage): sft, dpo, orpo, simpo, kto
+    # The folder holds the whole trained model (config.json, model.safetensors), not an adapter: methods
+    # that train the model's own weights (full, freeze). Loaded from here; base_model is only its origin.
+    holds_model: bool = False
 
     def save(self, folder: Path) -> None:
         from unift.runtime import write_json_atomic

@@ -15,6 +15,7 @@ from unift.peft.registry import (
     method_flag_fields,
     method_names,
     register_method,
+    trainable_parameters,
     wrap_model,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "method_flag_fields",
     "method_names",
     "register_method",
+    "trainable_parameters",
     "wrap_model",
 ]

@@ -3,6 +3,8 @@
 The registry knows nothing of argparse or the Trainer: a method's `flags` is a dataclass of the options it
 reads (their flags are generated from its fields); `build` takes a plain options object with those
 attributes (normally the training arguments) and the family's ModelSpec and returns the peft config.
+A method that trains the model's own weights (full, freeze) has no peft config: its `own_weights` marks
+what trains on the plain model instead, and its run folder then holds the whole trained model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ QUANTIZATION_FLAGS = ("quantization_bit", "load_in_8bit")
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    build: Callable[[Any, ModelSpec], Any]  # (options, model spec) -> peft config
+    build: Callable[[Any, ModelSpec], Any] | None  # (options, model spec) -> peft config; None with own_weights
     description: str
     flags: type | None = None  # dataclass of the method's own flags (opt() fields); None: it reads none
     reads: tuple[str, ...] = ()  # general flags it documents among its own (qlora: compute_dtype)
@@ -43,6 +45,14 @@ class MethodSpec:
     merge_check: Callable[[Any], str] | None = None
     # Extra parse-time checks of the arguments (raise UniftError), after the generic ones.
     validate: Callable[[Any], None] | None = None
+    # (model, options, model spec) -> the model with requires_grad set on the weights it trains: the method
+    # trains the model itself (no adapter), and the run folder holds the whole trained model.
+    own_weights: Callable[[Any, Any, ModelSpec], Any] | None = None
+
+    @property
+    def holds_model(self) -> bool:
+        """Its run folder holds the whole trained model, not an adapter over a base."""
+        return self.own_weights is not None
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -156,6 +166,10 @@ def check_args(args: Any) -> None:
         if bits not in (None, 8):
             raise UniftError(f"--load_in_8bit contradicts --quantization_bit {bits}")
         bits = 8
+    if bits is not None and method.holds_model:
+        raise UniftError(f"--peft_type {method.name} trains the model's own weights, and {bits}-bit weights "
+                         "cannot be trained directly (they have no gradients); drop --quantization_bit/"
+                         "--load_in_8bit, or train an adapter over the quantized base (--peft_type qlora)")
     if method.quantization_bit:
         if bits not in (None, method.quantization_bit):
             raise UniftError(
@@ -174,10 +188,13 @@ def check_args(args: Any) -> None:
 
 
 def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
-    """Wrap a loaded base model with the method's adapter and return the PeftModel."""
+    """Wrap a loaded base model with the method's adapter and return the PeftModel; a method that trains
+    the model itself returns the model with its trained weights marked."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     method.check_model_type(spec.name)
+    if method.own_weights is not None:
+        return method.own_weights(model, options, spec)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # Casts norms/head to fp32 and enables input grads; checkpointing stays the user's choice.
         model = prepare_model_for_kbit_training(
@@ -197,6 +214,15 @@ def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
     compat.apply()
     compat.peft_adapters.freeze_ranknum(wrapped)  # peft 0.21's fp32 upcast makes AdaLoRA's ranknum trainable
     return wrapped
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters of a PeftModel (peft's count, which counts 4-bit weights unpacked) or
+    of a plain model (full, freeze)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def merge_refusal(method: MethodSpec, peft_config: Any) -> str:

@@ -34,7 +34,8 @@ def build_ui(service: Service):
     import gradio as gr
 
     engine, defaults = service.engine, service.settings
-    choices = [TUNED, BASE] if engine.has_adapter else [BASE]
+    # a run trained whole (full, freeze) is the tuned model, with no base beside it
+    choices = [TUNED, BASE] if engine.has_adapter else [TUNED] if getattr(engine, "holds_model", False) else [BASE]
 
     def respond(message: str, history: list[Message], display: list[dict], model: str, temperature: float,
                 top_p: float, max_new_tokens: float, repetition_penalty: float):

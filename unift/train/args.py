@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from unift.accel import parse_optimizations
+from unift.errors import UniftError
 from unift.models import ModelSpec, get_model_spec
 from unift.options import (
     NON_NEGATIVE,
@@ -17,11 +18,20 @@ from unift.options import (
     PROBABILITY,
     Options,
     Range,
+    check_choices,
     check_ranges,
     default_of,
     opt,
 )
 from unift.peft import MethodSpec, check_args, get_method, method_flag_fields
+from unift.train.optim import (
+    check_optim,
+    check_optim_args,
+    check_optim_pair,
+    check_scheduler,
+    check_scheduler_eval,
+)
+from unift.train.progress import check_report_to
 from unift.train.stages import DPO_LOSSES, check_stage
 
 
@@ -115,7 +125,18 @@ class RunArgs(Options):
                                         aliases=("--per_device_train_batch_size",), range=POSITIVE_INT)
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step", group="training", range=POSITIVE_INT)
     learning_rate: float = opt(3e-4, "peak learning rate", group="training", range=POSITIVE)
-    lr_scheduler_type: str = opt("cosine", "learning-rate schedule", group="training")
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule, by transformers' name (linear, cosine, "
+                                 "constant, constant_with_warmup, cosine_with_min_lr, ...)", group="training",
+                                 check=check_scheduler)
+    optim: str | None = opt(None, "optimizer, by transformers' name: adamw_torch, adamw_torch_fused, adafactor, "
+                            "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ... "
+                            "(default: transformers' own, adamw_torch_fused; qlora on a GPU: paged_adamw_32bit)", group="training",
+                            check=check_optim)
+    optim_args: str | None = opt(None, "the optimizer's own settings as key=value,key=value (sgd: momentum, "
+                                 "nesterov; rmsprop: alpha, centered, ...)", group="training", check=check_optim_args)
+    neftune_noise_alpha: float | None = opt(None, "NEFTune: uniform noise of this scale on the input embeddings "
+                                            "while training (not in evaluation or generation); 5 is the paper's "
+                                            "usual value", group="training", range=POSITIVE)
     warmup_ratio: float = opt(0.03, "fraction of steps for warm-up", group="training", range=PROBABILITY)
     weight_decay: float = opt(0.0, "weight decay", group="training", range=NON_NEGATIVE)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, "
@@ -134,7 +155,8 @@ class RunArgs(Options):
                                  range=POSITIVE_INT)
     save_total_limit: int = opt(2, "checkpoints to keep", group="training", range=POSITIVE_INT)
     seed: int = opt(42, "random seed", group="training", range=NON_NEGATIVE)
-    report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training")
+    report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training",
+                         check=check_report_to)
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/; GPUs or CPU, docs/scaling.md)", group="training")
     resume_from_checkpoint: str | None = opt(
         None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
@@ -156,8 +178,15 @@ class RunArgs(Options):
         # Cross-field checks between --model_type, --peft_type and the method flags, when the arguments are
         # built: `unift train` refuses an unsupported pair or an ignored flag before loading anything.
         check_ranges(self)
+        check_choices(self)
         check_args(self)
         check_stage(self, {f.name: default_of(f) for f in dataclasses.fields(RunArgs)})
+        check_optim_pair(self.optim, self.optim_args)
+        check_scheduler_eval(self.lr_scheduler_type, self.val_set_size)
+        if self.neftune_noise_alpha is not None and self.padding_free == "true":
+            # The Trainer scales the noise by the row's length; a packed row is several examples long.
+            raise UniftError("--neftune_noise_alpha scales its noise by the length of a row, and a padding-free "
+                             "row holds several examples: use --padding_free auto or false with it")
 
 
 def _compose() -> type:

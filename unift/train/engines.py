@@ -42,7 +42,14 @@ def prepare_process(args: Any) -> str:
 
 
 def engine_optimizations(args: Any, wanted: tuple[str, ...]) -> tuple[str, ...]:
-    """The speed levers the engine can take (--optimizations names what may apply)."""
+    """The speed levers the engine and the run's flags can take (--optimizations names what may apply)."""
+    if getattr(args, "neftune_noise_alpha", None) is not None and "padding_free" in wanted:
+        # The Trainer's NEFTune scales its noise by 1/sqrt(row length): a packed row of several examples
+        # would get noise weaker than each example alone should.
+        if is_main_process():
+            log.info("with --neftune_noise_alpha, not applied: padding_free (NEFTune scales its noise by the "
+                     "row's length, and a packed row holds several examples)")
+        wanted = tuple(name for name in wanted if name != "padding_free")
     if engine(args) != "fsdp":
         return wanted
     dropped = [name for name in wanted if name in FSDP_UNSAFE_LEVERS]
@@ -95,9 +102,11 @@ def _gathered_adapter(model: Any) -> dict[str, Any]:
 def save_adapter(trainer: Any, model: Any, folder: str | Path) -> None:
     """Write the adapter whole into `folder`; every rank calls it. DeepSpeed: the Trainer's save_model (it
     gathers ZeRO-3's partitions); FSDP: the shards gathered, then written by the main process; DDP and one
-    process hold the whole adapter already."""
+    process hold the whole adapter already. A method that trains the model itself (full, freeze): the
+    whole model, as the Trainer writes it into checkpoints (save_pretrained, safetensors)."""
     name = engine(trainer.args)
-    if name == "deepspeed":
+    method = getattr(trainer, "method", None)
+    if name == "deepspeed" or (method is not None and method.holds_model):
         trainer.save_model(str(folder))
         return
     state_dict = _gathered_adapter(model) if name == "fsdp" and world_size() > 1 else None

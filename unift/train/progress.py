@@ -20,8 +20,8 @@ TRACKERS = ("tensorboard", "wandb")
 LOSS_PLOT = "loss.png"
 
 
-def report_targets(value: str | None, output_dir: str) -> list[str]:
-    """--report_to as the Trainer's list; wandb's files go to the run folder unless WANDB_DIR says otherwise."""
+def tracker_names(value: str | None) -> list[str]:
+    """--report_to's trackers, each known and installed (checked when the arguments are built)."""
     names = [n.strip() for n in (value or "none").split(",") if n.strip() and n.strip() != "none"]
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
@@ -32,6 +32,17 @@ def report_targets(value: str | None, output_dir: str) -> list[str]:
     missing = [n for n in names if find_spec(needs[n]) is None]
     if missing:
         raise UniftError(f"--report_to {','.join(missing)}: not installed (pip install {' '.join(missing)})")
+    return names
+
+
+def check_report_to(value: str) -> str:
+    tracker_names(value)
+    return value
+
+
+def report_targets(value: str | None, output_dir: str) -> list[str]:
+    """--report_to as the Trainer's list; wandb's files go to the run folder unless WANDB_DIR says otherwise."""
+    names = tracker_names(value)
     if "wandb" in names:
         os.environ.setdefault("WANDB_DIR", str(output_dir))
         os.environ.setdefault("WANDB_PROJECT", "unift")

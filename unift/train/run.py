@@ -32,7 +32,7 @@ from unift.models.dtypes import training_plan
 from unift.models.loading import resolve_model_path
 from unift.models.runcard import METRICS, RunCard, default_run_dir
 from unift.options import command_line
-from unift.peft import wrap_model
+from unift.peft import trainable_parameters, wrap_model
 from unift.runtime import is_main_process, library_versions, peak_rss_mib, world_size, write_json_atomic
 from unift.train.args import TrainArgs
 from unift.train.checkpoints import (
@@ -127,7 +127,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     wanted, not_for_stage = stage_levers(ready["stage"], engine_optimizations(args, parse_optimizations(args.optimizations)))
     # The run's dtypes, decided once: the card records these, not what the loaded model reports
     plan = training_plan(args.compute_dtype, device, quantization_bit=bits, half_base="base_dtype" in wanted,
-                         sharded=sharded_quantized_storage(args))
+                         sharded=sharded_quantized_storage(args), trains_weights=method.holds_model)
     ready["plan"], ready["quantization_bit"] = plan, bits
     dtype, base_dtype = plan.compute, plan.storage
     model = load(base_model=ready["path"], model_type=spec.name, template=ready["template"],
@@ -139,7 +139,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     model = wrap_model(model, method, options, spec)
     accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
                              compute=plan.compute_dtype, padding_free_asked=args.padding_free)
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, total = trainable_parameters(model)
     stats = ready["stats"]
     if is_main_process():
         check_output_dir(args.output_dir, checkpoint_bytes(trainable, args.save_total_limit))
@@ -174,6 +174,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             # what --cutoff_len did: examples whose front was cut, answers too long on their own
             **{k: stats.get(k) for k in ("examples", "truncated", "long_answers", "dropped", "truncation")}},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), stage=args.stage,
+        holds_model=method.holds_model,
     )
     stop = StopOnSignal()
     trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])
@@ -193,7 +194,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
                      stop.stopped_at, trainer.state.max_steps, out, stop.stopped_at)
         raise KeyboardInterrupt
     metrics: dict[str, Any] = {}
-    save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first
+    save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first (full: the model)
     card.scaling = scaling_record(args)  # every rank: gathers each process's peak memory
     if trainer.is_world_process_zero():
         ready["tokenizer"].save_pretrained(out)
@@ -224,6 +225,6 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         }
         write_json_atomic(out / METRICS, metrics)
         plot_losses(history, out / LOSS_PLOT)
-        log.info("saved the adapter and run card to %s (%.0f tokens/s, %.0f s, peak RSS %.0f MiB)",
-                 out, metrics["tokens_per_second"], wall, metrics["peak_rss_mib"])
+        log.info("saved the %s and run card to %s (%.0f tokens/s, %.0f s, peak RSS %.0f MiB)",
+                 "model" if method.holds_model else "adapter", out, metrics["tokens_per_second"], wall, metrics["peak_rss_mib"])
     return TrainResult(out, model, metrics)

@@ -60,6 +60,10 @@ def check_engine(args: Any) -> str:
     name = engine(args)
     if args.deepspeed:
         deepspeed_config(args.deepspeed)  # a missing or broken file fails in one line, before loading
+    if name == "fsdp" and args.method.holds_model:
+        # unift's FSDP path wraps and gathers adapters (PEFT's auto-wrap policy, the adapter's tensors)
+        raise UniftError(f"--peft_type {args.method.name} under FSDP is not supported; use DDP (torchrun) or "
+                         "DeepSpeed (--deepspeed)")
     if name in ("deepspeed", "fsdp"):
         bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
         sharded = name == "fsdp" or zero_stage(args) == 3

@@ -79,7 +79,9 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
         lr_scheduler_type=args.lr_scheduler_type,
         warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=args.weight_decay,
-        optim=ready["method"].optimizer_name(),  # paged AdamW for QLoRA on GPU, else the default
+        optim=args.optim or ready["method"].optimizer_name(),  # default: paged AdamW for QLoRA on GPU
+        optim_args=args.optim_args,
+        neftune_noise_alpha=args.neftune_noise_alpha,
         logging_steps=max(1, args.logging_steps),
         save_strategy=save_strategy,
         save_steps=args.save_steps or 500,
