@@ -106,11 +106,12 @@ def registry(tmp_path: Path, entries: dict) -> Path:
          {"columns": {"prompt": "question", "response": "answer"}},
          "{path}: record 2: field 'answer' (mapped from 'response') is missing"),
         ("q.jsonl", jsonl(OK), {"formatting": "yaml"}, "{info}: 'mine': unknown format 'yaml'; known: alpaca, cot, "
-         "sharegpt, messages, text"),
+         "sharegpt, messages, text, preference"),
         ("q.jsonl", jsonl(OK), {"columns": {"images": "pics"}},
-         "{path}: column 'images': images are not supported for supervised fine-tuning"),
-        ("q.jsonl", jsonl(OK), {"ranking": True}, "{info}: 'mine': preference data (ranking) is not supported by "
-         "supervised fine-tuning"),
+         "{path}: column 'images': images are not supported (text only)"),
+        ("q.jsonl", jsonl({"instruction": "hi", "chosen": "a", "rejected": "b"}), {"ranking": True},
+         "{path}: record 1: this record holds preference pairs (chosen and rejected answers), but the run trains "
+         "on instruction data; pairs train with --stage dpo, orpo or simpo"),
     ],
 )
 def test_registry_mapping_errors(tmp_path, capsys, file, text, entry, expected):

@@ -136,9 +136,10 @@ def test_empty_answers_are_skipped_and_reported_or_refused(tmp_path, files):
 
 
 @pytest.mark.parametrize("data, kind, message", [
-    ("pairs.jsonl", "sft", "holds preference pairs .* trains on instruction data; preference data trains with --stage"),
-    ("pairs.jsonl", "unpaired", "holds preference pairs .* labelled desirable or not"),
-    ("unpaired.jsonl", "pairs", "holds answers labelled desirable or not .* trains on preference pairs"),
+    ("pairs.jsonl", "sft", "holds preference pairs .* trains on instruction data; pairs train with --stage dpo"),
+    ("pairs.jsonl", "unpaired", "holds preference pairs .* labelled desirable or not .*; pairs train with"),
+    ("unpaired.jsonl", "pairs", "holds answers labelled .* trains on preference pairs .*; labelled answers train "
+                                "with --stage kto"),
 ])
 def test_data_of_another_kind_is_refused_with_the_stage_to_use(files, data, kind, message):
     with pytest.raises(UniftError, match=f"{data}: record 1: this record {message}"):
@@ -236,7 +237,7 @@ def stage_method_pairs() -> list[tuple[str, str]]:
     # in CI: one method of each kind (weight deltas, quantized base, virtual tokens, rescaling, modules of
     # their own) with DPO, the ones that change the forward most with the reference-free stages; LoRA runs
     # every stage in test_every_stage_trains_every_family
-    kinds = {"dpo": ("dora", "qlora", "prefix", "p-tuning", "ia3", "oft", "adapters"),
+    kinds = {"dpo": ("dora", "qlora", "prefix", "p-tuning", "ia3", "oft", "adapters", "full", "freeze"),
              "orpo": ("prefix", "adapters"), "simpo": ("prefix", "adapters"), "kto": ("ia3",)}
     return [(s, m) for s, m in works if m in kinds.get(s, ())]
 
@@ -250,7 +251,10 @@ def test_stage_by_method(tiny_model, files, tmp_path, stage, method):
                               learning_rate=rate, max_steps=5))
     curve = losses(result)
     assert all(math.isfinite(x) for x in curve) and min(curve[1:]) < curve[0], curve
-    assert RunCard.load(tmp_path / "run").stage == stage
+    card = RunCard.load(tmp_path / "run")
+    assert card.stage == stage
+    # full and freeze have no adapter to switch off: their reference is a frozen copy, their folder the model
+    assert (tmp_path / "run" / ("model.safetensors" if card.holds_model else "adapter_model.safetensors")).exists()
 
 
 def test_reference_is_the_base_model_with_the_adapter_off(tiny_model, files, tmp_path):
@@ -309,23 +313,18 @@ def test_unift_list_shows_stage_by_method():
 
 
 def test_dpo_raises_held_out_preference_accuracy_on_the_embedded_model(tmp_path, capsys):
-    """The end-to-end claim: DPO with LoRA on the embedded model, from the command line, makes the model
-    prefer the chosen style on pairs it never saw (`unift eval --pairs`, base vs tuned)."""
-    things = ["apple", "river", "mountain", "teacher", "window", "garden", "bicycle", "ocean", "candle", "forest",
-              "pencil", "castle", "rabbit", "violin", "planet", "bridge", "coffee", "desert", "ladder", "lantern"]
-    rows = []
-    for thing in things:
-        plain = f"A {thing} is a common thing that many people know well."
-        rows.append({"prompt": f"Describe a {thing} in one short sentence.", "chosen": plain.upper(),
-                     "rejected": plain})
-    train_file, held_file = write(tmp_path / "train.jsonl", rows[:14]), write(tmp_path / "held.jsonl", rows[14:])
+    """The end-to-end claim, on the bundled pairs (data/make_pairs.py): DPO with LoRA on the embedded model,
+    from the command line, makes the model prefer the answer that follows the request on pairs about things
+    it never saw in training (`unift eval --pairs`, base vs tuned)."""
     run = tmp_path / "run"
-    assert main(["train", "--stage", "dpo", "--data", train_file, "--max_steps", "6", "--per_gpu_train_batch_size",
-                 "4", "--learning_rate", "1e-3", "--warmup_ratio", "0", "--output_dir", str(run)]) == 0
-    assert main(["eval", "--adapter_dir", str(run), "--pairs", held_file, "--compare_base"]) == 0
+    assert main(["train", "--stage", "dpo", "--data", "caps_pairs", "--max_samples", "16", "--max_steps", "6",
+                 "--per_gpu_train_batch_size", "4", "--learning_rate", "1e-3", "--warmup_ratio", "0",
+                 "--output_dir", str(run)]) == 0
+    assert main(["eval", "--adapter_dir", str(run), "--pairs", "caps_pairs_test", "--max_samples", "6",
+                 "--compare_base"]) == 0
     results = json.loads((run / "eval_results.json").read_text())
-    base, tuned = (row["tasks"][held_file] for row in results["setups"])
+    base, tuned = (row["tasks"]["caps_pairs_test"] for row in results["setups"])
     assert tuned["preference_accuracy"] > base["preference_accuracy"]
     assert tuned["margin"] > base["margin"] + 5
     assert tuned["correct"] == tuned["examples"] == 6
-    assert "preference accuracy" in capsys.readouterr().out
+    assert "caps_pairs_test: preference accuracy" in capsys.readouterr().out

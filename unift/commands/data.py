@@ -26,7 +26,7 @@ from unift.errors import UniftError
 from unift.options import POSITIVE_INT, Options, opt
 from unift.train.args import TrainArgs
 
-CHECK_FIELDS = ("model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
+CHECK_FIELDS = ("stage", "model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
                 "cutoff_len", "truncation", "val_set_size", "max_samples", "train_on_prompt", "data_ratios",
                 "streaming", "num_proc", "overwrite_cache", "strict_data", "seed")
 OPEN, CLOSE = "⟦", "⟧"  # around trained text in plain output
@@ -134,7 +134,10 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
     out = out or sys.stdout
     color = out.isatty() and not os.environ.get("NO_COLOR")
     spec = get_model_spec(args.model_type)
-    options = DataOptions.from_args(args, stream_length=STREAM_SAMPLE if args.streaming else 0)
+    from unift.train.stages import get_stage
+
+    kind = get_stage(args.stage).kind
+    options = DataOptions.from_args(args, stream_length=STREAM_SAMPLE if args.streaming else 0, kind=kind)
     sources = load_sources(options)
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
@@ -164,6 +167,10 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
     if not options.streaming and len(stats["sources"]) > 1:
         total = sum(s["records"] for s in stats["sources"])
         w(f"{'total':<{width}} {'':<10} {total:>8} {stats['dropped']:>8} {stats['train']:>7} {stats['val']:>6}\n")
+    if kind != "sft":
+        w(f"{'pairs' if kind == 'pairs' else 'labelled answers'} (--stage {args.stage}): {stats['examples']}"
+          + (f"; desirable {sum(bundle.train_full['label']) + sum(bundle.val_full['label'])}" if kind == "unpaired"
+             else "") + "\n")
     if options.data_ratios:
         w(f"mixing: --data_ratios {' '.join(f'{r:g}' for r in options.data_ratios)}\n")
     if options.streaming:
@@ -204,6 +211,14 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
     legend = "bright" if color else f"inside {OPEN} {CLOSE}"
     for source, row in zip(stats["sources"], firsts):
         if row is None or not show:
+            continue
+        if "prompt_ids" in row:
+            w(f"\nfirst example of {source['name']} (prompt, then each answer {legend}):\n")
+            w(tokenizer.decode(row["prompt_ids"]) + "\n")
+            answers = (("chosen", row["chosen_ids"]), ("rejected", row["rejected_ids"])) if "chosen_ids" in row \
+                else ((f"completion ({'desirable' if row['label'] else 'undesirable'})", row["completion_ids"]),)
+            for name, ids in answers:
+                w(f"  {name}: " + marked(ids, ids, tokenizer, color) + "\n")
             continue
         size = len(row["input_ids"])
         where = "at the end: its answer alone is too long" if row.get("long_answer") else "at the front"

@@ -23,9 +23,8 @@ from unift.data.templates import Message
 from unift.errors import UniftError
 
 # What to change when the data does not fit the run
-STAGE_HINT = {"sft": "preference data trains with --stage dpo, orpo, simpo, kto or rm",
-              "pairs": "give records with chosen and rejected answers (or use --stage sft / kto)",
-              "unpaired": "give records with a completion and a true/false label (or kto_tag)"}
+STAGE_HINT = {"sft": "instruction data trains with --stage sft", "pairs": "pairs train with --stage dpo, orpo or simpo",
+              "unpaired": "labelled answers train with --stage kto"}
 
 
 def to_conversations(path: Path, fmt: str | None = None, columns: dict | None = None,
@@ -72,8 +71,9 @@ def iter_conversations(
                 left_out += 1
                 continue
             if kind is not None and conversation_kind(conversation) != kind:
-                raise UniftError(f"{where}: this record holds {KINDS[conversation_kind(conversation)]}, but the run "
-                                 f"trains on {KINDS[kind]}; {STAGE_HINT[kind]}")
+                found = conversation_kind(conversation)
+                raise UniftError(f"{where}: this record holds {KINDS[found]}, but the run trains on {KINDS[kind]}; "
+                                 f"{STAGE_HINT[found]}")
             yield where, conversation
             produced += 1
             if limit is not None and produced >= limit:

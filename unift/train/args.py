@@ -89,6 +89,8 @@ class RunArgs(Options):
                                       range=POSITIVE)
     kto_undesirable_weight: float = opt(1.0, "--stage kto's weight of undesirable answers", group="stage",
                                         range=POSITIVE)
+    ref_model: str | None = opt(None, "dpo, kto: a separate reference model, a model or run folder (default: the "
+                                "base with the adapter switched off, no second copy in memory)", group="stage")
     # data
     data: list[str] = opt(["arith"], "dataset names from dataset_info.json, or paths to files or folders; "
                           "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))

@@ -55,7 +55,7 @@ PREFERENCE_REFUSALS = {
                "trainable adapter only",
 }
 
-STAGE_FLAGS = ("pref_beta", "pref_loss", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
+STAGE_FLAGS = ("pref_beta", "pref_loss", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight", "ref_model")
 
 STAGES: dict[str, StageSpec] = {}
 
@@ -79,7 +79,7 @@ def _beta(args: Any, stage: StageSpec) -> float:
 register_stage(StageSpec("sft", "supervised fine-tuning on instruction data", "sft"))
 register_stage(StageSpec(
     "dpo", "direct preference optimisation (TRL's DPO losses, --pref_loss) over chosen/rejected pairs", "pairs",
-    beta=0.1, reference=True, flags=("pref_beta", "pref_loss"), unsupported=PREFERENCE_REFUSALS,
+    beta=0.1, reference=True, flags=("pref_beta", "pref_loss", "ref_model"), unsupported=PREFERENCE_REFUSALS,
     settings=lambda args: {"beta": _beta(args, STAGES["dpo"]), "loss_type": [args.pref_loss]}))
 register_stage(StageSpec(
     "orpo", "odds-ratio preference optimisation: the chosen answer's loss plus an odds-ratio term, no reference",
@@ -90,7 +90,7 @@ register_stage(StageSpec(
     settings=lambda args: {"beta": _beta(args, STAGES["simpo"])}))
 register_stage(StageSpec(
     "kto", "Kahneman-Tversky optimisation over answers labelled desirable or not (TRL's KTO)", "unpaired",
-    beta=0.1, reference=True, flags=("pref_beta", "kto_desirable_weight", "kto_undesirable_weight"),
+    beta=0.1, reference=True, flags=("pref_beta", "kto_desirable_weight", "kto_undesirable_weight", "ref_model"),
     unsupported=PREFERENCE_REFUSALS,
     settings=lambda args: {"beta": _beta(args, STAGES["kto"]), "desirable_weight": args.kto_desirable_weight,
                            "undesirable_weight": args.kto_undesirable_weight,
@@ -208,6 +208,20 @@ def _config(stage: StageSpec, settings: dict, args: Any, multiple: int):
                   precompute_ref_log_probs=not stage.reference, pad_to_multiple_of=multiple if multiple > 1 else None)
 
 
+def _separate_reference(path: str, ready: dict):
+    """--ref_model: a model folder, or a run folder (its adapter folded in), loaded like the base."""
+    from pathlib import Path
+
+    from unift.loader import load
+
+    is_run = (Path(path) / "adapter_config.json").exists()
+    loaded = load(path if is_run else None, base_model=None if is_run else path, model_type=ready["spec"].name,
+                  device=ready["device"], dtype=ready["plan"]).model
+    if hasattr(loaded, "merge_and_unload"):
+        loaded = loaded.merge_and_unload()
+    return loaded.eval().requires_grad_(False)
+
+
 def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict, model, callbacks: list | None):
     """The TRL trainer of a preference stage, on unift's rows, with unift's hooks."""
     from peft import PeftModel
@@ -216,8 +230,11 @@ def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict,
 
     config = _config(stage, settings, args, ready.get("shape_multiple", 1))
     adapter = isinstance(model, PeftModel)
-    # full or freeze: the starting weights, frozen, are the reference
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if stage.reference and not adapter else None
+    reference = None
+    if stage.reference and args.ref_model:
+        reference = _separate_reference(args.ref_model, ready)
+    elif stage.reference and not adapter:  # full or freeze: the starting weights, frozen, are the reference
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
     with warnings.catch_warnings():
         # peft warns that "ref" is part of "prefix_tuning_" when TRL copies a prefix adapter; the copy goes
         warnings.filterwarnings("ignore", message="Adapter name 'ref' should not be contained")
