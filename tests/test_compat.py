@@ -399,3 +399,54 @@ def test_upstream_accelerate_turns_fsdp_on_only_for_gpu_like_devices():
     at = source.index("self.distributed_type = DistributedType.FSDP")
     branch = source[source.rindex("elif self.distributed_type in [", 0, at):at]
     assert "DistributedType.MULTI_GPU" in branch and "MULTI_CPU" not in branch
+
+
+# ---- trl_stages: the preference trainers' reference adapter and CPU log-probabilities ------------------------
+
+def test_upstream_trl_copies_a_peft_adapter_as_its_reference():
+    """Fails once TRL's DPOTrainer stops adding the 'ref' adapter (drop_reference_adapter can go then)."""
+    from trl import DPOTrainer
+
+    source = inspect.getsource(DPOTrainer.__init__)
+    assert 'model.add_adapter("ref", default_config)' in source
+
+
+def test_drop_reference_adapter_leaves_the_trained_one():
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"]))
+    model.add_adapter("ref", model.peft_config["default"])
+    assert compat.trl_stages.drop_reference_adapter(model)
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert all(".ref." not in name for name, _ in model.named_parameters())
+    assert not compat.trl_stages.drop_reference_adapter(model)
+
+
+def test_upstream_trl_scores_every_position_on_a_cpu():
+    """Fails once TRL's fused head scores only the answer positions on a CPU by itself."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    assert _use_triton(torch.device("cpu")) is False
+    from trl.trainer import utils
+
+    assert "compact = _use_triton(hidden_states.device)" in inspect.getsource(utils.add_fused_lm_head)
+
+
+def test_answer_positions_only_give_the_same_log_probabilities(monkeypatch):
+    from trl.trainer import utils
+
+    model = tiny_llama()
+    utils.add_fused_lm_head(model)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :7] = -100
+
+    def scores():
+        return model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+
+    full = scores()
+    monkeypatch.setattr(utils, "_use_triton", utils._use_triton)  # restored after the test
+    compat.trl_stages.score_answer_tokens_only()
+    assert utils._use_triton(torch.device("cpu"))
+    compact = scores()
+    assert torch.allclose(full, compact, atol=1e-6) and (compact[:, :6] == 0).all()

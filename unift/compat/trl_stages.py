@@ -20,3 +20,22 @@ def drop_reference_adapter(model: Any) -> bool:
     if model.active_adapter != "default":  # set_adapter would also make every default parameter trainable
         model.set_adapter("default")
     return True
+
+
+def score_answer_tokens_only() -> None:
+    """TRL's fused output head (preference log-probabilities) projects only the answer positions on CUDA, but
+    every position, prompt and padding included, elsewhere: a rule for Neuron, whose compiler would rebuild
+    its kernels for every count of answer tokens. A CPU has no such compiler, so there the answer positions
+    alone are scored too (measured on a tiny llama DPO step: most of the step was the full-width head).
+    Process-wide and idempotent; the results are the same numbers (a test compares them)."""
+    import trl.trainer.utils as utils
+
+    original = utils._use_triton
+    if getattr(original, "unift_cpu_compact", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact.unift_cpu_compact = True
+    utils._use_triton = compact

@@ -228,6 +228,7 @@ def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict,
 
     from unift import compat
 
+    compat.trl_stages.score_answer_tokens_only()
     config = _config(stage, settings, args, ready.get("shape_multiple", 1))
     adapter = isinstance(model, PeftModel)
     reference = None
