@@ -199,7 +199,7 @@ def test_every_method_flag_is_a_train_argument_and_read_by_some_method():
     fields = {f.name: f.metadata.get("group") for f in dataclasses.fields(TrainArgs)}
     read = {option for name in method_names() for option in METHODS[name].options}
     assert read <= set(fields), read - set(fields)
-    general = {"general", "model", "method", "data", "training"}
+    general = {"general", "model", "method", "stage", "data", "training"}
     method_only = {name for name, group in fields.items() if group not in general}
     assert method_only <= read, method_only - read
 

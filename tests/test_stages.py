@@ -27,9 +27,9 @@ from unift.errors import UniftError
 from unift.models import load_tokenizer
 from unift.models.runcard import RunCard
 from unift.peft import method_names
-from unift.peft.support import stage_matrix
 from unift.train.args import TrainArgs
 from unift.train.run import train
+from unift.train.stages import README_END, README_START, stage_matrix, stage_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -208,8 +208,8 @@ def losses(result) -> list[float]:
 
 
 # The stages with a reference on every family; the reference-free ones share their data path and forward
-FAMILY_RUNS = [(stage, family) for stage in ("dpo", "kto") for family in FAMILIES] + [("orpo", "llama"),
-                                                                                       ("simpo", "llama")]
+FAMILY_RUNS = [(stage, family) for stage in ("dpo", "kto") for family in FAMILIES] + [
+    ("orpo", "llama"), ("simpo", "llama")] + [("rm", family) for family in FAMILIES if family != "moss"]
 
 
 @pytest.mark.parametrize("stage, family", FAMILY_RUNS)
@@ -223,6 +223,11 @@ def test_every_stage_trains_every_family(tiny_model, files, tmp_path, family, st
         assert curve[0] == pytest.approx(FIRST_LOSS[stage], abs=1e-4)
     # KTO batches come in the data's order (two batches of 4 here): compare the loss on the same batch
     assert (curve[2] < curve[0] and curve[3] < curve[1]) if stage == "kto" else curve[-1] < curve[0], curve
+    if stage == "rm":  # the scoring head is new: it is saved with the adapter
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "run" / "adapter_model.safetensors", "pt") as saved:
+            assert any(".score." in key or key.startswith("score") or ".score" in key for key in saved.keys())
     card = RunCard.load(tmp_path / "run")
     assert (card.stage, card.peft_type) == (stage, "lora")
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
@@ -238,6 +243,7 @@ def stage_method_pairs() -> list[tuple[str, str]]:
     # their own) with DPO, the ones that change the forward most with the reference-free stages; LoRA runs
     # every stage in test_every_stage_trains_every_family
     kinds = {"dpo": ("dora", "qlora", "prefix", "p-tuning", "ia3", "oft", "adapters", "full", "freeze"),
+             "rm": ("prompt", "adalora", "freeze"),
              "orpo": ("prefix", "adapters"), "simpo": ("prefix", "adapters"), "kto": ("ia3",)}
     return [(s, m) for s, m in works if m in kinds.get(s, ())]
 
@@ -260,7 +266,7 @@ def test_stage_by_method(tiny_model, files, tmp_path, stage, method):
 def test_reference_is_the_base_model_with_the_adapter_off(tiny_model, files, tmp_path):
     """No second copy: TRL's 'ref' adapter is gone and the reference log-probabilities are the base
     model's own (a prefix adapter changes the outputs from the start, so they must differ from the policy's)."""
-    from unift.train import stages as stage_module
+    from unift.train import preference as stage_module
 
     seen = {}
     build = stage_module.preference_trainer
@@ -294,6 +300,8 @@ def test_reference_is_the_base_model_with_the_adapter_off(tiny_model, files, tmp
     (["--stage", "dpo", "--peft_type", "adalora"], "--stage dpo does not work with --peft_type adalora"),
     (["--stage", "dpo", "--streaming", "--max_steps", "2"], "--stage dpo reads its data whole"),
     (["--stage", "ppo"], "unknown --stage 'ppo'"),
+    (["--stage", "rm", "--model_type", "moss"], "--stage rm does not work with --model_type moss"),
+    (["--stage", "rm", "--peft_type", "prefix"], "--stage rm does not work with --peft_type prefix"),
     (["--pref_loss", "bogus"], "--pref_loss"),
 ])
 def test_bad_stage_flags_fail_before_anything_loads(capsys, flags, message):
@@ -305,11 +313,17 @@ def test_bad_stage_flags_fail_before_anything_loads(capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
-def test_unift_list_shows_stage_by_method():
+def test_unift_list_shows_stage_by_method(capsys):
     matrix = stage_matrix()
-    assert set(matrix) == {"sft", *STAGES}
+    assert set(matrix) == {"sft", "rm", *STAGES}
     assert set(matrix["dpo"]) == set(method_names())
     assert "AdaLoRA allows one trainable adapter" in matrix["dpo"]["adalora"]
+    assert main(["list"]) == 0
+    assert stage_table() in capsys.readouterr().out
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index(README_START) + len(README_START)
+    assert readme[start:readme.index(README_END)].strip("\n") == stage_table(), \
+        "run: python -m unift.train.stages --update-readme"
 
 
 def test_dpo_raises_held_out_preference_accuracy_on_the_embedded_model(tmp_path, capsys):
@@ -328,3 +342,18 @@ def test_dpo_raises_held_out_preference_accuracy_on_the_embedded_model(tmp_path,
     assert tuned["margin"] > base["margin"] + 5
     assert tuned["correct"] == tuned["examples"] == 6
     assert "caps_pairs_test: preference accuracy" in capsys.readouterr().out
+
+
+def test_reward_model_scores_pairs_and_refuses_to_generate(tiny_model, files, tmp_path, capsys):
+    """A reward model's run folder: eval --pairs reports its pairwise accuracy (how often the chosen answer
+    scores higher); the commands that write text refuse it in one line."""
+    run = tmp_path / "run"
+    train(stage_args("rm", tiny_model("llama"), files, run, max_steps=6, learning_rate=1e-2))
+    assert main(["eval", "--adapter_dir", str(run), "--pairs", str(files / "pairs.jsonl")]) == 0
+    results = json.loads((run / "eval_results.json").read_text())
+    [row] = results["setups"]
+    task = row["tasks"][str(files / "pairs.jsonl")]
+    assert task["examples"] == len(PAIRS) and task["preference_accuracy"] == 1.0 and task["reward_margin"] > 1
+    assert "reward margin" in capsys.readouterr().out
+    assert main(["generate", "--adapter_dir", str(run), "--prompt", "hi"]) == 2
+    assert "is a reward model (--stage rm)" in capsys.readouterr().err

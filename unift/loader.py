@@ -49,10 +49,14 @@ def load(
     dtype: DtypePlan | str | torch.dtype | None = None,
     card: RunCard | None = None,
     tokenizer: Any = None,
+    reward: bool = False,
+    allow_reward: bool = False,
 ) -> Loaded:
     """`adapter_dir`: a run folder or any PEFT adapter folder, local or ORG/NAME[@REVISION] on the hub (its base from `base_model`, else from its card);
     None: `base_model` alone (a base or merged folder, a hub id, or the embedded model when None).
     `dtype`: a DtypePlan, or the --dtype asked for inference (None: the device's, see inference_plan).
+    `reward`: load the family's scoring-head model (training --stage rm); `allow_reward`: the caller scores
+    with a reward model's run folder (eval), which every other command refuses.
     `card`: the adapter's run card when the caller read it already; `tokenizer` (and a resolved `template`):
     when the caller loaded them already (training does, to check the data before any weights load)."""
     given = adapter_dir
@@ -67,6 +71,11 @@ def load(
         trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
     else:
         trust = bool(trust_remote_code)
+    if card and card.stage == "rm":
+        if not allow_reward:
+            raise UniftError(f"{adapter_dir} is a reward model (--stage rm): it scores answers, it does not write "
+                             f"them; score pairs with: unift eval --adapter_dir {adapter_dir} --pairs DATA")
+        reward = True
     holds_model = bool(card and card.holds_model)
     if holds_model:  # the run folder is the trained model; its base is only where it came from
         if base_model and base_model != card.base_model:
@@ -89,7 +98,9 @@ def load(
         resolve_template(template, spec.template, tokenizer)
     model = load_model(path, spec, quantization_bit=plan.quantization_bit, compute_dtype=plan.compute_dtype,
                        dtype=plan.storage_dtype, trust_remote_code=trust, device_map=_placement(plan, placed_on, path),
-                       quant_storage=torch_dtype(plan.quant_storage) if plan.quant_storage else None)
+                       quant_storage=torch_dtype(plan.quant_storage) if plan.quant_storage else None, reward=reward)
+    if reward and model.config.pad_token_id is None:  # the scoring head reads the last token before padding
+        model.config.pad_token_id = tokenizer.pad_token_id
     if plan.upcast_unquantized:
         upcast_unquantized(model)
     # Only merges compare against them (and a quantized base's state dict is costly to build).

@@ -1,4 +1,4 @@
-"""`unift list`: the model_type x peft_type support matrix."""
+"""`unift list`: the model_type x peft_type support matrix, and the stage x peft_type one."""
 
 from __future__ import annotations
 
@@ -17,5 +17,6 @@ OPTIONS = ListOptions
 
 def run(options: ListOptions) -> None:
     from unift.peft.support import support_table
+    from unift.train.stages import stage_table
 
-    print(support_table())
+    print(support_table() + "\n\n" + stage_table())

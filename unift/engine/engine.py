@@ -62,13 +62,15 @@ class Engine:
         trust_remote_code: bool | None = None,
         dtype: torch.dtype | None = None,
         device: str | None = None,
+        allow_reward: bool = False,
     ) -> Engine:
         """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
         embedded model, placed on --device (default: the first GPU, else the CPU) in that device's dtype
         unless `dtype` is given (unift.loader, unift.models.dtypes)."""
         compat.apply()
         loaded = loader.load(adapter_dir, base_model=base_model, model_type=model_type, template=template,
-                             trust_remote_code=trust_remote_code, dtype=dtype, device=device)
+                             trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+                             allow_reward=allow_reward)
         engine = cls(loaded.model, loaded.tokenizer, loaded.template, loaded.card, name=loaded.name)
         engine.merged = merge_in_memory(loaded.model, loaded.card)
         return engine
@@ -79,7 +81,8 @@ class Engine:
         ids = set()
         marker = self.end_of_turn
         marker_ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None),
+        generation = getattr(self.model, "generation_config", None)  # a reward model (--stage rm) has none
+        for source in (self.tokenizer.eos_token_id, getattr(generation, "eos_token_id", None),
                        marker_ids if len(marker_ids) == 1 else None):
             if isinstance(source, int):
                 ids.add(source)

@@ -1,14 +1,11 @@
 """Folding an adapter into its base model: a folder that plain `transformers` loads without unift.
 
 The merged folder holds the weights, the run's tokenizer with a chat template that renders exactly the
-run's prompt template (so `apply_chat_template` prompts as training did), and unift_merged.json.
-The merge is checked before anything is written: the merged model's logits on a probe prompt must
-equal the adapter model's (the difference is logged).
-
-QLoRA: the adapter was trained over a 4-bit base, but it is folded into the base re-loaded in full
-precision and saved at --compute_dtype (the 4-bit base cannot hold the sum). The merged model
-therefore differs slightly from the QLoRA model (by the 4-bit rounding of the base), usually for the
-better; docs/after_training.md says more.
+run's prompt template (so `apply_chat_template` prompts as training did), and unift_merged.json. The merge
+is checked before anything is written: the merged model's logits on a probe prompt must equal the adapter
+model's. QLoRA: the adapter is folded into the base re-loaded in full precision and saved at
+--compute_dtype (the 4-bit base cannot hold the sum), so the merged model differs slightly from the QLoRA
+model, by the base's 4-bit rounding; docs/after_training.md says more.
 """
 
 from __future__ import annotations

@@ -171,6 +171,8 @@ def pairs_task(engine: Engine, conversations: list[list[Message]], setup: Setup,
     from unift.data.preference import ANSWER_KEYS
     from unift.evals.likelihood import last_answer_labels, score_rows
 
+    if engine.card is not None and engine.card.stage == "rm":
+        return reward_pairs_task(engine, conversations, options)
     started = time.perf_counter()
     rows = []
     for c in conversations:
@@ -185,6 +187,34 @@ def pairs_task(engine: Engine, conversations: list[list[Message]], setup: Setup,
     won = sum(m > 0 for m in margins)
     return {"examples": len(margins), "correct": won, "preference_accuracy": won / len(margins),
             "margin": sum(margins) / len(margins), "margins": margins, "seconds": time.perf_counter() - started}
+
+
+def reward_pairs_task(engine: Engine, conversations: list[list[Message]], options: EvalOptions) -> dict[str, Any]:
+    """A reward model's pairwise accuracy: how often it scores the chosen answer above the rejected one, and
+    the mean reward margin (chosen minus rejected)."""
+    import torch
+
+    from unift.data.preference import encode_preference
+
+    started = time.perf_counter()
+    margins = []
+    model, pad = engine.model, engine.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(conversations), options.batch_size):
+        rows = [encode_preference(c, engine.template, engine.tokenizer, options.cutoff_len, "split")
+                for c in conversations[start:start + options.batch_size]]
+        sequences = [r["prompt_ids"] + r[key] for key in ("chosen_ids", "rejected_ids") for r in rows]
+        width = max(len(s) for s in sequences)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+        with torch.inference_mode():
+            rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        chosen, rejected = rewards.chunk(2)
+        margins += (chosen - rejected).tolist()
+    won = sum(m > 0 for m in margins)
+    return {"examples": len(margins), "correct": won, "preference_accuracy": won / len(margins),
+            "reward_margin": sum(margins) / len(margins), "margins": margins,
+            "seconds": time.perf_counter() - started}
 
 
 def exam_task(engine: Engine, questions, pool, setup: Setup, options: EvalOptions) -> dict[str, Any]:
@@ -261,6 +291,7 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
         raise UniftError("nothing to evaluate: pass --data, --pairs and/or --exam")
     loaded = load_tasks(options)  # bad data fails in a second, before the model loads
     engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device,
+                                   allow_reward=bool(options.pairs),
                                    dtype=dtype, template=template, trust_remote_code=trust_remote_code)
     document = run_evaluation(engine, options, loaded)
     document["adapter_dir"] = adapter_dir

@@ -16,6 +16,7 @@ COLUMNS = (
     ("accuracy", "accuracy", "pct"),
     ("preference_accuracy", "preference accuracy", "pct"),
     ("margin", "log-likelihood margin", "num"),
+    ("reward_margin", "reward margin", "num"),
 )
 
 

@@ -96,10 +96,12 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
     quant_storage: torch.dtype | None = None,
+    reward: bool = False,
 ):
     """Load a causal LM of the given family, optionally quantized with bitsandbytes. `quant_storage`: the
-    dtype 4-bit weights are packed in, for engines that shard them (FSDP, ZeRO-3), which place them too."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    dtype 4-bit weights are packed in, for engines that shard them (FSDP, ZeRO-3), which place them too.
+    `reward`: the same backbone with a one-output scoring head instead (a reward model, --stage rm)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -119,7 +121,21 @@ def load_model(
             device_map = {"": _local_device()}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    if reward:
+        from transformers.utils import logging as hf_logging
+
+        config.num_labels = 1
+        before = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the new head and the unused output layer: expected
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+        except ValueError as err:  # a family without a sequence-classification class
+            raise UniftError(f"--stage rm: {spec.name} has no scoring-head model in transformers "
+                             f"({first_line(err)})") from err
+        finally:
+            hf_logging.set_verbosity(before)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     if quantization_bit:
         from unift.compat.bitsandbytes import disable_cpu_bf16_repack
 

@@ -84,6 +84,7 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+REWARD_HEADS = ("score", "classifier")  # transformers' names of a sequence-classification head
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -187,14 +188,20 @@ def check_args(args: Any) -> None:
         method.validate(args)
 
 
-def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
+def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec, reward: bool = False):
     """Wrap a loaded base model with the method's adapter and return the PeftModel; a method that trains
-    the model itself returns the model with its trained weights marked."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    the model itself returns the model with its trained weights marked. `reward`: the model has a new
+    scoring head (--stage rm), which trains whole beside the adapter."""
+    from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 
     method.check_model_type(spec.name)
     if method.own_weights is not None:
-        return method.own_weights(model, options, spec)
+        model = method.own_weights(model, options, spec)
+        if reward:
+            for name, param in model.named_parameters():
+                if name.split(".")[0] in REWARD_HEADS:
+                    param.requires_grad_(True)
+        return model
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # Casts norms/head to fp32 and enables input grads; checkpointing stays the user's choice.
         model = prepare_model_for_kbit_training(
@@ -205,6 +212,8 @@ def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec):
 
         spec = spec_from_model(spec, model)  # the family's names, or the checkpoint's own linear layers
     config = method.build(options, spec)
+    if reward:  # peft then saves the scoring head (modules_to_save) with the adapter
+        config.task_type = TaskType.SEQ_CLS
     try:
         wrapped = get_peft_model(model, config)
     except ValueError as err:

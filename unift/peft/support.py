@@ -41,33 +41,6 @@ def _matrix_table() -> str:
     return "\n".join(lines)
 
 
-def stage_matrix() -> dict[str, dict[str, str]]:
-    """{stage: {peft_type: "" if it works, else the reason}}."""
-    from unift.train.stages import STAGES
-
-    return {name: {p: stage.unsupported.get(p, "") for p in method_names()} for name, stage in STAGES.items()}
-
-
-def _stages_table() -> str:
-    matrix = stage_matrix()
-    methods = list(next(iter(matrix.values())))
-    lines = ["| stage | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    notes: dict[str, int] = {}
-    for stage, row in matrix.items():
-        cells = []
-        for method in methods:
-            reason = row[method]
-            if reason:
-                number = notes.setdefault(f"{method}: {reason}", len(notes) + 1)
-                cells.append(f"no ({number})")
-            else:
-                cells.append("yes")
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    if notes:
-        lines += [""] + [f"({i}) {n}" for n, i in notes.items()]
-    return "\n".join(lines)
-
-
 def _methods_table() -> str:
     lines = ["| peft_type | what it trains | its flags | merge | quantized base |", "|---|---|---|---|---|"]
     for name in method_names():
@@ -101,9 +74,6 @@ def support_table() -> str:
         "trains, reloads, generates with the KV cache and merges LoRA through a tiny ChatGLM-style model of "
         "that kind, with the targets found in the model (every linear layer but the output head).\n\n"
         + _methods_table()
-        + "\n\nStages (--stage) by method (docs/stages.md). yes = the pair trains: tests/test_stages.py runs "
-        "dpo and kto with LoRA on every family above and every stage with a set of methods in CI, and every "
-        "pair with UNIFT_ALL_STAGE_PAIRS=1:\n\n" + _stages_table()
     )
 
 

@@ -79,7 +79,7 @@ class RunArgs(Options):
                              group="model")
     # stage
     stage: str = opt("sft", "what to train: sft (supervised), dpo, orpo, simpo (preference pairs), kto (answers "
-                     "labelled good or bad); docs/stages.md", group="stage", check=_check_stage)
+                     "labelled good or bad), rm (a reward model over pairs); docs/stages.md", group="stage", check=_check_stage)
     pref_beta: float | None = opt(None, "the preference loss's beta (default: dpo 0.1, orpo 0.1 (its lambda), "
                                   "simpo 2.0, kto 0.1)", group="stage", range=POSITIVE)
     pref_loss: str = opt("sigmoid", "--stage dpo's loss, one of TRL's: sigmoid (DPO), ipo, hinge, robust, "

@@ -132,11 +132,11 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     dtype, base_dtype = plan.compute, plan.storage
     model = load(base_model=ready["path"], model_type=spec.name, template=ready["template"],
                  tokenizer=ready["tokenizer"], trust_remote_code=args.trust_remote_code, device=device,
-                 dtype=plan).model
+                 dtype=plan, reward=ready["stage"].reward).model
     model.config.use_cache = False
     # Methods may need the schedule length (AdaLoRA's total_step); the options carry it beside the flags.
     options = SimpleNamespace(**asdict(args), total_steps=total_optimizer_steps(args, len(ready["train"])))
-    model = wrap_model(model, method, options, spec)
+    model = wrap_model(model, method, options, spec, reward=ready["stage"].reward)
     accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
                              compute=plan.compute_dtype, padding_free_asked=args.padding_free)
     trainable, total = trainable_parameters(model)

@@ -7,49 +7,13 @@ from typing import Any
 
 from transformers import Trainer
 
-from unift.data.collate import batch_tokens
 from unift.models.runcard import RunCard
-from unift.peft import MethodSpec
 from unift.runtime import world_size
 from unift.train.args import TrainArgs
 from unift.train.checkpoints import AtomicCheckpoints
 from unift.train.engines import deepspeed_setting
+from unift.train.hooks import UniftHooks
 from unift.train.progress import progress_callback, report_targets
-
-
-class UniftHooks:
-    """What every unift trainer adds to transformers' (or TRL's) Trainer, whatever the stage.
-    `method`: the run's MethodSpec, whose after_optimizer_step runs right after optimizer.step(), before
-    the gradients are zeroed (AdaLoRA reallocates its rank budget there; a TrainerCallback runs too late)."""
-
-    def __init__(self, *args: Any, method: MethodSpec | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.method = method
-        self.tokens_seen = 0  # real (non-pad) tokens of training batches, this process, this session
-        self.tokens_trained = 0  # of which tokens with a label
-        self.progress: Any = None  # unift's progress callback: its rate goes into the logs
-
-    def training_step(self, model, inputs, *args, **kwargs):
-        real, trained = batch_tokens(inputs)
-        self.tokens_seen += real
-        self.tokens_trained += trained
-        return super().training_step(model, inputs, *args, **kwargs)
-
-    def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self.progress is not None:  # trackers (tensorboard, wandb) get the speed too
-            logs["tokens_per_second"] = round(self.progress.rate(), 1)
-        super().log(logs, *args, **kwargs)
-
-    def create_optimizer(self, *args, **kwargs):
-        optimizer = super().create_optimizer(*args, **kwargs)
-        step_hook = self.method.after_optimizer_step if self.method else None
-        if step_hook is not None and not getattr(optimizer, "_unift_hooked", False):
-            def hook(_opt, _args, _kwargs):
-                step_hook(self.model_wrapped, self.state.global_step)
-
-            optimizer.register_step_post_hook(hook)
-            optimizer._unift_hooked = True
-        return optimizer
 
 
 class UniftTrainer(UniftHooks, AtomicCheckpoints, Trainer):
@@ -111,7 +75,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
             callbacks=callbacks, method=ready["method"],
         )
     else:
-        from unift.train.stages import preference_trainer
+        from unift.train.preference import preference_trainer
 
         trainer = preference_trainer(stage, args, settings, ready, model, callbacks)
     # Every checkpoint-N folder gets the run card before it appears, so generate/eval/merge can use it.
