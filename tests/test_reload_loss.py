@@ -63,7 +63,11 @@ def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, 
     # bf16 bases: the Trainer evaluates under autocast, the reload runs bf16 weights directly
     tolerance = 2e-2 if card.base_dtype == "bf16" else 1e-4
     assert math.isclose(reloaded, trained["loss"], rel_tol=tolerance), (reloaded, trained["loss"])
-    with engine.adapter_enabled(False):
-        base = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, batch_size=4)
+    if method.holds_model:  # full, freeze: no adapter to switch off, the base is the untouched checkpoint
+        original = Engine.load(None, base_model=str(tiny_model("llama")), dtype=torch_dtype(card.base_dtype))
+        base = score_rows(original.model, rows, engine.tokenizer.pad_token_id, batch_size=4)
+    else:
+        with engine.adapter_enabled(False):
+            base = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, batch_size=4)
     assert sum(s.nll for s in base) != pytest.approx(sum(s.nll for s in scored), rel=1e-3)  # the adapter acts
 

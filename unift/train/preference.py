@@ -75,7 +75,7 @@ def _trainer_class(stage: StageSpec) -> type:
     from trl import DPOTrainer, KTOTrainer, RewardTrainer
 
     from unift.train.checkpoints import AtomicCheckpoints
-    from unift.train.trainer import UniftHooks
+    from unift.train.hooks import UniftHooks
 
     base = RewardTrainer if stage.reward else KTOTrainer if stage.kind == "unpaired" else DPOTrainer
     return type(f"Unift{stage.name.upper()}Trainer", (PreferenceHooks, UniftHooks, AtomicCheckpoints, base),
