@@ -158,8 +158,8 @@ def stage_table() -> str:
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     if notes:
         lines += [""] + [f"({i}) {n}" for n, i in notes.items()]
-    return ("Stages (--stage) by method (docs/stages.md). yes = the pair trains: tests/test_stages.py runs dpo "
-            "and kto with LoRA on every family and every stage with a set of methods in CI, every pair with "
+    return ("Stages (--stage) by method (docs/stages.md). yes = the pair trains: tests/test_stages.py runs every "
+            "stage with LoRA on every family and with a set of methods in CI, every pair with "
             "UNIFT_ALL_STAGE_PAIRS=1:\n\n" + "\n".join(lines))
 
 
