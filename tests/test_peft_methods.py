@@ -227,7 +227,7 @@ def test_prompt_learning_cannot_be_merged_and_says_why():
 def test_unift_list_prints_the_matrix(capsys):
     assert main(["list"]) in (0, None)
     out = capsys.readouterr().out
-    assert out.strip() == support_table().strip()
+    assert out.strip().startswith(support_table().strip())  # then the stage table (tests/test_stages.py)
     header = out.splitlines()[0]
     assert all(f" {name} " in header for name in method_names())
 
