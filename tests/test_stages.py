@@ -243,7 +243,7 @@ def stage_method_pairs() -> list[tuple[str, str]]:
     # their own) with DPO, the ones that change the forward most with the reference-free stages; LoRA runs
     # every stage in test_every_stage_trains_every_family
     kinds = {"dpo": ("dora", "qlora", "prefix", "p-tuning", "ia3", "oft", "adapters", "full", "freeze"),
-             "rm": ("prompt", "adalora", "freeze"),
+             "rm": ("prompt", "adalora", "qlora", "freeze"),
              "orpo": ("prefix", "adapters"), "simpo": ("prefix", "adapters"), "kto": ("ia3",)}
     return [(s, m) for s, m in works if m in kinds.get(s, ())]
 

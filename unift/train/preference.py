@@ -140,4 +140,12 @@ def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict,
             "simpo", args.simpo_gamma, 0.0, 0.0  # alpha 0: no AlphaPO reward transform
     if adapter:
         compat.trl_stages.drop_reference_adapter(model)
+    if stage.reward and ready["plan"].compute == "fp32":
+        # TRL stores a quantized model's trainable weights in bf16 (QLoRA's recipe); LoRA layers cast their
+        # input, but the new scoring head is a plain linear layer that meets fp32 hidden states
+        import torch
+
+        for name, param in model.named_parameters():
+            if param.requires_grad and param.dtype == torch.bfloat16 and ".score." in f".{name}":
+                param.data = param.data.float()
     return trainer
