@@ -84,6 +84,20 @@ def matmul_peak_gflops(dtype: str = "bf16", seconds: float = 2.0) -> float:
     return best
 
 
+def run_round(jobs: dict, runs: dict, round_: int, rounds: int, folder: Path, after=None) -> None:
+    """One round of every contender, forward on even rounds and backward on odd ones, so that a machine's
+    drift falls on every side alike; each run is printed as it ends (a run cut short still leaves what it
+    measured). `after(name)` runs after each contender's run."""
+    names = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+    for i, name in enumerate(names):
+        print(f"round {round_ + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
+        runs[name].append(jobs[name](folder / f"run{round_}-{i}"))
+        print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                          for k, v in runs[name][-1].items()}), file=sys.stderr, flush=True)
+        if after is not None:
+            after(name)
+
+
 def median(values: list[float]) -> float:
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, machine, measured_run, median  # noqa: E402
+from common import REPO, machine, measured_run, median, run_round  # noqa: E402
 from fair import bf16_checkpoint, fp32_view, native_bf16, versions  # noqa: E402
 
 LF_FAST, LF_LEAN = "LLaMA-Factory fastest (no checkpointing)", "LLaMA-Factory leanest (checkpointing)"
@@ -101,12 +101,7 @@ def main() -> None:
             UNIFT_COPY: lambda out: unift(model, data, out, dtype, ["--ref_model", str(model)]),
         }
         for round_ in range(ns.rounds):
-            names = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
-            for i, name in enumerate(names):
-                print(f"round {round_ + 1}/{ns.rounds}: {name}", file=sys.stderr, flush=True)
-                runs[name].append(jobs[name](folder / f"run{round_}-{i}"))
-                print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                  for k, v in runs[name][-1].items()}), file=sys.stderr, flush=True)
+            run_round(jobs, runs, round_, ns.rounds, folder)
     table = {name: {k: median([r[k] for r in rs]) for k in ("samples_per_second", "peak_rss_mib", "train_loss")}
              for name, rs in runs.items()}
     print(f"medians of {ns.rounds} interleaved rounds\n")

@@ -36,7 +36,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, machine, matmul_peak_gflops, measured_run, median, read_records, write_workload  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    machine,
+    matmul_peak_gflops,
+    measured_run,
+    median,
+    read_records,
+    run_round,
+    write_workload,
+)
 from fair import (  # noqa: E402
     bf16_checkpoint,
     fp32_view,
@@ -163,19 +172,13 @@ def main() -> None:
             UNIFT: lambda out: unift(unift_args(model, data, out, w, dtype)),
             UNIFT_ALIKE: lambda out: unift([*unift_args(model, data, out, w, dtype), "--lora_dropout", "0"]),
         }
-        checked = False
+        def check_once(name: str) -> None:  # fail before spending the other rounds on an unfair race
+            if name == UNIFT and len(runs[UNIFT]) == 1:
+                check_tokens(lf_counts, runs[UNIFT][0])
+
         for round_ in range(ns.rounds):
             peaks.append(matmul_peak_gflops(dtype))
-            names = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
-            for i, name in enumerate(names):
-                print(f"round {round_ + 1}/{ns.rounds}: {name}", file=sys.stderr, flush=True)
-                runs[name].append(jobs[name](folder / f"run{round_}-{i}"))
-                # each run as it ends, so that a run cut short still leaves what it measured
-                print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                  for k, v in runs[name][-1].items()}), file=sys.stderr, flush=True)
-                if name == UNIFT and not checked:  # fail before spending the other rounds on an unfair race
-                    check_tokens(lf_counts, runs[UNIFT][0])
-                    checked = True
+            run_round(jobs, runs, round_, ns.rounds, folder, after=check_once)
         peaks.append(matmul_peak_gflops(dtype))
     per_record = {LF_FAST: lf_counts["tokens"] / lf_counts["examples"], LF_LEAN: lf_counts["tokens"] / lf_counts["examples"]}
     ours = runs[UNIFT][0]
