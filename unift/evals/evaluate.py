@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unift.data import Message, encode_conversation, load_conversations
+from unift.data import IGNORE_INDEX, Message, encode_conversation, load_conversations
 from unift.engine.engine import Engine
 from unift.engine.settings import PRESETS
 from unift.errors import UniftError
@@ -164,29 +164,33 @@ def generation_task(engine: Engine, conversations: list[list[Message]], setup: S
     return figures
 
 
+def _pair_figures(margins: list[float], margin_key: str, started: float) -> dict[str, Any]:
+    won = sum(m > 0 for m in margins)
+    return {"examples": len(margins), "correct": won, "preference_accuracy": won / len(margins),
+            margin_key: sum(margins) / len(margins), "margins": margins, "seconds": time.perf_counter() - started}
+
+
 def pairs_task(engine: Engine, conversations: list[list[Message]], setup: Setup,
                options: EvalOptions) -> dict[str, Any]:
     """How often, and by how much, the model finds each chosen answer more likely than its rejected one:
-    the summed log-likelihood of each answer after the same prompt, as the preference stages score them."""
-    from unift.data.preference import ANSWER_KEYS
-    from unift.evals.likelihood import last_answer_labels, score_rows
+    the summed log-likelihood of each answer after the same prompt, the rows encoded as the preference
+    stages train on them (unift.data.preference)."""
+    from unift.data.preference import encode_preference
+    from unift.evals.likelihood import score_rows
 
     if engine.card is not None and engine.card.stage == "rm":
         return reward_pairs_task(engine, conversations, options)
     started = time.perf_counter()
     rows = []
     for c in conversations:
-        prompt, last = c[:-1], {k: v for k, v in c[-1].items() if k not in ANSWER_KEYS}
-        for answer in (last, {**last, "content": c[-1]["rejected"]}):
-            encoded = encode_conversation([*prompt, answer], engine.template, engine.tokenizer, cutoff_len=10**9)
-            rows.append((encoded.input_ids, last_answer_labels(encoded.labels)))
+        row = encode_preference(c, engine.template, engine.tokenizer, cutoff_len=10**9)
+        prompt = row["prompt_ids"]
+        rows += [(prompt + row[key], [IGNORE_INDEX] * len(prompt) + row[key]) for key in ("chosen_ids", "rejected_ids")]
     with engine.adapter_enabled(setup.adapter):
         scored = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, options.batch_size,
                             options.cutoff_len)
-    margins = [rejected.nll - chosen.nll for chosen, rejected in zip(scored[0::2], scored[1::2])]
-    won = sum(m > 0 for m in margins)
-    return {"examples": len(margins), "correct": won, "preference_accuracy": won / len(margins),
-            "margin": sum(margins) / len(margins), "margins": margins, "seconds": time.perf_counter() - started}
+    return _pair_figures([rejected.nll - chosen.nll for chosen, rejected in zip(scored[0::2], scored[1::2])],
+                         "margin", started)
 
 
 def reward_pairs_task(engine: Engine, conversations: list[list[Message]], options: EvalOptions) -> dict[str, Any]:
@@ -211,10 +215,7 @@ def reward_pairs_task(engine: Engine, conversations: list[list[Message]], option
             rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
         chosen, rejected = rewards.chunk(2)
         margins += (chosen - rejected).tolist()
-    won = sum(m > 0 for m in margins)
-    return {"examples": len(margins), "correct": won, "preference_accuracy": won / len(margins),
-            "reward_margin": sum(margins) / len(margins), "margins": margins,
-            "seconds": time.perf_counter() - started}
+    return _pair_figures(margins, "reward_margin", started)
 
 
 def exam_task(engine: Engine, questions, pool, setup: Setup, options: EvalOptions) -> dict[str, Any]:
