@@ -98,6 +98,17 @@ def write_jsonl(tmp_path):
     return write
 
 
+@pytest.fixture(scope="module")
+def memorisation_file(tmp_path_factory):
+    """memorisation_file(n) -> a JSONL file of memorisation_rows(n) (the training data the method tests share)."""
+    def write(n: int = 8) -> Path:
+        path = tmp_path_factory.mktemp("data") / "memorise.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in memorisation_rows(n)), encoding="utf-8")
+        return path
+
+    return write
+
+
 def memorisation_rows(n: int = 8) -> list[dict]:
     return [{"instruction": f"What is the code word number {i}?", "input": "", "output": f"The word is w{i * 7}."}
             for i in range(n)]

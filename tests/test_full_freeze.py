@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 from after_training_helpers import cli_result
-from conftest import memorisation_rows
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from unift.engine.engine import Engine
@@ -28,10 +27,8 @@ STACK = {"llama": "model.layers.", "bloom": "transformer.h."}
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "memorise.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in memorisation_rows(8)), encoding="utf-8")
-    return path
+def data_file(memorisation_file):
+    return memorisation_file(8)
 
 
 def args_for(folder, data_file, out, **extra) -> TrainArgs:

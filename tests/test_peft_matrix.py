@@ -6,11 +6,8 @@ reason."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import memorisation_rows
 
 from unift.cli import main
 from unift.engine.engine import Engine
@@ -37,10 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "memorise.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in memorisation_rows(8)), encoding="utf-8")
-    return path
+def data_file(memorisation_file):
+    return memorisation_file(8)
 
 
 def train_args(model_type: str, peft_type: str, folder, data_file, out, **extra) -> TrainArgs:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, memorisation_rows
+from conftest import FAMILIES
 
 from unift.cli import main
 from unift.engine.engine import Engine
@@ -30,10 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "memorise.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in memorisation_rows(10)), encoding="utf-8")
-    return path
+def data_file(memorisation_file):
+    return memorisation_file(10)
 
 
 def args_for(folder, data_file, out, **values) -> TrainArgs:
