@@ -5,7 +5,8 @@ test_accel.py checks each lever on one batch; this runs whole trainings through 
 loss at every step, the held-out evaluation loss, and the greedy answers' exact match after training.
 
 The tolerances are what docs/performance.md states ("What each speed-up changes numerically"):
-- fp32 compute (here every lever but base_dtype applies; base_dtype steps aside in fp32): the levers
+- fp32 compute (here every lever but base_dtype applies; base_dtype steps aside in fp32; the model's
+  weights are bf16 values, as a bf16 checkpoint's are, so bf16_storage applies, which is exact): the levers
   change only the order of floating-point sums, so every step's loss over 40 steps agrees to 0.5%
   (relative), the held-out loss to 0.1%, and the greedy answers of the 8 trained keys to within one;
 - bf16 compute: base_dtype stores the frozen base in bf16, a precision change of the frozen weights
@@ -67,8 +68,26 @@ def curve(metrics: dict) -> list[float]:
     return [p["loss"] for p in metrics["loss_curve"]]
 
 
-def test_all_optimizations_train_the_same_losses_and_answers_in_fp32(tiny_model, memorisation_data, tmp_path):
-    model = tiny_model("llama")
+@pytest.fixture(scope="module")
+def bf16_valued_model(tiny_model, tmp_path_factory):
+    """The tiny llama with every weight rounded to a bf16 value, stored in fp32: what loading a bf16
+    checkpoint for fp32 compute gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_model("llama")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    folder = tmp_path_factory.mktemp("tiny-llama-bf16-values")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+def test_all_optimizations_train_the_same_losses_and_answers_in_fp32(bf16_valued_model, memorisation_data,
+                                                                      tmp_path):
+    model = bf16_valued_model
     plain, plain_exact = run(model, memorisation_data, tmp_path / "none", "none", "fp32", steps=40)
     fast, fast_exact = run(model, memorisation_data, tmp_path / "all", "all", "fp32", steps=40)
     assert plain["optimizations"] == []

@@ -102,13 +102,19 @@ def test_on_a_cpu_deepspeed_gets_torch_adamw_and_the_file_is_otherwise_unchanged
     assert setting == {**json.loads(config.read_text()), "zero_force_ds_cpu_optimizer": False}
 
 
-def test_fsdp_drops_the_lever_that_reads_a_sharded_weight(monkeypatch):
+def test_sharding_engines_drop_the_levers_that_touch_sharded_weights(monkeypatch, tmp_path):
     from unift.accel import OPTIMIZATIONS
     from unift.train.engines import engine_optimizations
 
     assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == OPTIMIZATIONS
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == tuple(o for o in OPTIMIZATIONS if o != "label_loss")
+    assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == tuple(
+        o for o in OPTIMIZATIONS if o not in ("label_loss", "bf16_storage"))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 2}}')
+    assert engine_optimizations(TrainArgs(deepspeed=str(config)), OPTIMIZATIONS) == tuple(
+        o for o in OPTIMIZATIONS if o != "bf16_storage")
 
 
 def test_bad_deepspeed_file_is_named(tmp_path, capsys):

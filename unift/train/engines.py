@@ -23,6 +23,8 @@ log = logging.getLogger("unift")
 # Speed levers that read a weight outside its module's forward: under FSDP2 that weight is still a sharded
 # DTensor there (measured: "aten.mm.default got mixed torch.Tensor and DTensor" in label_loss).
 FSDP_UNSAFE_LEVERS = {"label_loss": "it reads the output layer's weight, which FSDP shards, outside that layer"}
+# Sharding engines flatten, cast and partition the frozen weights themselves.
+SHARDED_UNSAFE_LEVERS = {"bf16_storage": "the engine stores and casts the weights it shards itself"}
 
 
 def prepare_process(args: Any) -> str:
@@ -50,12 +52,15 @@ def engine_optimizations(args: Any, wanted: tuple[str, ...]) -> tuple[str, ...]:
             log.info("with --neftune_noise_alpha, not applied: padding_free (NEFTune scales its noise by the "
                      "row's length, and a packed row holds several examples)")
         wanted = tuple(name for name in wanted if name != "padding_free")
-    if engine(args) != "fsdp":
+    name = engine(args)
+    unsafe = {**SHARDED_UNSAFE_LEVERS, **(FSDP_UNSAFE_LEVERS if name == "fsdp" else {})}
+    if name not in ("fsdp", "deepspeed"):
         return wanted
-    dropped = [name for name in wanted if name in FSDP_UNSAFE_LEVERS]
+    dropped = [lever for lever in wanted if lever in unsafe]
     if dropped and is_main_process():
-        log.info("under FSDP, not applied: %s", "; ".join(f"{n} ({FSDP_UNSAFE_LEVERS[n]})" for n in dropped))
-    return tuple(name for name in wanted if name not in FSDP_UNSAFE_LEVERS)
+        log.info("under %s, not applied: %s", "FSDP" if name == "fsdp" else "DeepSpeed",
+                 "; ".join(f"{n} ({unsafe[n]})" for n in dropped))
+    return tuple(lever for lever in wanted if lever not in unsafe)
 
 
 def deepspeed_setting(args: Any) -> str | dict | None:
