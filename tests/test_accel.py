@@ -231,6 +231,51 @@ def test_lean_layers_match_the_originals(model_type):
     assert_close_grads(got[1], want[1], tol=1e-6)
 
 
+def test_an_offered_tensor_is_recomputed_for_the_backward_pass_instead_of_kept():
+    import weakref
+
+    from unift.accel.layers import _offer, _Recompute
+
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    with _Recompute():
+        h = x * 3.0  # kept by nothing but the product below
+        _offer(h, lambda: x.detach() * 3.0)
+        y = (h * w).sum()
+        gone = weakref.ref(h)
+    del h
+    assert gone() is None  # nothing holds it between the passes
+    y.backward()
+    assert torch.equal(w.grad, x.detach() * 3.0) and torch.equal(x.grad, w.detach() * 3.0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_lean_layers_recompute_the_inputs_their_projections_would_keep(model_type, monkeypatch):
+    from unift.accel import layers
+
+    model, _ = tiny_lora_model(model_type)
+    lean_layers(model.get_base_model(), torch.float32)
+    fuse_lora_layers(model)
+    keeping = copy.deepcopy(model)
+    decoder_layers = [m for m in keeping.modules() if "forward" in m.__dict__ and hasattr(m, "mlp")]
+    assert len(decoder_layers) == model.config.num_hidden_layers
+    for layer in decoder_layers:  # the same lean layers, each projection keeping its own input
+        layer.__dict__.pop("forward")
+    recipes = []
+    pack = layers._Recompute._pack
+    monkeypatch.setattr(layers._Recompute, "_pack",
+                        lambda self, t: (lambda out: (recipes.append(type(out) is tuple), out)[1])(pack(self, t)))
+    batch = PaddingCollator(0)(examples())
+    want = loss_and_grads(keeping, batch)
+    got = loss_and_grads(model, batch)
+    # per layer: q, k, v read the first norm's output, gate and up the second's, down act(gate) * up;
+    # but the first layer's first norm: its input (the frozen embeddings') needs no gradient, so the norm
+    # keeps nothing to recompute from, and q, k, v keep its output
+    assert sum(recipes) == 6 * model.config.num_hidden_layers - 3
+    assert got[0] == want[0]
+    assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+
+
 @pytest.mark.parametrize("token_major", [True, False], ids=["as-models-give-it", "heads-first-memory"])
 def test_packed_attention_in_half_precision_matches_fp32(token_major):
     torch.manual_seed(0)
