@@ -144,7 +144,8 @@ def _fused_gate_up_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _recomputing_layer_forward(self, *args, **kwargs):
-    if not torch.is_grad_enabled():
+    # under activation checkpointing the checkpoint's own hooks must see what the layer keeps
+    if not torch.is_grad_enabled() or getattr(self, "gradient_checkpointing", False):
         return type(self).forward(self, *args, **kwargs)
     with _Recompute():
         return type(self).forward(self, *args, **kwargs)
