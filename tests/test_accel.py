@@ -276,6 +276,29 @@ def test_lean_layers_recompute_the_inputs_their_projections_would_keep(model_typ
     assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][n], want[1][n]) for n in want[1])
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_lean_layers_under_activation_checkpointing_give_the_same_gradients(reentrant, monkeypatch):
+    from unift.accel import layers
+
+    model, _ = tiny_lora_model("llama")
+    lean_layers(model.get_base_model(), torch.float32)
+    fuse_lora_layers(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed.enable_input_require_grads()
+    batch = PaddingCollator(0)(examples())
+    want = loss_and_grads(model, batch)
+    scopes = []
+    monkeypatch.setattr(layers._Recompute, "__init__",
+                        lambda self: (scopes.append(1), layers.torch.autograd.graph.saved_tensors_hooks.__init__(
+                            self, self._pack, self._unpack), setattr(self, "offered", {}))[1])
+    got = loss_and_grads(checkpointed, batch)
+    assert not scopes  # the checkpoint's own hooks see everything the layers keep
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+    assert_close_grads(got[1], want[1], tol=1e-6)
+
+
 @pytest.mark.parametrize("token_major", [True, False], ids=["as-models-give-it", "heads-first-memory"])
 def test_packed_attention_in_half_precision_matches_fp32(token_major):
     torch.manual_seed(0)
