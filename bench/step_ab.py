@@ -7,8 +7,8 @@ batch), each pass timed; gradients are then cleared and the real step runs with 
 variant sees the same batches at nearly the same moment, so the paired ratios are steady.
 
 A variant is a set of optimizations (`--optimizations` names); `all-X` means all but X. The base's dtype
-and the batch layout are fixed when the run starts, so `base_dtype` and `padding_free` cannot be switched
-here (bench/train_throughput.py --levers measures them in whole runs).
+and storage and the batch layout are fixed when the run starts, so `base_dtype`, `bf16_storage` and
+`padding_free` cannot be switched here (bench/train_throughput.py --levers measures them in whole runs).
 
     python bench/step_ab.py --data FILE.json [--examples 64] [--epochs 2] [--variants all all-fused_lora ...]
 
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, standard_train_args, write_workload  # noqa: E402
 
-SWITCHABLE = ("fused_lora", "fast_dropout", "lean_layers", "cpu_attention", "label_loss")
-FIXED = ("base_dtype", "padding_free")  # chosen at load time: kept in every variant
+SWITCHABLE = ("fused_lora", "fast_dropout", "lean_layers", "cpu_attention", "label_loss", "release_memory")
+FIXED = ("base_dtype", "bf16_storage", "padding_free")  # chosen at load time: kept in every variant
 
 
 def wanted(variant: str) -> tuple[str, ...]:

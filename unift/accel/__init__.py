@@ -85,7 +85,7 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
     from unift.accel.forward import TrainingForward
     from unift.accel.layers import lean_layers
     from unift.accel.lora import fuse_lora_layers
-    from unift.accel.storage import release_freed_memory, store_frozen_linears_in_bf16
+    from unift.accel.storage import keep_freed_memory, release_freed_memory, store_frozen_linears_in_bf16
 
     done = Acceleration(shape_multiple=SHAPE_MULTIPLE.get(device, 1))
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
@@ -99,6 +99,7 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
             done.skipped["base_dtype"] = "the base runs in fp32 (fp32 compute or a quantized base)"
     if "release_memory" in wanted:
         if release_freed_memory():
+            done.undo.append(keep_freed_memory)
             done.applied.append("release_memory")
         else:
             done.skipped["release_memory"] = "the C library's malloc is not glibc's"

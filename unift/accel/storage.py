@@ -100,9 +100,18 @@ def trim_heap() -> None:
 
 
 def release_freed_memory() -> bool:
-    """Have glibc hand freed blocks of 128 KiB and more back to the system at once (process-wide, kept
-    after training: inference gains too). False where malloc is not glibc's."""
+    """Have glibc hand freed blocks of 128 KiB and more back to the system at once (process-wide). False
+    where malloc is not glibc's."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, RELEASE_THRESHOLD))
+
+
+def keep_freed_memory() -> None:
+    """Undo release_freed_memory as far as glibc allows: its thresholds where its own rule leaves them
+    once large blocks have been freed (32 MiB to map, 64 MiB to trim); the rule itself stays off."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
