@@ -5,7 +5,10 @@ client asks one chat question; one client at a time asks 16 in a row. Prints ans
 (429 after the retries), generated tokens/s for each level, the speed-up over one client, and the time
 to first token (median and p95) of the streaming requests.
 
-    python bench/serve_load.py [--levels 1 16 50] [--max_tokens 48] [--adapter_dir RUN] [--json OUT]
+    python bench/serve_load.py [--levels 1 16 50] [--max_tokens 48] [--adapter_dir RUN] [--max_batch N] [--json OUT]
+
+The server's /health counts follow the table: batches started, requests, the most rows decoded at once,
+requests that joined a running batch, and batches decoded by generate() (the static path).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, adapter_dir: str | None) -> subprocess.Popen:
+def start_server(port: int, adapter_dir: str | None, max_batch: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "web.py"), "--no_ui", "--port", str(port), "--served_model_name", "m"]
     if adapter_dir:
         cmd += ["--adapter_dir", adapter_dir]
+    if max_batch:
+        cmd += ["--max_batch", str(max_batch)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     import httpx
@@ -112,10 +117,11 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 16, 50])
     parser.add_argument("--max_tokens", type=int, default=48)
     parser.add_argument("--adapter_dir")
+    parser.add_argument("--max_batch", type=int, help="the server's --max_batch (default: its own default)")
     parser.add_argument("--json", type=Path)
     ns = parser.parse_args()
     port = free_port()
-    server = start_server(port, ns.adapter_dir)
+    server = start_server(port, ns.adapter_dir, ns.max_batch)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         level(base_url, 2, 4)  # warm-up: first-call costs out of the figures
@@ -137,7 +143,9 @@ def main() -> None:
               f"{r['tokens_per_second'] / one['tokens_per_second']:>5.1f}x {r['ttft_median']:>13.2f} "
               f"{r['ttft_p95']:>10.2f}")
     print("(time to first token: the streaming half of the requests, from sending to the first text)")
-    print(f"\nserver: {health['batches']} batches for {health['requests']} requests, largest {health['largest_batch']}")
+    print(f"\nserver (max_batch {health['max_batch']}): {health['batches']} batches for {health['requests']} requests, "
+          f"largest {health['largest_batch']}, {health.get('joined', 0)} joined a running batch, "
+          f"{health.get('static', 0)} decoded by generate()")
     if ns.json:
         ns.json.write_text(json.dumps({"levels": rows, "health": health}, indent=2))
 

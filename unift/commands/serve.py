@@ -19,8 +19,8 @@ class ServeOptions(DecodingOptions, DtypeOptions, FindRunOptions):
     no_ui: bool = opt(False, "serve the /v1 API alone, without the chat UI at /", group="service")
     max_queue: int = opt(256, "requests admitted at once (generating + waiting); more are answered 429 with "
                          "Retry-After", group="service", range=POSITIVE_INT)
-    max_batch: int = opt(16, "concurrent requests generated together in one batch", group="service",
-                         range=POSITIVE_INT)
+    max_batch: int = opt(16, "most requests decoded at once (others join the running batch as rows finish)",
+                         group="service", range=POSITIVE_INT)
     served_model_name: str | None = opt(None, "model id in the API (default: the run folder's name)",
                                         group="service")
     max_tokens_limit: int = opt(4096, "the largest max_tokens accepted", group="service", range=POSITIVE_INT)

@@ -1,37 +1,54 @@
-"""Streaming generation for many clients at once: requests that wait for the model are answered together.
+"""Streaming generation for many clients at once: concurrent requests are decoded together.
 
 Every streamed answer (web service, browser UI, terminal chat) goes through one Scheduler per Engine. A
 worker thread takes the oldest waiting request and every other waiting request that decodes the same way
-(adapter on/off and sampling settings; a request with its own seed runs alone, so its answer is
-reproducible), up to `max_batch`, and generates them as one left-padded batch. Requests that arrive
-while a batch runs wait for the next one, as llama.cpp's server slots and vLLM do between steps; on a
-CPU, decoding 16 answers together costs little more than decoding one (the weights are read once per
-step for the whole batch).
+(`_Request.key()`: adapter on/off and sampling settings), up to `max_batch`, and decodes them together;
+on a CPU, decoding 16 answers at once costs little more than decoding one (the weights are read once per
+step for the whole batch). Two paths:
 
-Each answer streams on its own: a per-row streamer decodes that row's tokens as they come, stop strings
-and the row's own max_tokens end it early (the row stops at the next step while the others go on), and
-a reader who goes away (client disconnect, Ctrl-C, the UI's Stop) ends only its own row.
+- Continuous batching (unift.engine.decode), the common case: unift's own decode loop over the KV cache.
+  Between two decode steps, waiting requests with the running batch's key join it (prefilled, then merged
+  into its cache), and rows that are done or whose reader left are dropped, so a request that arrives
+  mid-answer waits one step rather than for the whole batch, and a short answer does not hold a row.
+  Greedy decoding and sampling with temperature / top_p / top_k / repetition_penalty /
+  no_repeat_ngram_size, with transformers' logits processors.
+- Static batching (`model.generate` over one left-padded batch, which then runs until its longest row
+  ends), wherever the loop cannot be trusted to decode as `generate` does: a request with a seed (it runs
+  alone, so its answer is reproducible), prompt-learning adapters (prompt/p-tuning need equal lengths,
+  see Engine.equal_lengths; prefix tuning puts its keys in the cache), beam search, a checkpoint whose
+  generation_config asks for a logits processor the loop does not implement, and a model whose forward
+  takes no transformers `cache` or does not hand back a plain DynamicCache (remote-code ChatGLM/MOSS
+  style models; found at the first prefill, then remembered). `decode.static_reason` has the list.
+
+A running batch holds `Engine.lock` (and the adapter state) until its last row ends; a waiting request
+that cannot join it (another key) stops further joins, so it is served when the batch drains instead of
+being overtaken for ever.
+
+Each answer streams on its own (unift.engine.streams): its tokens are decoded as they come, stop strings
+and the row's own max_tokens end it early while the others go on, and a reader who goes away (client
+disconnect, Ctrl-C, the UI's Stop) ends only its own row. `stats` (shown by the service's /health):
+batches started, requests served, the largest number of rows decoded at once, requests that joined a
+running batch, and batches that took the static path.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
-import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 
-from unift.engine.settings import GenerationSettings, truncate_at_stop
+from unift.engine.decode import NotContinuous, RunningBatch, Sampler, static_reason
+from unift.engine.settings import GenerationSettings
+from unift.engine.streams import TextStream, _Request
 
 log = logging.getLogger(__name__)
 
-_END = object()
+__all__ = ["BatchingEngine", "Scheduler", "TextStream"]
 
 
 class BatchingEngine(Protocol):
@@ -48,78 +65,9 @@ class BatchingEngine(Protocol):
     def _adapter_state(self, enabled: bool | None) -> AbstractContextManager[None]: ...
 
 
-@dataclass(eq=False)
-class _Request:
-    ids: list[int]
-    settings: GenerationSettings
-    adapter: bool
-    pieces: queue.Queue = field(default_factory=queue.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far (up to a stop string)
-    emitted: int = 0  # characters of `text` handed to the reader
-    done: bool = False  # no more tokens wanted
-    ended: bool = False  # the reader has been told
-    finish_reason: str | None = None
-
-    def key(self) -> tuple:
-        """Requests with equal keys can share a batch."""
-        s = self.settings
-        if s.seed is not None:
-            return ("alone", id(self))
-        sampling = (s.temperature, s.top_p, s.top_k) if s.do_sample else ()
-        return (self.adapter, s.do_sample, sampling, s.repetition_penalty, s.no_repeat_ngram_size)
-
-
-class TextStream:
-    """One answer as text pieces, while the scheduler generates it (possibly beside others). Reports token
-    counts and the finish reason; closing it early stops this answer at the next token."""
-
-    def __init__(self, request: _Request, scheduler: Scheduler) -> None:
-        self._request = request
-        self._scheduler = scheduler
-        self.prompt_tokens = len(request.ids)
-        self.cancel = request.cancel
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self._request.tokens)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._request.finish_reason
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        item = self._request.pieces.get()
-        if item is _END:
-            self._request.pieces.put(_END)  # later calls keep ending
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._request.pieces.put(_END)
-            raise item
-        return item
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop this answer and wait until it has ended (the model is then free unless it is still busy
-        with other requests' answers)."""
-        self.cancel.set()
-        self._scheduler.withdraw(self._request)
-        request, deadline = self._request, time.monotonic() + timeout
-        while True:
-            try:
-                item = request.pieces.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return
-            if item is _END:
-                request.pieces.put(_END)
-                return
-
-
 class _BatchStreamer:
-    """Receives each step's new token for every row and turns it into that row's text pieces."""
+    """generate()'s streamer on the static path: each step's new token for every row, turned into that
+    row's text pieces."""
 
     def __init__(self, requests: list[_Request], tokenizer, eos: set[int]) -> None:
         self.requests = requests
@@ -134,39 +82,10 @@ class _BatchStreamer:
         for request, token in zip(self.requests, value.reshape(-1).tolist()):
             if request.done:
                 continue
-            if token in self.eos:
-                self._finish(request, "stop")
-                continue
-            request.tokens.append(token)
-            self._emit(request)
-            if not request.done and len(request.tokens) >= request.settings.max_new_tokens:
-                self._finish(request, "length")
-
-    def _emit(self, request: _Request) -> None:
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        stops = request.settings.stop
-        text, stopped = truncate_at_stop(text, stops)
-        request.text = text
-        hold = 0 if stopped else max((len(s) for s in stops), default=0)  # may be the start of a stop
-        safe = len(text) - hold
-        if safe > request.emitted:
-            request.pieces.put(text[request.emitted:safe])
-            request.emitted = safe
-        if stopped:
-            self._finish(request, "stop")
-
-    def _finish(self, request: _Request, reason: str) -> None:
-        if len(request.text) > request.emitted:
-            request.pieces.put(request.text[request.emitted:])
-            request.emitted = len(request.text)
-        request.done = True
-        request.finish_reason = reason
-        if any(not r.done for r in self.requests):
-            request.ended = True
-            request.pieces.put(_END)
-        # else: the last answer of the batch ends once the model is free again (Scheduler._loop)
+            request.accept(token, self.eos, self.tokenizer)
+            if request.done and any(not r.done for r in self.requests):
+                request.end()
+            # else: the last answer of the batch ends once the model is free again (Scheduler._loop)
 
     def end(self) -> None:
         """generate() calls this while it still holds the model: the last answers end after it."""
@@ -176,11 +95,7 @@ class _BatchStreamer:
         ends the still-open ones once the model is free."""
         for request in self.requests:
             if not request.done:
-                request.done = True
-                request.finish_reason = "stop" if request.cancel.is_set() else "length"
-            if len(request.text) > request.emitted and not request.ended:
-                request.pieces.put(request.text[request.emitted:])
-                request.emitted = len(request.text)
+                request.finish("stop" if request.cancel.is_set() else "length")
 
 
 def _row_stops(requests: list[_Request], width: int):
@@ -201,11 +116,13 @@ class Scheduler:
 
     def __init__(self, engine: BatchingEngine, max_batch: int = 16) -> None:
         self.engine = engine
-        self.max_batch = max(1, max_batch)
+        self.max_batch = max(1, max_batch)  # most rows decoded at once
         self._waiting: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0}  # shown by the service's /health
+        self._no_cache: dict[bool, str] = {}  # adapter on/off -> why its forward cannot use the decode loop
+        # shown by the service's /health; "static": batches decoded by generate() (see the module docstring)
+        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0, "joined": 0, "static": 0}
 
     def submit(self, ids: list[int], settings: GenerationSettings, adapter: bool) -> TextStream:
         request = _Request(ids, replace(settings, num_beams=1), adapter)
@@ -222,20 +139,25 @@ class Scheduler:
         with self._wake:
             if request in self._waiting:
                 self._waiting.remove(request)
-                request.done = request.ended = True
-                request.finish_reason = "stop"
-                request.pieces.put(_END)
+                self._never_ran(request)
+
+    @staticmethod
+    def _never_ran(request: _Request) -> None:
+        request.done = True
+        request.finish_reason = "stop"
+        request.end()
+
+    def _drop_cancelled(self) -> None:
+        """Readers who left while waiting need no generation at all (called with self._wake held)."""
+        for request in [r for r in self._waiting if r.cancel.is_set()]:
+            self._waiting.remove(request)
+            self._never_ran(request)
 
     def _take_batch(self) -> list[_Request]:
         """The oldest waiting request and those that can join it (called once the model is free, so
         everything that arrived meanwhile is considered)."""
         with self._wake:
-            # readers who left while waiting need no generation at all
-            for request in [r for r in self._waiting if r.cancel.is_set()]:
-                self._waiting.remove(request)
-                request.done = request.ended = True
-                request.finish_reason = "stop"
-                request.pieces.put(_END)
+            self._drop_cancelled()
             if not self._waiting:
                 return []
             first = self._waiting.popleft()
@@ -247,10 +169,27 @@ class Scheduler:
                 if request.key() == first.key() and (not same_length or len(request.ids) == len(first.ids)):
                     self._waiting.remove(request)
                     batch.append(request)
-            self.stats["batches"] += 1
-            self.stats["requests"] += len(batch)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            self._count(batch, joined=False, rows=len(batch))
             return batch
+
+    def _take_joiners(self, key: tuple, room: int) -> list[_Request]:
+        """Waiting requests that can join the running batch, oldest first; none past an older request that
+        cannot (it gets the model once the running batch drains)."""
+        with self._wake:
+            self._drop_cancelled()
+            joiners: list[_Request] = []
+            for request in list(self._waiting):
+                if len(joiners) >= room or request.key() != key:
+                    break
+                self._waiting.remove(request)
+                joiners.append(request)
+            return joiners
+
+    def _count(self, requests: list[_Request], joined: bool, rows: int) -> None:
+        self.stats["batches"] += 0 if joined else 1
+        self.stats["requests"] += len(requests)
+        self.stats["joined"] += len(requests) if joined else 0
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
 
     @property
     def waiting(self) -> int:
@@ -261,24 +200,64 @@ class Scheduler:
             with self._wake:
                 while not self._waiting:
                     self._wake.wait()
-            batch: list[_Request] = []
+            batch: list[_Request] = []  # every request this turn serves (the continuous path adds joiners)
             try:
                 with self.engine.lock:  # the batch is formed once the model is free
                     batch = self._take_batch()
                     if batch:
-                        self._generate(batch)
+                        self._serve(batch)
             except BaseException as err:  # every reader of this batch still waiting hears about it
                 log.debug("batched generation failed", exc_info=True)
                 for request in batch:
-                    if not request.ended:
-                        request.done = request.ended = True
-                        request.finish_reason = "error"
-                        request.pieces.put(err)
+                    request.fail(err)
                 continue
             for request in batch:  # the model is free again: answers still open end now
-                if not request.ended:
-                    request.ended = True
-                    request.pieces.put(_END)
+                if not request.done:
+                    request.finish("stop" if request.cancel.is_set() else "length")
+                request.end()
+
+    def _static_reason(self, first: _Request) -> str | None:
+        if self.engine.equal_lengths(first.adapter):
+            return "prompt or p-tuning adapter (rows must share a length)"
+        return self._no_cache.get(first.adapter) or static_reason(self.engine.model, first.settings)
+
+    def _serve(self, batch: list[_Request]) -> None:
+        """Decode `batch` (engine.lock is held) by the continuous loop where it can, else by generate()."""
+        reason = self._static_reason(batch[0])
+        if reason is None:
+            first = list(batch)
+            try:
+                self._continuous(batch)
+                return
+            except NotContinuous as why:
+                if batch != first or any(r.tokens or r.done for r in batch):
+                    raise RuntimeError(f"the decode loop broke off: {why}") from why  # not at the first prefill
+                self._no_cache[batch[0].adapter] = reason = str(why)  # nothing taken yet: generate() instead
+        log.debug("static batch of %d: %s", len(batch), reason)
+        self.stats["static"] += 1
+        self._generate(batch)
+
+    def _continuous(self, batch: list[_Request]) -> None:
+        engine = self.engine
+        key = batch[0].key()
+        with torch.inference_mode(), engine._adapter_state(batch[0].adapter):
+            running = RunningBatch(engine.model, Sampler(batch[0].settings), engine.tokenizer.pad_token_id,
+                                   set(engine.eos_ids), engine.tokenizer)
+            running.admit(batch)
+            while True:
+                gone = running.drop_done()
+                joiners = self._take_joiners(key, self.max_batch - len(running.rows))
+                if not running.rows and not joiners:
+                    return  # the last answers end once the model is free (_loop)
+                for request in gone:  # the model goes on: these answers end now
+                    request.end()
+                if joiners:
+                    fresh = not running.rows  # the batch had drained: this starts a new one
+                    batch.extend(joiners)
+                    running.admit(joiners)
+                    self._count(joiners, joined=not fresh, rows=len(running.rows))
+                    continue  # drop those done at their first token, admit more while there is room
+                running.step()
 
     def _generate(self, batch: list[_Request]) -> None:
         engine = self.engine
