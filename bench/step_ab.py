@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, standard_train_args, write_workload  # noqa: E402
 
-SWITCHABLE = ("fused_lora", "fast_dropout", "lean_layers", "cpu_attention", "label_loss", "release_memory")
+SWITCHABLE = ("fused_lora", "fast_dropout", "lean_layers", "cpu_attention", "label_loss")
 FIXED = ("base_dtype", "bf16_storage", "padding_free")  # chosen at load time: kept in every variant
 
 

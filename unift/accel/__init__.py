@@ -4,8 +4,6 @@
                  trained adapter weights in fp32; the base is no longer re-cast on every step.
 - bf16_storage:  under fp32 compute, frozen projections whose weights are bf16 values kept in bf16 and
                  widened at use: exact, half their memory (unift.accel.storage).
-- release_memory: freed activations handed back to the system at once (glibc), so peak RSS is that of
-                 live tensors (unift.accel.storage).
 - padding_free:  each batch as one row without pad tokens (unift.accel.packing).
 - label_loss:    the vocabulary projection and loss only where labels are (unift.accel.loss).
 - fused_lora:    LoRA's dropout, two matmuls, scaling and addition as one autograd function, without
@@ -32,7 +30,7 @@ from unift.models.dtypes import dtype_name
 # shape on a CPU (~9 ms each, measured), GPUs' tensor cores prefer multiples of 8.
 SHAPE_MULTIPLE = {"cpu": 32, "cuda": 8}
 
-OPTIMIZATIONS = ("base_dtype", "bf16_storage", "release_memory", "padding_free", "label_loss", "fused_lora", "fast_dropout", "lean_layers",
+OPTIMIZATIONS = ("base_dtype", "bf16_storage", "padding_free", "label_loss", "fused_lora", "fast_dropout", "lean_layers",
                  "cpu_attention")
 
 
@@ -85,7 +83,7 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
     from unift.accel.forward import TrainingForward
     from unift.accel.layers import lean_layers
     from unift.accel.lora import fuse_lora_layers
-    from unift.accel.storage import keep_freed_memory, release_freed_memory, store_frozen_linears_in_bf16
+    from unift.accel.storage import store_frozen_linears_in_bf16
 
     done = Acceleration(shape_multiple=SHAPE_MULTIPLE.get(device, 1))
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
@@ -97,12 +95,6 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
             done.applied.append(f"base_dtype ({dtype_name(inner.dtype)} frozen base)")
         else:
             done.skipped["base_dtype"] = "the base runs in fp32 (fp32 compute or a quantized base)"
-    if "release_memory" in wanted:
-        if release_freed_memory():
-            done.undo.append(keep_freed_memory)
-            done.applied.append("release_memory")
-        else:
-            done.skipped["release_memory"] = "the C library's malloc is not glibc's"
     if "bf16_storage" in wanted:
         if compute != torch.float32 or inner.dtype != torch.float32 or quantized:
             done.skipped["bf16_storage"] = "only for an fp32 base under fp32 compute"

@@ -1,18 +1,12 @@
-"""Memory of the frozen base under fp32 compute (`--optimizations bf16_storage, release_memory`).
+"""Memory of the frozen base under fp32 compute (`--optimizations bf16_storage`).
 
 bf16_storage: a CPU without native bf16 trains in fp32, but published checkpoints store bf16. Loaded for
 fp32 compute, every frozen projection matrix takes 4 bytes per weight where 2 hold the same value: a
 bf16 number widened to fp32 is exact, and narrowing it back loses nothing. So each frozen nn.Linear whose
 weights are all bf16 values keeps them in bf16 and widens them at every use, inside its own forward and
-backward (one cast per matmul: ~3% of a step on a 135M model, measured). The products are bit for bit
+backward (one cast per matmul; the standard workload trained no slower for it, measured). The products are bit for bit
 those of the fp32 weights. A weight that is not a bf16 value (an fp32-trained or dequantized checkpoint)
 stays as it is; the output layer and embeddings (tied, and read elsewhere) stay too.
-
-release_memory: glibc's malloc serves large blocks from memory maps only above a threshold it raises each
-time such a block is freed, up to 32 MiB; a step's activations are then carved from the heap, and what a
-step frees stays in the process as heap its next step may never fit into again. Fixing the threshold at
-128 KiB returns every freed activation to the system at once, so the peak RSS is that of the tensors
-alive, not of the heap's high-water mark (2,001 -> 1,648 MiB over three steps of the standard workload).
 """
 
 from __future__ import annotations
@@ -21,10 +15,6 @@ import types
 from collections.abc import Callable
 
 import torch
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-RELEASE_THRESHOLD = 128 * 1024
 
 
 class _WidenedLinear(torch.autograd.Function):
@@ -97,21 +87,3 @@ def trim_heap() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
-
-
-def release_freed_memory() -> bool:
-    """Have glibc hand freed blocks of 128 KiB and more back to the system at once (process-wide). False
-    where malloc is not glibc's."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, RELEASE_THRESHOLD))
-
-
-def keep_freed_memory() -> None:
-    """Undo release_freed_memory as far as glibc allows: its thresholds where its own rule leaves them
-    once large blocks have been freed (32 MiB to map, 64 MiB to trim); the rule itself stays off."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-        mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)

@@ -19,7 +19,8 @@ class ServeOptions(DecodingOptions, DtypeOptions, FindRunOptions):
     no_ui: bool = opt(False, "serve the /v1 API alone, without the chat UI at /", group="service")
     max_queue: int = opt(256, "requests admitted at once (generating + waiting); more are answered 429 with "
                          "Retry-After", group="service", range=POSITIVE_INT)
-    max_batch: int = opt(16, "most requests decoded at once (others join the running batch as rows finish)",
+    max_batch: int = opt(32, "most requests decoded at once (others join the running batch as rows finish; "
+                         "each row holds its own KV cache: lower it for a large model with long prompts)",
                          group="service", range=POSITIVE_INT)
     served_model_name: str | None = opt(None, "model id in the API (default: the run folder's name)",
                                         group="service")

@@ -114,7 +114,7 @@ def _row_stops(requests: list[_Request], width: int):
 class Scheduler:
     """Owns the generation thread of one Engine: `submit` queues a request and returns its stream."""
 
-    def __init__(self, engine: BatchingEngine, max_batch: int = 16) -> None:
+    def __init__(self, engine: BatchingEngine, max_batch: int = 32) -> None:
         self.engine = engine
         self.max_batch = max(1, max_batch)  # most rows decoded at once
         self._waiting: collections.deque[_Request] = collections.deque()

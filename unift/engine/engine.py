@@ -33,7 +33,7 @@ Prompt = list[Message] | str
 
 class Engine:
     def __init__(self, model, tokenizer, template, card: RunCard | None = None, name: str = "model",
-                 max_queue: int = 256, max_batch: int = 16) -> None:
+                 max_queue: int = 256, max_batch: int = 32) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
