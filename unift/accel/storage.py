@@ -1,4 +1,5 @@
-"""Memory of the frozen base under fp32 compute (`--optimizations bf16_storage`).
+"""Memory under fp32 compute: the frozen base (`--optimizations bf16_storage`) and the heap
+(`--release_memory`).
 
 bf16_storage: a CPU without native bf16 trains in fp32, but published checkpoints store bf16. Loaded for
 fp32 compute, every frozen projection matrix takes 4 bytes per weight where 2 hold the same value: a
@@ -7,6 +8,12 @@ weights are all bf16 values keeps them in bf16 and widens them at every use, ins
 backward (one cast per matmul; the standard workload trained no slower for it, measured). The products are bit for bit
 those of the fp32 weights. A weight that is not a bf16 value (an fp32-trained or dequantized checkpoint)
 stays as it is; the output layer and embeddings (tied, and read elsewhere) stay too.
+
+--release_memory: glibc's malloc serves large blocks from memory maps only above a threshold it raises
+each time such a block is freed (up to 32 MiB); a step's activations then come from the heap, and what a
+step frees stays resident as heap the next step's tensors may not fit into. Fixing the threshold at
+128 KiB returns every freed activation at once, so the peak RSS is that of the live tensors; each new
+activation then costs page faults, which is why it is not a default (measured in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ import types
 from collections.abc import Callable
 
 import torch
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+RELEASE_THRESHOLD = 128 * 1024
 
 
 class _WidenedLinear(torch.autograd.Function):
@@ -87,3 +98,12 @@ def trim_heap() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def release_freed_memory() -> bool:
+    """Have glibc hand freed blocks of 128 KiB and more back to the system at once (process-wide). False
+    where malloc is not glibc's."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, RELEASE_THRESHOLD))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from unift.accel import parse_optimizations, prepare_training
+from unift.accel.storage import release_freed_memory
 from unift.data import (
     DataOptions,
     build_datasets,
@@ -119,6 +120,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     prepare_process(args)
     check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run
     set_seed(args.seed)
+    if args.release_memory and not release_freed_memory():
+        log.warning("warning: --release_memory needs glibc's malloc; this C library's keeps freed memory")
     resume = resolve_resume(args)
     ready = prepare(args)
     spec, method = ready["spec"], ready["method"]
