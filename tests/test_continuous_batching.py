@@ -6,8 +6,11 @@ hands back no transformers cache) go through `generate` instead."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,25 @@ def text(stream) -> str:
     return "".join(stream).strip()
 
 
+@contextlib.contextmanager
+def paced(engine, seconds: float = 0.01):
+    """Every forward pass takes at least `seconds`: a 300-token runner then lasts 3 s or more, so the rows
+    meant to join it still find it running when this thread is held up on a busy machine."""
+    model = engine.model
+    forward = model.forward
+
+    @functools.wraps(forward)  # the same signature: the scheduler reads it to choose its path
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.forward = slow
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 def test_rows_that_join_and_leave_mid_flight_answer_as_alone(engine):
     # the references first: generate() waits for the model, which a running batch holds
     expected = {name: alone(engine, prompt, GenerationSettings(max_new_tokens=n)).text
@@ -46,17 +68,18 @@ def test_rows_that_join_and_leave_mid_flight_answer_as_alone(engine):
                                         ("colour", COLOUR, 8))}
     stats = engine.scheduler.stats
     before = dict(stats)
-    runner = engine.open_stream(SHORT, GenerationSettings(max_new_tokens=300))  # runs until closed
-    pieces = [next(runner)]  # it is decoding now
-    long = engine.open_stream(LONG, GenerationSettings(max_new_tokens=6))  # more columns than the runner
-    hi = engine.open_stream(HI, GenerationSettings(max_new_tokens=12))  # fewer
-    assert text(long) == expected["long"]
-    assert long.finish_reason == "length" and long.completion_tokens == 6
-    pieces.append(next(runner))  # the runner goes on after a row left (its padding columns cut)
-    colour = engine.open_stream(COLOUR, GenerationSettings(max_new_tokens=8))  # joins after one left
-    assert text(hi) == expected["hi"]
-    assert text(colour) == expected["colour"]
-    runner.close()
+    with paced(engine):
+        runner = engine.open_stream(SHORT, GenerationSettings(max_new_tokens=300))  # runs until closed
+        pieces = [next(runner)]  # it is decoding now
+        long = engine.open_stream(LONG, GenerationSettings(max_new_tokens=6))  # more columns than the runner
+        hi = engine.open_stream(HI, GenerationSettings(max_new_tokens=12))  # fewer
+        assert text(long) == expected["long"]
+        assert long.finish_reason == "length" and long.completion_tokens == 6
+        pieces.append(next(runner))  # the runner goes on after a row left (its padding columns cut)
+        colour = engine.open_stream(COLOUR, GenerationSettings(max_new_tokens=8))  # joins after one left
+        assert text(hi) == expected["hi"]
+        assert text(colour) == expected["colour"]
+        runner.close()
     pieces.extend(runner)
     assert runner.completion_tokens < 300  # it was running all along, so the others joined it mid-flight
     assert expected["runner"].startswith("".join(pieces).strip())
@@ -82,16 +105,17 @@ def test_stop_strings_and_max_tokens_per_row(engine):
     two = alone(engine, LONG, GenerationSettings(max_new_tokens=2)).text
     stop = free[4:7]
     assert stop.strip() and stop in free
-    runner = engine.open_stream(SHORT, GenerationSettings(max_new_tokens=300))
-    next(runner)
-    stopped = engine.open_stream(HI, GenerationSettings(max_new_tokens=16, stop=(stop,)))  # joins mid-flight
-    short = engine.open_stream(LONG, GenerationSettings(max_new_tokens=2))
-    full = engine.open_stream(HI, GenerationSettings(max_new_tokens=16))
-    answer = text(stopped)
-    assert stop not in answer and free.startswith(answer) and stopped.finish_reason == "stop"
-    assert text(short) == two and short.completion_tokens == 2 and short.finish_reason == "length"
-    assert text(full) == free and full.completion_tokens == 16 and full.finish_reason == "length"
-    runner.close()
+    with paced(engine):
+        runner = engine.open_stream(SHORT, GenerationSettings(max_new_tokens=300))
+        next(runner)
+        stopped = engine.open_stream(HI, GenerationSettings(max_new_tokens=16, stop=(stop,)))  # joins mid-flight
+        short = engine.open_stream(LONG, GenerationSettings(max_new_tokens=2))
+        full = engine.open_stream(HI, GenerationSettings(max_new_tokens=16))
+        answer = text(stopped)
+        assert stop not in answer and free.startswith(answer) and stopped.finish_reason == "stop"
+        assert text(short) == two and short.completion_tokens == 2 and short.finish_reason == "length"
+        assert text(full) == free and full.completion_tokens == 16 and full.finish_reason == "length"
+        runner.close()
     assert runner.completion_tokens < 300
 
 
@@ -100,11 +124,12 @@ def test_a_seeded_request_runs_alone_through_generate(engine):
     expected = alone(engine, HI, seeded).text
     stats = engine.scheduler.stats
     before = dict(stats)
-    runner = engine.open_stream(SHORT, GenerationSettings(max_new_tokens=300))
-    next(runner)
-    first = engine.open_stream(HI, seeded)  # waits for the running batch instead of joining it
-    second = engine.open_stream(HI, seeded)  # and does not share a batch with the first either
-    runner.close()
+    with paced(engine):
+        runner = engine.open_stream(SHORT, GenerationSettings(max_new_tokens=300))
+        next(runner)
+        first = engine.open_stream(HI, seeded)  # waits for the running batch instead of joining it
+        second = engine.open_stream(HI, seeded)  # and does not share a batch with the first either
+        runner.close()
     assert [text(first), text(second)] == [expected, expected]  # reproducible
     assert stats["static"] - before["static"] == 2 and stats["batches"] - before["batches"] == 3
     assert stats["joined"] == before["joined"]
