@@ -30,19 +30,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rss_mib() -> float | None:
-    """Resident memory of this process now (Linux' /proc; None elsewhere): after training it shows what
-    the engine keeps per process, which the peak (taken while the whole model loads) cannot. Freed memory
-    is handed back to the system first (glibc's malloc_trim): glibc keeps freed blocks under 32 MiB (a
-    weight matrix of a few hundred million parameter model) in its heap, where they would still count."""
+def libc():
+    """The C library through ctypes (None where it cannot be loaded)."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the figure may include freed memory
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the heap's free memory back to the system now (glibc's malloc_trim; nothing elsewhere)."""
+    trim = getattr(libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def rss_mib() -> float | None:
+    """Resident memory of this process now (Linux' /proc; None elsewhere): after training it shows what
+    the engine keeps per process, which the peak (taken while the whole model loads) cannot. Freed memory
+    is handed back to the system first: glibc keeps freed blocks under 32 MiB (a weight matrix of a few
+    hundred million parameter model) in its heap, where they would still count."""
+    trim_heap()
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):

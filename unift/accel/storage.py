@@ -5,8 +5,8 @@ bf16_storage: a CPU without native bf16 trains in fp32, but published checkpoint
 fp32 compute, every frozen projection matrix takes 4 bytes per weight where 2 hold the same value: a
 bf16 number widened to fp32 is exact, and narrowing it back loses nothing. So each frozen nn.Linear whose
 weights are all bf16 values keeps them in bf16 and widens them at every use, inside its own forward and
-backward (one cast per matmul; the standard workload trained no slower for it, measured). The products are bit for bit
-those of the fp32 weights. A weight that is not a bf16 value (an fp32-trained or dequantized checkpoint)
+backward (one cast per matmul; the standard workload trained no slower for it, measured). The products
+are bit for bit those of the fp32 weights. A weight that is not a bf16 value (an fp32-trained or dequantized checkpoint)
 stays as it is; the output layer and embeddings (tied, and read elsewhere) stay too.
 
 --release_memory: glibc's malloc serves large blocks from memory maps only above a threshold it raises
@@ -22,6 +22,8 @@ import types
 from collections.abc import Callable
 
 import torch
+
+from unift.runtime import libc, trim_heap
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -74,7 +76,6 @@ def store_frozen_linears_in_bf16(model: torch.nn.Module) -> tuple[int, Callable[
     if chosen:
         trim_heap()  # the fp32 copies just freed would otherwise stay in the heap
 
-
     def undo() -> None:
         for module in chosen:
             module.weight.data = module.weight.data.to(torch.float32)
@@ -83,27 +84,10 @@ def store_frozen_linears_in_bf16(model: torch.nn.Module) -> tuple[int, Callable[
     return len(chosen), undo
 
 
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """Hand the heap's free memory back to the system now (glibc; nothing elsewhere)."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 def release_freed_memory() -> bool:
     """Have glibc hand freed blocks of 128 KiB and more back to the system at once (process-wide). False
     where malloc is not glibc's."""
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, RELEASE_THRESHOLD))
