@@ -119,16 +119,19 @@ def test_label_only_loss_equals_transformers_loss(model_type):
     assert model(**batch).logits is not None
 
 
-def test_linear_cross_entropy_matches_cross_entropy_in_chunks():
+@pytest.mark.parametrize("trained", ["hidden", "all"])  # one online pass (LoRA), or two (a trained head)
+def test_linear_cross_entropy_matches_cross_entropy_in_blocks(trained):
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(45, 16, generator=generator, requires_grad=True)
-    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
-    bias = torch.randn(50, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=trained == "all")
+    bias = torch.randn(50, generator=generator, requires_grad=trained == "all")
     targets = torch.randint(0, 50, (45,), generator=generator)
-    got = linear_cross_entropy(hidden, weight, bias, targets, 1 / 45, chunk=32)  # 32 + 13 (filled to 32)
-    got_grads = torch.autograd.grad(got, (hidden, weight, bias))
+    inputs = (hidden, weight, bias) if trained == "all" else (hidden,)
+    # blocks of 16, 16, 16 and 2 vocabulary rows; 45 rows filled to 64
+    got = linear_cross_entropy(hidden, weight, bias, targets, 1 / 45, block=16)
+    got_grads = torch.autograd.grad(got, inputs)
     want = torch.nn.functional.cross_entropy(hidden @ weight.t() + bias, targets)
-    want_grads = torch.autograd.grad(want, (hidden, weight, bias))
+    want_grads = torch.autograd.grad(want, inputs)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     for g, w in zip(got_grads, want_grads):
         assert torch.allclose(g, w, atol=1e-6)
