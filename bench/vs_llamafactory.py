@@ -79,12 +79,13 @@ def llamafactory_config(model: Path, data_dir: Path, out: Path, w: dict, bf16: b
             "default_system": SYSTEM}
 
 
-def llamafactory(venv: Path, config: dict) -> dict:
+def llamafactory(venv: Path, config: dict, preload: str | None = None) -> dict:
     out = Path(config["output_dir"])
     path = out.with_suffix(".yaml")
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items()))
     _, peak = measured_run(str(venv / "bin" / "python"), str(venv / "bin" / "llamafactory-cli"), ["train", str(path)],
-                           env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1"})
+                           env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1",
+                                **({"LD_PRELOAD": preload} if preload else {})})
     metrics = json.loads((out / "train_results.json").read_text())
     # the Trainer rounds samples/s to 3 decimals, too coarse for the scale workload on a CPU (0.009/s)
     return {"samples_per_second": config["max_samples"] / metrics["train_runtime"], "peak_rss_mib": peak,
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference", action="store_true",
                         help="standard workload: also unift with --lora_dropout 0 (LLaMA-Factory's dropout)")
+    parser.add_argument("--same_allocator", action="store_true",
+                        help="give LLaMA-Factory the malloc library unift runs on (jemalloc, where found) too")
     parser.add_argument("--json", type=Path)
     ns = parser.parse_args()
     from unift.models import embedded_model_dir
@@ -149,7 +152,13 @@ def main() -> None:
                          "fp32 on both sides, from the same bf16-stored weights: this CPU has no AVX512-BF16/AMX, "
                          "bf16 would be emulated (LLaMA-Factory's bf16 runs take 13+ minutes here)"))
     print(f"unift side:         {versions(sys.executable)}")
-    print(f"LLaMA-Factory side: {versions(lf_python)}\n")
+    print(f"LLaMA-Factory side: {versions(lf_python)}")
+    from unift.allocator import wanted_library
+
+    malloc = wanted_library()
+    preload = malloc if ns.same_allocator else None
+    print(f"memory allocator: unift {malloc or 'glibc (no jemalloc found)'}; LLaMA-Factory "
+          f"{preload or 'glibc (its default)'}\n")
     if ns.rounds < 3:
         print(f"NOTE: {ns.rounds} round(s) only; the targets are read from medians of at least 3\n")
 
@@ -167,8 +176,10 @@ def main() -> None:
         lf_counts = llamafactory_counts(ns.llamafactory, llamafactory_config(model, folder, folder / "c", w, bf16,
                                                                              False), folder)
         jobs = {
-            LF_FAST: lambda out: llamafactory(ns.llamafactory, llamafactory_config(model, folder, out, w, bf16, False)),
-            LF_LEAN: lambda out: llamafactory(ns.llamafactory, llamafactory_config(model, folder, out, w, bf16, True)),
+            LF_FAST: lambda out: llamafactory(ns.llamafactory, llamafactory_config(model, folder, out, w, bf16, False),
+                                              preload),
+            LF_LEAN: lambda out: llamafactory(ns.llamafactory, llamafactory_config(model, folder, out, w, bf16, True),
+                                              preload),
             UNIFT: lambda out: unift(unift_args(model, data, out, w, dtype)),
             UNIFT_ALIKE: lambda out: unift([*unift_args(model, data, out, w, dtype), "--lora_dropout", "0"]),
         }

@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
     debug = "--debug" in argv
     from unift import compat
 
-    if own_process and argv and argv[0] == "train":
+    if own_process and argv and argv[0] == "train" and "--help" not in argv and "-h" not in argv:
+        from unift.allocator import reexec_with_allocator
+
+        reexec_with_allocator()  # jemalloc where the system has it: returns only if nothing changes
         compat.keep_out.apply(argv)  # before anything imports peft or transformers
     setup_logging()
     try:

@@ -16,6 +16,8 @@ import torch
 
 from unift.accel import parse_optimizations, prepare_training
 from unift.accel.storage import release_freed_memory
+from unift.allocator import ENV as ALLOCATOR_ENV
+from unift.allocator import in_use as allocator_in_use
 from unift.data import (
     DataOptions,
     build_datasets,
@@ -120,7 +122,11 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     prepare_process(args)
     check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run
     set_seed(args.seed)
-    if args.release_memory and not release_freed_memory():
+    if allocator_in_use():
+        log.info("memory allocator: %s (%s=system to keep glibc's)", allocator_in_use(), ALLOCATOR_ENV)
+    if args.release_memory and allocator_in_use():
+        log.info("--release_memory tunes glibc's malloc; %s returns freed memory by itself", allocator_in_use())
+    elif args.release_memory and not release_freed_memory():
         log.warning("warning: --release_memory needs glibc's malloc; this C library's keeps freed memory")
     resume = resolve_resume(args)
     ready = prepare(args)
@@ -225,6 +231,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             "compute_dtype": dtype,
             "base_dtype": base_dtype,
             "optimizations": accel.applied,
+            "allocator": allocator_in_use() or "system",
         }
         write_json_atomic(out / METRICS, metrics)
         plot_losses(history, out / LOSS_PLOT)
