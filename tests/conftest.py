@@ -43,6 +43,34 @@ def tiny_config(model_type: str, vocab_size: int, pad_token_id: int):
     return config
 
 
+def tiny_lora_model(model_type: str, seed: int = 0, *, vocab: int = 96, bf16_values: bool = False):
+    """(a random tiny model of the family, fp32, with LoRA on every linear layer and no dropout, its spec).
+    `bf16_values`: every base weight rounded to a bf16 value (stored in fp32), as a bf16 checkpoint loaded
+    for fp32 compute is."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unift.models import get_model_spec
+    from unift.peft import get_method, wrap_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab, 0))
+    model.config.use_cache = False
+    if bf16_values:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(parameter.to(torch.bfloat16).float())
+    options = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, total_steps=4)
+    spec = get_model_spec(model_type)
+    peft_model = wrap_model(model, get_method("lora"), options, spec)
+    for name, param in peft_model.named_parameters():  # LoRA B starts at zero: give it values to check
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return peft_model.train(), spec
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     from unift.models import embedded_model_dir

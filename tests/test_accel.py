@@ -15,11 +15,10 @@ import importlib.util
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_config
+from conftest import FAMILIES, tiny_lora_model
 
 from unift.accel import OPTIMIZATIONS, parse_optimizations
 from unift.accel.attention import _PackedCausalAttention, register
@@ -30,28 +29,10 @@ from unift.accel.lora import fuse_lora_layers
 from unift.accel.loss import linear_cross_entropy
 from unift.data.collate import PackingCollator, PaddingCollator
 from unift.errors import UniftError
-from unift.models import get_model_spec
-from unift.peft import METHODS, get_method, wrap_model
+from unift.peft import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
-
-
-def tiny_lora_model(model_type: str, seed: int = 0):
-    """A random tiny model of the family (fp32, no dropout) with LoRA on every linear layer."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(model_type, VOCAB, 0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.config.use_cache = False
-    options = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, total_steps=4)
-    spec = get_model_spec(model_type)
-    peft_model = wrap_model(model, get_method("lora"), options, spec)
-    for name, param in peft_model.named_parameters():  # LoRA B starts at zero: give it values to check
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    return peft_model.train(), spec
 
 
 def examples(seed: int = 1) -> list[dict]:

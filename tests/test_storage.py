@@ -7,39 +7,20 @@ import copy
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_config
+from conftest import FAMILIES, tiny_lora_model
 
 from unift.accel.lora import fuse_lora_layers
 from unift.accel.storage import store_frozen_linears_in_bf16
-from unift.models import get_model_spec
-from unift.peft import get_method, wrap_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
 
 
 def lora_model(model_type: str, bf16_values: bool):
-    """A random tiny model with LoRA on its projections; `bf16_values`: every base weight rounded to a bf16
-    value (stored in fp32), as a bf16 checkpoint loaded for fp32 compute is."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, VOCAB, 0))
-    model.config.use_cache = False
-    if bf16_values:
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.copy_(parameter.to(torch.bfloat16).float())
-    options = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, total_steps=4)
-    peft_model = wrap_model(model, get_method("lora"), options, get_model_spec(model_type))
-    for name, param in peft_model.named_parameters():  # LoRA B starts at zero: give it values to check
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    return peft_model.train()
+    return tiny_lora_model(model_type, vocab=VOCAB, bf16_values=bf16_values)[0]
 
 
 def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
