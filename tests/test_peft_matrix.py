@@ -101,7 +101,9 @@ def test_pair_trains_saves_reloads_and_generates(tiny_model, data_file, tmp_path
     # reloaded in the dtype the base was trained in (bf16 where the CPU has it), to compare like with like
     as_trained = Engine.load(str(result.output_dir), dtype=torch_dtype(RunCard.load(result.output_dir).base_dtype))
     reloaded = forward_logits(as_trained.model, IDS)
-    assert torch.allclose(reloaded, forward_logits(unwrapped(result.model), IDS), atol=1e-5, rtol=1e-5)
+    # the engine merges the adapter into the weights it loads (W + BA rounds otherwise than x W + (x A) B):
+    # in fp32 the two agree to about 1e-5 (measured up to 1.3e-5), far below what training moved them (below)
+    assert torch.allclose(reloaded, forward_logits(unwrapped(result.model), IDS), atol=1e-4, rtol=1e-4)
     if get_method(peft_type).holds_model:  # full, freeze: the run folder is the trained model, no adapter
         base = Engine.load(base_model=str(tiny_model(model_type)), model_type=model_type).model
         assert not torch.allclose(forward_logits(base, IDS), reloaded)  # training changed the model
