@@ -63,3 +63,16 @@ def test_auto_finds_jemalloc_in_the_conda_environment(tmp_path, monkeypatch):
     assert allocator.wanted_library() == str(library)
     monkeypatch.setenv(allocator.ENV, "system")
     assert allocator.wanted_library() is None
+
+
+def test_the_run_log_names_the_allocator_or_says_what_jemalloc_would_give(monkeypatch):
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setenv(allocator.MARK, "/opt/lib/libjemalloc.so.2")
+    assert allocator.log_line() == "memory allocator: /opt/lib/libjemalloc.so.2 (UNIFT_ALLOCATOR=system to keep glibc's)"
+    monkeypatch.delenv(allocator.MARK)
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+    hint = allocator.log_line()
+    assert (hint is None) != sys.platform.startswith("linux")
+    assert hint is None or "apt-get install libjemalloc2" in hint
+    monkeypatch.setenv(allocator.ENV, "system")  # chosen: nothing to say
+    assert allocator.log_line() is None

@@ -16,8 +16,8 @@ import torch
 
 from unift.accel import parse_optimizations, prepare_training
 from unift.accel.storage import release_freed_memory
-from unift.allocator import ENV as ALLOCATOR_ENV
 from unift.allocator import in_use as allocator_in_use
+from unift.allocator import log_line as allocator_log_line
 from unift.data import (
     DataOptions,
     build_datasets,
@@ -122,8 +122,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     prepare_process(args)
     check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run
     set_seed(args.seed)
-    if allocator_in_use():
-        log.info("memory allocator: %s (%s=system to keep glibc's)", allocator_in_use(), ALLOCATOR_ENV)
+    if line := allocator_log_line():
+        log.info(line)
     if args.release_memory and allocator_in_use():
         log.info("--release_memory tunes glibc's malloc; %s returns freed memory by itself", allocator_in_use())
     elif args.release_memory and not release_freed_memory():
