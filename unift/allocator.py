@@ -41,9 +41,13 @@ def find_jemalloc() -> str | None:
     return found if found and "/" in found else None
 
 
+def _choice() -> str:
+    return os.environ.get(ENV, "auto").strip() or "auto"
+
+
 def wanted_library() -> str | None:
     """The library UNIFT_ALLOCATOR asks for (None: keep the system's malloc)."""
-    choice = os.environ.get(ENV, "auto").strip() or "auto"
+    choice = _choice()
     if choice == "system" or not sys.platform.startswith("linux"):
         return None
     if choice == "auto":
@@ -64,7 +68,7 @@ def log_line() -> str | None:
     that jemalloc would help and is not installed."""
     if in_use():
         return f"memory allocator: {in_use()} ({ENV}=system to keep glibc's)"
-    if sys.platform.startswith("linux") and os.environ.get(ENV, "auto").strip() in ("", "auto") and find_jemalloc() is None:
+    if sys.platform.startswith("linux") and _choice() == "auto" and find_jemalloc() is None:
         return ("memory allocator: glibc's; with jemalloc installed (apt-get install libjemalloc2) training peaks "
                 "about a fifth lower at the same speed")
     return None
