@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN ?= runs/arith-lora
-# pytest workers for `make test` (pytest-xdist); each test file stays on one worker, so module fixtures build once
+# pytest workers for `make test` (pytest-xdist, loadgroup): a test file stays on one worker, so module fixtures
+# build once; its tests under each dtype plan are a group of their own (tests/conftest.py)
 TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -42,7 +43,7 @@ demo: install
 
 test: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -104,6 +104,20 @@ def tiny_model(tmp_path_factory, embedded_dir):
     return build
 
 
+# The two CPU dtype plans (unift.models.dtypes): what `--compute_dtype auto` becomes on a CPU with
+# AVX512-BF16/AMX (a bf16 frozen base under bf16 autocast) and on one without (fp32). Tests of what the
+# plan changes take the `dtype_plan` fixture and run under both on any machine (bf16 is emulated, slower,
+# where the CPU lacks it).
+PLANS = ("fp32", "bf16")
+
+
+@pytest.fixture(params=PLANS, ids=[f"plan-{p}" for p in PLANS])
+def dtype_plan(request, monkeypatch) -> str:
+    """'fp32' or 'bf16': UNIFT_CPU_BF16 forces that plan for this test and the processes it starts."""
+    monkeypatch.setenv("UNIFT_CPU_BF16", "1" if request.param == "bf16" else "0")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads per process
@@ -150,3 +164,15 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which must run every test: {report.longrepr}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """`make test` schedules with pytest-xdist's loadgroup: a test file's tests stay on one worker (its
+    module fixtures build once), except that a file's tests under each dtype plan form a group of their
+    own, so the plan-doubled files (the PEFT matrix above all) spread over both workers."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        plan = callspec.params.get("dtype_plan") if callspec else None
+        group = item.nodeid.split("::")[0] + (f":plan-{plan}" if plan else "")
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -5,11 +5,11 @@ test_accel.py checks each lever on one batch; this runs whole trainings through 
 loss at every step, the held-out evaluation loss, and the greedy answers' exact match after training.
 
 The tolerances are what docs/performance.md states ("What each speed-up changes numerically"):
-- fp32 compute (here every lever but base_dtype applies; base_dtype steps aside in fp32; the model's
+- fp32 compute (the fp32 plan; here every lever but base_dtype applies; base_dtype steps aside in fp32; the model's
   weights are bf16 values, as a bf16 checkpoint's are, so bf16_storage applies, which is exact): the levers
   change only the order of floating-point sums, so every step's loss over 40 steps agrees to 0.5%
   (relative), the held-out loss to 0.1%, and the greedy answers of the 8 trained keys to within one;
-- bf16 compute: base_dtype stores the frozen base in bf16, a precision change of the frozen weights
+- bf16 compute (the bf16 plan, where every lever but bf16_storage applies): base_dtype stores the frozen base in bf16, a precision change of the frozen weights
   (8 significant bits instead of 24). Against the same run with the base kept in fp32 (under bf16
   autocast either way, every other lever on) the first 10 steps' losses agree to 2% and the mean loss
   over 20 steps to 3%.
@@ -85,22 +85,31 @@ def bf16_valued_model(tiny_model, tmp_path_factory):
     return folder
 
 
-def test_all_optimizations_train_the_same_losses_and_answers_in_fp32(bf16_valued_model, memorisation_data,
-                                                                      tmp_path):
+def test_all_optimizations_train_the_same_losses_and_answers(bf16_valued_model, memorisation_data, tmp_path,
+                                                             dtype_plan):
     model = bf16_valued_model
-    plain, plain_exact = run(model, memorisation_data, tmp_path / "none", "none", "fp32", steps=40)
-    fast, fast_exact = run(model, memorisation_data, tmp_path / "all", "all", "fp32", steps=40)
-    assert plain["optimizations"] == []
-    # base_dtype steps aside in fp32; fast_dropout has no dropout module to replace at lora_dropout 0
-    assert {a.split(" ")[0] for a in fast["optimizations"]} == set(OPTIMIZATIONS) - {"base_dtype", "fast_dropout"}
+    plain, plain_exact = run(model, memorisation_data, tmp_path / "none", "none", "auto", steps=40)
+    fast, fast_exact = run(model, memorisation_data, tmp_path / "all", "all", "auto", steps=40)
+    assert plain["optimizations"] == [] and plain["compute_dtype"] == fast["compute_dtype"] == dtype_plan
+    # fast_dropout has no dropout module to replace at lora_dropout 0; base_dtype steps aside in fp32, and
+    # bf16_storage under bf16 compute (base_dtype stores the base in bf16 itself)
+    idle = {"fast_dropout", "base_dtype" if dtype_plan == "fp32" else "bf16_storage"}
+    assert {a.split(" ")[0] for a in fast["optimizations"]} == set(OPTIMIZATIONS) - idle
+    assert set(fast["optimizations_skipped"]) == idle  # each with its reason in the log
     assert plain["tokens_trained"] == fast["tokens_trained"]  # the same labelled tokens (no pads counted)
     slow_curve, fast_curve = curve(plain), curve(fast)
     assert len(slow_curve) == len(fast_curve) == 40
     assert slow_curve[-1] < 0.25 * slow_curve[0]  # it learned: the comparison is not between two flat lines
-    # measured: steps 1-30 within 2e-5 relative, the last steps drifting up to 0.17% (sums in another order)
-    torch.testing.assert_close(fast_curve, slow_curve, rtol=5e-3, atol=0)
     held = [plain["eval_loss"][-1]["loss"], fast["eval_loss"][-1]["loss"]]
-    assert held[0] == pytest.approx(held[1], rel=1e-3)
+    if dtype_plan == "fp32":
+        # measured: steps 1-30 within 2e-5 relative, the last steps drifting up to 0.17% (sums in another order)
+        torch.testing.assert_close(fast_curve, slow_curve, rtol=5e-3, atol=0)
+        assert held[0] == pytest.approx(held[1], rel=1e-3)
+    else:
+        # the bf16 base is a precision change (the next test's tolerance), the other levers reorder sums
+        torch.testing.assert_close(fast_curve[:10], slow_curve[:10], rtol=2e-2, atol=0)
+        assert sum(fast_curve) == pytest.approx(sum(slow_curve), rel=3e-2)
+        assert held[0] == pytest.approx(held[1], rel=5e-2)
     # greedy answers after training: memorised by both, and within one row of each other
     assert plain_exact >= 4 and abs(plain_exact - fast_exact) <= 1, (plain_exact, fast_exact)
 

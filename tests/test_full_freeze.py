@@ -60,10 +60,12 @@ def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
 # ---- full and freeze: what trains, and the run folder ---------------------------------------------------
 
 @pytest.mark.parametrize("model_type", ["llama", "bloom"])
-def test_full_trains_every_weight_and_the_run_folder_is_the_model(tiny_model, data_file, tmp_path, model_type):
+def test_full_trains_every_weight_and_the_run_folder_is_the_model(tiny_model, data_file, tmp_path, model_type,
+                                                                  dtype_plan):
     folder = tiny_model(model_type)
     before = base_weights(folder)
-    result = train(args_for(folder, data_file, tmp_path / "run", model_type=model_type, peft_type="full"))
+    result = train(args_for(folder, data_file, tmp_path / "run", model_type=model_type, peft_type="full",
+                            compute_dtype="auto"))
     moved = changed(result.model, before)
     assert all(moved.values()), [name for name, m in moved.items() if not m]
     assert result.metrics["trainable_parameters"] == result.metrics["total_parameters"] == sum(
@@ -71,18 +73,20 @@ def test_full_trains_every_weight_and_the_run_folder_is_the_model(tiny_model, da
     run = result.output_dir
     assert (run / "model.safetensors").is_file() and not (run / "adapter_config.json").exists()
     card = RunCard.load(run)
+    # the trained weights stay fp32 under either plan (the optimizer's master copy); bf16 only computes
     assert card.holds_model and card.peft_type == "full" and card.base_dtype == "fp32"
+    assert card.compute_dtype == dtype_plan
     engine = Engine.load(str(run))
     assert engine.holds_model and not engine.has_adapter
     assert torch.allclose(logits(engine.model), logits(result.model), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bloom"])
-def test_freeze_trains_the_last_layer_only(tiny_model, data_file, tmp_path, model_type):
+def test_freeze_trains_the_last_layer_only(tiny_model, data_file, tmp_path, model_type, dtype_plan):
     folder = tiny_model(model_type)
     before = base_weights(folder)
     result = train(args_for(folder, data_file, tmp_path / "run", model_type=model_type, peft_type="freeze",
-                            freeze_trainable_layers=1, save_steps=1))
+                            freeze_trainable_layers=1, save_steps=1, compute_dtype="auto"))
     last = f"{STACK[model_type]}1."  # the tiny models have 2 layers
     moved = changed(result.model, before)
     assert all(m for name, m in moved.items() if name.startswith(last))

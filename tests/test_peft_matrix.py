@@ -39,16 +39,13 @@ def data_file(memorisation_file):
 
 
 def train_args(model_type: str, peft_type: str, folder, data_file, out, **extra) -> TrainArgs:
-    method = get_method(peft_type)
-    # compute_dtype auto = bf16 autocast on CPUs with AVX512-BF16 (as users get it). QLoRA in this matrix
-    # runs fp32 because the engine reloads 4-bit bases with fp32 compute and the matrix asserts identical
-    # logits; QLoRA under bf16 has its own test (train, evaluate, train again) in test_peft_methods.py.
+    # compute_dtype auto: the dtype plan the test forces (tests/conftest.py dtype_plan), as users get it.
     values = dict(
         model_type=model_type, peft_type=peft_type, model_name_or_path=str(folder), data=[str(data_file)],
         output_dir=str(out), max_steps=STEPS, per_gpu_train_batch_size=8, cutoff_len=64,
         learning_rate=LEARNING_RATE.get(peft_type, 1e-2), warmup_ratio=0.0, lr_scheduler_type="constant",
         logging_steps=1, save_steps=1000, report_to="none",
-        compute_dtype="fp32" if method.quantization_bit else "auto",
+        compute_dtype="auto",
     )
     return TrainArgs(**{**values, **extra})
 
@@ -93,12 +90,13 @@ def check_generation(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize(("model_type", "peft_type"), WORKS, ids=[f"{m}-{p}" for m, p in WORKS])
-def test_pair_trains_saves_reloads_and_generates(tiny_model, data_file, tmp_path, model_type, peft_type):
+def test_pair_trains_saves_reloads_and_generates(tiny_model, data_file, tmp_path, model_type, peft_type, dtype_plan):
     result = train(train_args(model_type, peft_type, tiny_model(model_type), data_file, tmp_path / "run"))
     losses = [point["loss"] for point in result.metrics["loss_curve"]]
     assert len(losses) == STEPS and losses[-1] < losses[0], losses
 
-    # reloaded in the dtype the base was trained in (bf16 where the CPU has it), to compare like with like
+    assert RunCard.load(result.output_dir).compute_dtype == dtype_plan
+    # reloaded in the dtype the base was trained in (bf16 under the bf16 plan), to compare like with like
     as_trained = Engine.load(str(result.output_dir), dtype=torch_dtype(RunCard.load(result.output_dir).base_dtype))
     reloaded = forward_logits(as_trained.model, IDS)
     # the engine merges the adapter into the weights it loads (W + BA rounds otherwise than x W + (x A) B):

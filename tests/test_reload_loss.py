@@ -34,7 +34,7 @@ def orthogonality_penalty(model) -> float:
 
 
 @pytest.mark.parametrize("peft_type", sorted(METHODS))
-def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, tmp_path, peft_type):
+def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, tmp_path, peft_type, dtype_plan):
     data = write_jsonl(memorisation_rows(12))
     method = get_method(peft_type)
     args = TrainArgs(
@@ -42,8 +42,7 @@ def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, 
         output_dir=str(tmp_path / "run"), max_steps=3, save_steps=3, val_set_size=4, per_gpu_train_batch_size=4,
         cutoff_len=64, learning_rate=LEARNING_RATE.get(peft_type, 1e-2), warmup_ratio=0.0,
         lr_scheduler_type="constant", logging_steps=1, report_to="none",
-        # QLoRA reloads its 4-bit base with fp32 compute (see test_peft_matrix); the rest as users get it
-        compute_dtype="fp32" if method.quantization_bit else "auto",
+        compute_dtype="auto",  # the plan the test forces, as users get it
     )
     result = train(args)
     trained = result.metrics["eval_loss"][-1]
@@ -52,6 +51,7 @@ def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, 
     val = prepare(args)["val"]  # the same 4 held-out rows (same seed), one evaluation batch
     rows = [(r["input_ids"], r["labels"]) for r in val]
     card = RunCard.load(result.output_dir)
+    assert card.compute_dtype == dtype_plan
     engine = Engine.load(str(result.output_dir), dtype=torch_dtype(card.base_dtype))
     scored = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, batch_size=4)
     reloaded = sum(s.nll for s in scored) / sum(s.tokens for s in scored)  # token mean, as the Trainer's loss

@@ -27,6 +27,8 @@ MARK = "UNIFT_ALLOCATOR_ACTIVE"  # set by the re-executed process: never twice
 # where distributions install it, for systems whose ldconfig cache find_library cannot read
 _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 _NAMES = ("libjemalloc.so.2", "libjemalloc.so")
+# what went wrong choosing one: said in the run's log (log_line), never on stderr ahead of the command
+_problems: list[str] = []
 
 
 def find_jemalloc() -> str | None:
@@ -53,7 +55,7 @@ def wanted_library() -> str | None:
     if choice == "auto":
         return find_jemalloc()
     if not Path(choice).is_file():
-        print(f"unift: warning: {ENV}={choice} is not a file; keeping the system's malloc", file=sys.stderr)
+        _problems.append(f"warning: {ENV}={choice} is not a file; kept the system's malloc")
         return None
     return choice
 
@@ -65,7 +67,9 @@ def in_use() -> str | None:
 
 def log_line() -> str | None:
     """The run log's line about memory allocation: the preloaded library, or (on Linux, where nobody chose)
-    that jemalloc would help and is not installed."""
+    that jemalloc would help and is not installed; what went wrong choosing one comes first."""
+    if _problems:
+        return "memory allocator: " + "; ".join(_problems)
     if in_use():
         return f"memory allocator: {in_use()} ({ENV}=system to keep glibc's)"
     if sys.platform.startswith("linux") and _choice() == "auto" and find_jemalloc() is None:
@@ -92,5 +96,4 @@ def reexec_with_allocator() -> None:
     try:
         os.execve(sys.executable, [sys.executable, *argv[1:]], env)
     except OSError as err:  # the interpreter cannot be run again: carry on as we are
-        print(f"unift: warning: could not restart with {library} ({err}); keeping the system's malloc",
-              file=sys.stderr)
+        _problems.append(f"warning: could not restart with {library} ({err}); kept the system's malloc")

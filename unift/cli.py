@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
 from types import ModuleType
 
+from unift.console import held_stderr, setup_logging
 from unift.errors import UniftError
 
 # command -> (module under unift.commands, one line of help); the order of `unift --help`
@@ -44,9 +43,16 @@ def _add_options(parser: argparse.ArgumentParser, options: type, config: bool = 
     add_arguments(parser, options)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, as every other bad input is (the flags are one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen command's flags are built (the others need not be imported)."""
-    parser = argparse.ArgumentParser(prog="unift", description="Parameter-efficient fine-tuning, end to end.")
+    parser = _Parser(prog="unift", description="Parameter-efficient fine-tuning, end to end.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (_, help_text) in COMMANDS.items():
@@ -93,34 +99,6 @@ def options_and_run(ns: argparse.Namespace):
     return parse_into(module.OPTIONS, ns), module.run
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (callers and tests swap it after set-up)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def setup_logging() -> None:
-    """unift's own messages as `[unift] ...` (rank 0 only); other libraries keep their own format."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    ours = logging.getLogger("unift")
-    if not ours.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[unift] %(message)s"))
-        ours.addHandler(handler)
-        ours.propagate = False
-    ours.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    from unift.compat import quiet
-
-    quiet.apply()  # other libraries' warnings that are not the user's to act on
-
-
 def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
     own_process = argv is None  # a command line (console script or top-level script), not a caller's argv
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -135,17 +113,25 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
         reexec_with_allocator()  # jemalloc where the system has it: returns only if nothing changes
         compat.keep_out.apply(argv)  # before anything imports peft or transformers
     setup_logging()
-    try:
-        options, run = options_and_run(parse(argv))
-        run(options)
-    except UniftError as err:
-        if debug:
+    with held_stderr() as stderr:  # other libraries' lines wait until the command is under way
+        try:
+            options, run = options_and_run(parse(argv))
+            run(options)
+        except UniftError as err:
+            if debug:
+                stderr.release()
+                raise
+            stderr.drop()  # the one line below says what is wrong
+            print(f"unift: error: {err}", file=stderr.target)
+            return 2
+        except KeyboardInterrupt:
+            stderr.release()
+            print("\nunift: interrupted", file=stderr.target)
+            return 130
+        except BaseException:
+            stderr.release()  # a crash: what the libraries said may explain it
             raise
-        print(f"unift: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nunift: interrupted", file=sys.stderr)
-        return 130
+        stderr.release()
     return 0
 
 

@@ -77,11 +77,23 @@ class TrainingForward:
         return ""
 
     def install(self) -> None:
-        self.model.forward = self.forward
+        # A plain function, not this object's bound method: accelerate's mixed precision re-binds a bound
+        # `forward.__func__` to the model (full and freeze tuning under bf16 autocast), which would call
+        # this class's forward with the model as `self`.
+        def forward(*args, **kwargs):
+            return self.forward(*args, **kwargs)
+
+        self._installed = forward
+        self.model.forward = forward
 
     def uninstall(self) -> None:
-        if self.model.__dict__.get("forward") == self.forward:
+        installed = getattr(self, "_installed", None)
+        current = self.model.__dict__.get("forward")
+        if current is not None and current is installed:
             del self.model.forward
+        elif self.model.__dict__.get("_original_forward") is installed:  # accelerate wrapped it for autocast
+            del self.model.forward
+            del self.model._original_forward
         if self.alibi is not None:
             self.alibi.remove()
 

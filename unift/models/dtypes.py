@@ -17,6 +17,7 @@ Merging: in fp32 (the sum W + dW is rounded once, when saved), saved at saved_dt
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -42,14 +43,31 @@ class RunCard(Protocol):
     compute_dtype: str
 
 
+CPU_BF16_ENV = "UNIFT_CPU_BF16"  # auto (read the CPU's flags), 1 (the bf16 plan), 0 (the fp32 plan)
+
+
 @cache
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run ~4x faster than fp32 on such CPUs (docs/performance.md)."""
+def cpu_flags_have_bf16() -> bool:
+    """AVX512-BF16 or AMX in the CPU's flags: bf16 matmuls run ~4x faster than fp32 there."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_bf16() -> bool:
+    """Whether CPU training plans bf16 (docs/performance.md): the CPU's flags, unless UNIFT_CPU_BF16 forces
+    one plan on any CPU (1: bf16, emulated and slower where the CPU lacks it; 0: fp32), so that both branches
+    can be run and tested on every machine."""
+    forced = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
+    if forced in ("1", "true", "yes", "on", "bf16"):
+        return True
+    if forced in ("0", "false", "no", "off", "fp32"):
+        return False
+    if forced not in ("", "auto"):
+        raise UniftError(f"{CPU_BF16_ENV}={forced}: use auto, 1 (the bf16 plan) or 0 (the fp32 plan)")
+    return cpu_flags_have_bf16()
 
 
 def gpu_half() -> str:

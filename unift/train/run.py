@@ -122,16 +122,15 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     prepare_process(args)
     check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run
     set_seed(args.seed)
-    if line := allocator_log_line():
-        log.info(line)
     if args.release_memory and allocator_in_use():
         log.info("--release_memory tunes glibc's malloc; %s returns freed memory by itself", allocator_in_use())
     elif args.release_memory and not release_freed_memory():
         log.warning("warning: --release_memory needs glibc's malloc; this C library's keeps freed memory")
     resume = resolve_resume(args)
+    device = training_device(args.device)  # a device the machine lacks fails before any work is done
     ready = prepare(args)
     spec, method = ready["spec"], ready["method"]
-    ready["device"] = device = training_device(args.device)
+    ready["device"] = device
     bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
     wanted, not_for_stage = stage_levers(ready["stage"], engine_optimizations(args, parse_optimizations(args.optimizations)))
     # The run's dtypes, decided once: the card records these, not what the loaded model reports
@@ -163,6 +162,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         )
         accel.skipped.update(not_for_stage)
         log.info("optimizations: %s", accel.summary())
+        if line := allocator_log_line():  # here, once the run is under way: never ahead of an input error
+            log.info(line)
         line, too_many = cutoff_summary(stats, args.cutoff_len, args.truncation)
         log.info("%s", line)
         if too_many:
@@ -231,6 +232,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             "compute_dtype": dtype,
             "base_dtype": base_dtype,
             "optimizations": accel.applied,
+            "optimizations_skipped": accel.skipped,  # lever -> why it did not apply
             "allocator": allocator_in_use() or "system",
         }
         write_json_atomic(out / METRICS, metrics)
