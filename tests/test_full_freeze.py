@@ -132,9 +132,10 @@ def test_quantized_loading_is_refused(peft_type):
 
 # ---- after training: generate, predict, eval, merge on a full run folder ----------------------------------
 
-def test_after_training_commands_load_the_run_folder(tiny_model, data_file, tmp_path, capsys):
+def test_after_training_commands_load_the_run_folder(tiny_model, data_file, tmp_path, capsys, dtype_plan):
     folder = tiny_model("llama")
-    result = train(args_for(folder, data_file, tmp_path / "run", peft_type="freeze"))
+    result = train(args_for(folder, data_file, tmp_path / "run", peft_type="freeze", compute_dtype="auto"))
+    assert RunCard.load(result.output_dir).compute_dtype == dtype_plan
     run = str(result.output_dir)
     trained = logits(result.model)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from unift.accel import OPTIMIZATIONS
 from unift.cli import main
 from unift.engine.engine import Engine
 from unift.engine.settings import GenerationSettings
@@ -96,6 +97,12 @@ def test_pair_trains_saves_reloads_and_generates(tiny_model, data_file, tmp_path
     assert len(losses) == STEPS and losses[-1] < losses[0], losses
 
     assert RunCard.load(result.output_dir).compute_dtype == dtype_plan
+    # every lever of the default --optimizations all either works with this method under this plan or is
+    # switched off with its reason (printed in the log)
+    applied = {lever.split(" ")[0] for lever in result.metrics["optimizations"]}
+    skipped = result.metrics["optimizations_skipped"]
+    assert applied.isdisjoint(skipped) and applied | set(skipped) == set(OPTIMIZATIONS), (applied, skipped)
+    assert all(skipped.values())
     # reloaded in the dtype the base was trained in (bf16 under the bf16 plan), to compare like with like
     as_trained = Engine.load(str(result.output_dir), dtype=torch_dtype(RunCard.load(result.output_dir).base_dtype))
     reloaded = forward_logits(as_trained.model, IDS)

@@ -117,6 +117,9 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
         done.undo.append(undo)
         if count:
             done.applied.append(f"{name} ({count} {what})")
+        else:
+            done.skipped[name] = ("no LoRA layer to fuse" if name == "fused_lora"
+                                  else "no dropout to replace (dropout 0, or the method has none)")
     if "lean_layers" in wanted:
         count, undo = lean_layers(inner, compute)
         done.undo.append(undo)
@@ -131,6 +134,8 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
     padding_free = "padding_free" in wanted and padding_free_asked != "false" and not packing_reason
     if "padding_free" in wanted and packing_reason and padding_free_asked != "false":
         done.skipped["padding_free"] = packing_reason
+    elif "padding_free" in wanted and padding_free_asked == "false":
+        done.skipped["padding_free"] = "--padding_free false"
     label_loss = "label_loss" in wanted
     if label_loss and why_not:
         done.skipped["label_loss"] = why_not
@@ -153,6 +158,9 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
             done.applied.append("cpu_attention")
         else:
             done.skipped["cpu_attention"] = f"{type(inner).__name__} computes attention in its own code"
+    for name in wanted:  # every lever asked for is either applied or said not to be, with the reason
+        if name not in done.skipped and not any(a.split(" ")[0] == name for a in done.applied):
+            done.skipped[name] = "nothing in this model for it to act on"
     return done
 
 
