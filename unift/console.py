@@ -72,7 +72,7 @@ class HeldStderr(io.TextIOBase):
         return self.target.fileno()
 
     @property
-    def encoding(self):  # noqa: D102 - as the stream it stands in for
+    def encoding(self):  # as the stream it stands in for
         return getattr(self.target, "encoding", "utf-8")
 
 
@@ -106,8 +106,9 @@ class _OursHandler(_StderrHandler):
 
 
 def _route_library_handlers() -> None:
-    """Libraries imported later attach their own handler then; transformers' and datasets' loggers are
-    told to propagate instead (their helpers), the others are fixed here if already imported."""
+    """A library imported before set-up (by a caller of main(), or a test) holds a handler bound to the
+    stderr of that time, which would bypass the hold: its records go to the root logger instead. One
+    imported later binds its handler to the held stream, which needs nothing here."""
     for name in OWN_HANDLERS:
         library = logging.getLogger(name)
         for handler in list(library.handlers):
