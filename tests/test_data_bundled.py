@@ -21,6 +21,7 @@ from make_zh import WEEKDAYS, chinese_number  # noqa: E402
     ("make_arith.py", "arith", ("train.jsonl", "test.jsonl")),
     ("make_multiturn.py", "multiturn", ("train.json", "test.json")),
     ("make_zh.py", "zh", ("train.jsonl", "test.jsonl")),
+    ("make_arith_pairs.py", "arith_pairs", ("train.jsonl", "test.jsonl")),
 ])
 def test_generators_reproduce_the_committed_files(tmp_path, script, folder, files):
     subprocess.run([sys.executable, str(DATA / script), "--out", str(tmp_path)], check=True, capture_output=True)
@@ -59,3 +60,13 @@ def test_chinese_answers_are_right():
             assert int(final) == (int(a) + int(b) if op == "+" else int(a) - int(b))
             assert a in question and b in question
     assert kinds == {"读数", "星期", "应用题"}
+
+
+def test_arith_pairs_reject_a_slip():
+    for conversation in load_conversations(["arith_pairs", "arith_pairs_test"], kind="pairs"):
+        answer = conversation[-1]
+        a, op, b = re.match(r"(\d+) ([+-]) (\d+):", answer["content"]).groups()
+        right = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert answer["content"].endswith(f"Answer: {right}")
+        assert not answer["rejected"].endswith(f"Answer: {right}")
+        assert answer["rejected"].startswith(f"{a} {op} {b}: ")  # the same working, up to the slip
