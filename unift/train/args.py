@@ -28,6 +28,7 @@ from unift.train.optim import (
     check_optim,
     check_optim_args,
     check_optim_pair,
+    check_optim_run,
     check_scheduler,
     check_scheduler_eval,
 )
@@ -131,11 +132,24 @@ class RunArgs(Options):
                                  "constant, constant_with_warmup, cosine_with_min_lr, ...)", group="training",
                                  check=check_scheduler)
     optim: str | None = opt(None, "optimizer, by transformers' name: adamw_torch, adamw_torch_fused, adafactor, "
-                            "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ... "
-                            "(default: transformers' own, adamw_torch_fused; qlora on a GPU: paged_adamw_32bit)", group="training",
-                            check=check_optim)
+                            "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ...; "
+                            "full/freeze on little memory: galore_adamw, galore_adamw_layerwise, apollo_adamw, ... "
+                            "and unift's badam (--peft_type full) (default: transformers' own, adamw_torch_fused; "
+                            "qlora on a GPU: paged_adamw_32bit)", group="training", check=check_optim)
     optim_args: str | None = opt(None, "the optimizer's own settings as key=value,key=value (sgd: momentum, "
-                                 "nesterov; rmsprop: alpha, centered, ...)", group="training", check=check_optim_args)
+                                 "nesterov; rmsprop: alpha, centered; galore_*: rank, update_proj_gap, scale, "
+                                 "proj_type; apollo_*: also proj, scale_type)", group="training",
+                                 check=check_optim_args)
+    optim_target_modules: list[str] | None = opt(
+        None, "galore_*, apollo_*: the linear layers whose gradients are projected to low rank, as transformers "
+        "matches them: module names (q_proj, mlp), regexes over whole names, or all-linear (default: every linear "
+        "layer inside the decoder layers, attention and MLP; not the embeddings or the head)", group="training",
+        nargs="+")
+    badam_switch_every: int = opt(50, "--optim badam: optimizer steps before the next block (decoder layer) "
+                                  "trains", group="training", range=POSITIVE_INT)
+    badam_switch_mode: str = opt("descending", "--optim badam: the order the blocks train in: descending (the "
+                                 "last decoder layer first), ascending, random", group="training",
+                                 choices=("descending", "ascending", "random"))
     neftune_noise_alpha: float | None = opt(None, "NEFTune: uniform noise of this scale on the input embeddings "
                                             "while training (not in evaluation or generation); 5 is the paper's "
                                             "usual value", group="training", range=POSITIVE)
@@ -189,6 +203,7 @@ class RunArgs(Options):
         check_args(self)
         check_stage(self, {f.name: default_of(f) for f in dataclasses.fields(RunArgs)})
         check_optim_pair(self.optim, self.optim_args)
+        check_optim_run(self)
         check_scheduler_eval(self.lr_scheduler_type, self.val_set_size)
         if self.neftune_noise_alpha is not None and self.padding_free == "true":
             # The Trainer scales the noise by the row's length; a packed row is several examples long.

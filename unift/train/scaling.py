@@ -11,6 +11,7 @@ from typing import Any
 
 from unift.errors import UniftError
 from unift.runtime import world_size
+from unift.train.optim import check_optim_engine
 
 
 def _env_true(name: str) -> bool:
@@ -64,6 +65,7 @@ def check_engine(args: Any) -> str:
         # unift's FSDP path wraps and gathers adapters (PEFT's auto-wrap policy, the adapter's tensors)
         raise UniftError(f"--peft_type {args.method.name} under FSDP is not supported; use DDP (torchrun) or "
                          "DeepSpeed (--deepspeed)")
+    check_optim_engine(args, name)  # optimizers that cannot run under DeepSpeed, or across processes
     if name in ("deepspeed", "fsdp"):
         bits = args.quantization_bit  # the method's own width, or the flag's (normalised by check_args)
         sharded = name == "fsdp" or zero_stage(args) == 3

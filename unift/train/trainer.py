@@ -13,6 +13,7 @@ from unift.train.args import TrainArgs
 from unift.train.checkpoints import AtomicCheckpoints
 from unift.train.engines import deepspeed_setting
 from unift.train.hooks import UniftHooks
+from unift.train.optim import low_rank_targets
 from unift.train.progress import progress_callback, report_targets
 
 
@@ -32,6 +33,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
     on_gpu = device != "cpu"
     save_strategy = "steps" if args.save_steps else "epoch"
     has_val = len(ready["val"]) > 0
+    optim = args.optim or ready["method"].optimizer_name()  # default: paged AdamW for QLoRA on GPU
     settings = dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.per_gpu_train_batch_size,
@@ -43,8 +45,9 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
         lr_scheduler_type=args.lr_scheduler_type,
         warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=args.weight_decay,
-        optim=args.optim or ready["method"].optimizer_name(),  # default: paged AdamW for QLoRA on GPU
+        optim="adamw_torch" if optim == "badam" else optim,  # badam is unift's (below), AdamW inside
         optim_args=args.optim_args,
+        optim_target_modules=low_rank_targets(args, model),  # GaLore, APOLLO: the layers they project
         neftune_noise_alpha=args.neftune_noise_alpha,
         logging_steps=max(1, args.logging_steps),
         save_strategy=save_strategy,
@@ -78,6 +81,11 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
         from unift.train.preference import preference_trainer
 
         trainer = preference_trainer(stage, args, settings, ready, model, callbacks)
+    if optim == "badam":
+        from unift.train.badam import badam_optimizer
+
+        # Set on the built trainer, so every stage's trainer (unift's or TRL's) builds it in create_optimizer.
+        trainer.optimizer_cls_and_kwargs = badam_optimizer(args)
     # Every checkpoint-N folder gets the run card before it appears, so generate/eval/merge can use it.
     trainer.before_publish = [card.save]
     trainer.progress = progress_callback(lambda: trainer.tokens_seen * world_size())

@@ -1,0 +1,106 @@
+"""--optim badam: BAdam (Luo et al., 2024, "BAdam: A Memory Efficient Full Parameter Optimization Method for
+Large Language Models"), block coordinate descent with the badam package's BlockOptimizer around torch's
+AdamW. One block, a decoder layer, trains at a time while the others are frozen; every
+--badam_switch_every optimizer steps the next block takes over with a fresh AdamW state. Gradients and
+AdamW's moments then exist for one layer instead of the whole model. The embeddings, the final norm and the
+head never train, as in the package's and LLaMA-Factory's default.
+
+unift keeps a fully trained model in fp32 (the weights are their own master copy). The package also keeps
+an fp32 copy of the active block for models stored in bf16, so here that copy is redundant: one layer's
+weights more, kept so that the package's step runs unchanged."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from badam import BlockOptimizer
+
+from unift.peft.methods.freeze import decoder_layers
+
+log = logging.getLogger("unift")
+
+
+class BlockAdam(BlockOptimizer):
+    """The package's BlockOptimizer with four changes. Its messages go to unift's log instead of print().
+    The random order draws from torch's generator, which the run's seed sets. Each block trains exactly
+    --badam_switch_every steps. Its place in the block order is saved in checkpoints, so a resumed run goes
+    on with the block it stopped in."""
+
+    def __init__(self, base: torch.optim.Optimizer, named_parameters: list[tuple[str, Any]], prefixes: list[str],
+                 switch_every: int, switch_mode: str) -> None:
+        self._order: list[int] = []  # random mode: the blocks still to train in this round
+        self.active_block = 0
+        if switch_mode == "random":
+            self._order = torch.randperm(len(prefixes)).tolist()
+            start = self._order.pop()
+        else:
+            start = len(prefixes) - 1 if switch_mode == "descending" else 0
+        with warnings.catch_warnings():
+            # It warns, naming every parameter, that the weights are fp32 rather than bf16 (see above).
+            warnings.filterwarnings("ignore", message="BAdam expect model to be loaded in fp16/bf16")
+            super().__init__(base, named_parameters, block_prefix_list=[[p] for p in prefixes],
+                             switch_block_every=switch_every, start_block=start, switch_mode=switch_mode, verbose=0)
+        self.state_dict = self._state_dict  # the package binds state_dict to the inner AdamW's
+
+    def switch_trainable_params(self, verbose: int | None = None) -> None:
+        self.active_block = self.current_block_idx
+        super().switch_trainable_params(verbose=0)
+        log.info("badam: %s trains%s (block %d of %d, %s order, %d steps each)",
+                 self.block_prefix_list[self.active_block][0].rstrip("."),
+                 f" after step {self.global_step}" if self.global_step else "", self.active_block + 1,
+                 self.block_num, self.switch_mode, self.switch_block_every)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        # The package switches when (steps done + 1) is a multiple of N, so its first block trains N - 1
+        # steps; here each block trains N. One process only (unift refuses ZeRO-3, the package's other path).
+        self.step_single_gpu(*args, **kwargs)
+        if self.global_step % self.switch_block_every == 0:
+            self.switch_trainable_params()
+
+    def _update_active_block_idx(self) -> None:
+        if self.switch_mode != "random":
+            super()._update_active_block_idx()
+            return
+        if not self._order:  # the package prints each new round's order; this is the same draw, unprinted
+            self._order = torch.randperm(self.block_num).tolist()
+        self.current_block_idx = self._order.pop()
+
+    def _state_dict(self) -> dict[str, Any]:
+        state = self.base_optimizer.state_dict()
+        state["badam"] = {"active": self.active_block, "next": self.current_block_idx, "order": list(self._order),
+                          "step": self.global_step}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        where = state_dict.pop("badam", None)
+        if where is not None:
+            self.global_step = where["step"]
+            if where["active"] != self.active_block:
+                # Train the block the checkpoint was training, with fp32 copies of the resumed weights, so that
+                # the saved AdamW state matches the parameters it was saved for. (accelerate reloads the state
+                # it just took, to place it on the device: then the block is the same.)
+                self.current_block_idx = where["active"]
+                self.switch_trainable_params()
+            self.current_block_idx, self._order = where["next"], list(where["order"])
+        self.base_optimizer.load_state_dict(state_dict)
+
+
+def build_block_optimizer(model: Any, *, lr: float, weight_decay: float, switch_every: int,
+                          switch_mode: str) -> BlockAdam:
+    """BAdam over `model`'s decoder layers, one block per layer."""
+    stack, count = decoder_layers(model)
+    base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    return BlockAdam(base, list(model.named_parameters()), [f"{stack}.{i}." for i in range(count)],
+                     switch_every, switch_mode)
+
+
+def badam_optimizer(args: Any) -> tuple[Any, dict[str, Any]]:
+    """The Trainer's optimizer_cls_and_kwargs for --optim badam. transformers 5 calls a builder that is no
+    torch Optimizer class, then calls the result with (model, **kwargs)."""
+    return (lambda: build_block_optimizer,
+            {"lr": args.learning_rate, "weight_decay": args.weight_decay, "switch_every": args.badam_switch_every,
+             "switch_mode": args.badam_switch_mode})
