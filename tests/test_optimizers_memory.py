@@ -94,9 +94,10 @@ def test_low_rank_optimizers_train_with_low_rank_state(tiny_model, data_file, tm
 
 
 def test_optim_target_modules_picks_the_projected_layers(tiny_model, data_file, tmp_path):
+    """Two names, given as a --config file may hold them: one string, comma-separated."""
     watch = Watch()
     result = train(args_for(tiny_model("llama"), data_file, tmp_path / "run", optim="galore_adamw",
-                            optim_args=f"rank={RANK},update_proj_gap=2", optim_target_modules=["q_proj", "down_proj"]),
+                            optim_args=f"rank={RANK},update_proj_gap=2", optim_target_modules="q_proj, down_proj"),
                    callbacks=[watch])
     states = states_by_name([watch.optimizer.optimizer], result.model)
     assert {n for n, s in states.items() if "projector" in s} == {

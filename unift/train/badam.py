@@ -59,6 +59,8 @@ class BlockAdam(BlockOptimizer):
         self.step_single_gpu(*args, **kwargs)
         if self.global_step % self.switch_block_every == 0:
             self.switch_trainable_params()
+            if torch.cuda.is_available():  # hand the old block's copy and moments back to the GPU
+                torch.cuda.empty_cache()
 
     def _update_active_block_idx(self) -> None:
         if self.switch_mode != "random":

@@ -238,7 +238,9 @@ def low_rank_targets(args: Any, model: Any) -> str | list[str] | None:
     from unift.peft.methods.freeze import decoder_layers
 
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    items = [p.strip() for item in args.optim_target_modules or [] for p in item.split(",") if p.strip()]
+    given = args.optim_target_modules or []
+    given = [given] if isinstance(given, str) else given  # a --config file may hold one name, not a list
+    items = [p.strip() for item in given for p in str(item).split(",") if p.strip()]
     targets: str | list[str]
     if [i.replace("_", "-") for i in items] == ["all-linear"]:
         targets, matched = "all-linear", linear
