@@ -13,9 +13,9 @@ import torch
 from after_training_helpers import run_folder
 
 from unift.data import IGNORE_INDEX, encode_conversation, get_template
+from unift.data.answers import get_extractor
 from unift.errors import UniftError
 from unift.evals.exams import LETTERS, Question, conversation, load_exam, score_exam, shots_for
-from unift.evals.extract import get_extractor
 from unift.evals.likelihood import perplexity, score_rows
 from unift.evals.text_metrics import bleu, rouge_l
 

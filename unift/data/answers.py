@@ -1,4 +1,5 @@
-"""Answer extractors for exact match: which part of a generated answer is compared with the reference."""
+"""Answer extractors: which part of a generated answer is compared with the reference (exact match in
+`unift eval`, the exact_answer reward of `--stage grpo`)."""
 
 from __future__ import annotations
 

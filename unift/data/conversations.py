@@ -19,11 +19,12 @@ from unift.data.layouts import (
 )
 from unift.data.quality import Skipped, Untrainable
 from unift.data.readers import data_files, file_columns, iter_records
+from unift.data.records import RECORD_KIND
 from unift.data.templates import Message
 from unift.errors import UniftError
 
 # What to change when the data does not fit the run
-STAGE_HINT = {"sft": "instruction data trains with --stage sft", "pairs": "pairs train with --stage dpo, orpo or simpo",
+STAGE_HINT = {"sft": "instruction data trains with --stage sft or grpo", "pairs": "pairs train with --stage dpo, orpo or simpo",
               "unpaired": "labelled answers train with --stage kto"}
 
 
@@ -70,7 +71,7 @@ def iter_conversations(
                 skipped.add(err)
                 left_out += 1
                 continue
-            if kind is not None and conversation_kind(conversation) != kind:
+            if kind is not None and conversation_kind(conversation) != RECORD_KIND.get(kind, kind):
                 found = conversation_kind(conversation)
                 raise UniftError(f"{where}: this record holds {KINDS[found]}, but the run trains on {KINDS[kind]}; "
                                  f"{STAGE_HINT[found]}")

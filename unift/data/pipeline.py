@@ -30,7 +30,7 @@ from typing import Any
 
 from unift.data.conversations import iter_conversations
 from unift.data.options import DataBundle, DataOptions, Source
-from unift.data.preference import COLUMNS, encode_preference
+from unift.data.preference import COLUMNS, encode_preference, encode_prompt_row
 from unift.data.quality import Skipped, skipped_summary
 from unift.data.readers import data_files
 from unift.data.registry import DatasetEntry, expand_names, resolve_dataset
@@ -128,7 +128,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _encode_batch(batch: dict[str, list], template, tokenizer, cutoff_len: int,
                   train_on_prompt: bool, truncation: str = "drop", kind: str = "sft") -> dict[str, list]:
     if kind != "sft":
-        rows = [encode_preference(json.loads(text), template, tokenizer, cutoff_len, truncation)
+        encode = encode_prompt_row if kind == "prompts" else encode_preference
+        rows = [encode(json.loads(text), template, tokenizer, cutoff_len, truncation)
                 for text in batch["conversation"]]
         return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trained": [],
@@ -291,7 +292,7 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
     }
     columns = COLUMNS[options.kind]
     if options.kind != "sft":
-        stats["pairs" if options.kind == "pairs" else "answers"] = stats["examples"]
+        stats[{"pairs": "pairs", "unpaired": "answers", "prompts": "prompts"}[options.kind]] = stats["examples"]
     return DataBundle(train_full.select_columns(columns), val_full.select_columns(columns), stats,
                       sources, train_full, val_full, tables)
 

@@ -1,4 +1,4 @@
-"""Preference records -> token ids for the preference stages (unift.train.stages).
+"""Preference records -> token ids for the preference stages (unift.train.stages), and prompt rows for GRPO.
 
 A paired record is a conversation whose last assistant turn carries the other answer under "rejected"; an
 unpaired (KTO) one carries a true/false "label" (unift.data.layouts). Both answers are rendered by the
@@ -72,6 +72,19 @@ def encode_preference(messages: list[Message], template, tokenizer, cutoff_len: 
     return row
 
 
+def encode_prompt_row(messages: list[Message], template, tokenizer, cutoff_len: int, truncation: str = "drop") -> dict:
+    """One GRPO row: the prompt (every turn before the last answer) as ids and as rendered text, and the last
+    answer as the reference the rewards compare with. The prompt and the reference's length must fit
+    --cutoff_len, with the supervised truncation rules (the reference stands for the answer to come)."""
+    prompt, answer = _prompt_and_answer(messages, template, tokenizer)
+    length = len(prompt) + len(answer)
+    prompt, (answer,), truncated, long_answer = _fit(prompt, [answer], bos_to_add(tokenizer), cutoff_len, truncation)
+    text = template.render([_plain(m) for m in messages[:-1]], add_generation_prompt=True, tokenizer=tokenizer)
+    return {"prompt": text if not truncated else tokenizer.decode(prompt), "prompt_ids": prompt,
+            "reference": messages[-1]["content"], "length": length, "truncated": truncated,
+            "trained": len(answer), "long_answer": long_answer}
+
+
 # The row columns each kind of stage trains from (the others serve the reports)
 COLUMNS = {"sft": ["input_ids", "labels"], "pairs": ["prompt_ids", "chosen_ids", "rejected_ids"],
-           "unpaired": ["prompt_ids", "completion_ids", "label"]}
+           "unpaired": ["prompt_ids", "completion_ids", "label"], "prompts": ["prompt", "prompt_ids", "reference"]}

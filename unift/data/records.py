@@ -22,7 +22,10 @@ PAIR_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", 
 UNSUPPORTED_COLUMNS = {"images": "images", "videos": "videos", "audios": "audio"}
 # What a conversation trains: instruction data (sft), a preference pair, or one answer judged good or bad
 KINDS = {"sft": "instruction data", "pairs": "preference pairs (chosen and rejected answers)",
-         "unpaired": "answers labelled desirable or not (KTO)"}
+         "unpaired": "answers labelled desirable or not (KTO)",
+         "prompts": "instruction data (prompts with reference answers, for rewards)"}
+# The records a kind reads: GRPO's prompts come from instruction data (the answer becomes the reference)
+RECORD_KIND = {"prompts": "sft"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 MESSAGES_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",

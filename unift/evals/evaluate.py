@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unift.data import IGNORE_INDEX, Message, encode_conversation, load_conversations
+from unift.data.answers import answer_line, get_extractor
 from unift.engine.engine import Engine
 from unift.engine.settings import PRESETS
 from unift.errors import UniftError
-from unift.evals.extract import answer_line, get_extractor
 from unift.models.dtypes import dtype_name
 from unift.models.hub import is_hub_adapter
 from unift.options import NON_NEGATIVE, POSITIVE_INT, Options, opt

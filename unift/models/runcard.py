@@ -39,6 +39,8 @@ class RunCard:
     # The folder holds the whole trained model (config.json, model.safetensors), not an adapter: methods
     # that train the model's own weights (full, freeze). Loaded from here; base_model is only its origin.
     holds_model: bool = False
+    # --adapter_dir: the run this one started from (its folder, stage, method, creation time)
+    parent: dict[str, Any] | None = None
 
     def save(self, folder: Path) -> None:
         from unift.runtime import write_json_atomic

@@ -188,10 +188,12 @@ def check_args(args: Any) -> None:
         method.validate(args)
 
 
-def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec, reward: bool = False):
+def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec, reward: bool = False,
+               adapter_dir: str | None = None):
     """Wrap a loaded base model with the method's adapter and return the PeftModel; a method that trains
     the model itself returns the model with its trained weights marked. `reward`: the model has a new
-    scoring head (--stage rm), which trains whole beside the adapter."""
+    scoring head (--stage rm), which trains whole beside the adapter. `adapter_dir`: a saved adapter that
+    trains further, instead of a new one."""
     from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 
     method.check_model_type(spec.name)
@@ -207,6 +209,8 @@ def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec, re
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(getattr(options, "gradient_checkpointing", False))
         )
+    if adapter_dir:
+        return load_adapter(model, adapter_dir, trainable=True)
     if not method.prompt_learning and not getattr(options, "lora_target_modules", None):
         from unift.peft.targets import spec_from_model
 
@@ -243,9 +247,9 @@ def merge_refusal(method: MethodSpec, peft_config: Any) -> str:
     return ""
 
 
-def load_adapter(model: Any, adapter_dir: str):
+def load_adapter(model: Any, adapter_dir: str, trainable: bool = False):
     """PeftModel.from_pretrained, with the adapter's weights exactly as saved (peft 0.21 rounds them to a
-    half-precision base's dtype: unift.compat.peft_adapters)."""
+    half-precision base's dtype: unift.compat.peft_adapters); `trainable`: to train it further."""
     from peft import PeftModel
 
     from unift import compat
@@ -253,8 +257,10 @@ def load_adapter(model: Any, adapter_dir: str):
     compat.apply()
     try:
         with compat.peft_adapters.quiet_adalora_rank_pattern(model, adapter_dir):
-            wrapped = PeftModel.from_pretrained(model, adapter_dir)
+            wrapped = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except (ValueError, KeyError, RuntimeError) as err:
         raise UniftError(f"cannot load the adapter in {adapter_dir}: {str(err).splitlines()[0]}") from err
     compat.peft_adapters.reload_saved_weights(wrapped, adapter_dir)
+    if trainable:
+        compat.peft_adapters.freeze_ranknum(wrapped)
     return wrapped

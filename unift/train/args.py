@@ -32,8 +32,9 @@ from unift.train.optim import (
     check_scheduler,
     check_scheduler_eval,
 )
+from unift.train.parent import adopt_parent
 from unift.train.progress import check_report_to
-from unift.train.stages import DPO_LOSSES, check_stage
+from unift.train.stages import DPO_LOSSES, GRPO_LOSSES, check_stage
 
 
 def _check_model_type(value: str) -> str:
@@ -80,9 +81,11 @@ class RunArgs(Options):
                              group="model")
     # stage
     stage: str = opt("sft", "what to train: sft (supervised), dpo, orpo, simpo (preference pairs), kto (answers "
-                     "labelled good or bad), rm (a reward model over pairs); docs/stages.md", group="stage", check=_check_stage)
+                     "labelled good or bad), rm (a reward model over pairs), grpo (rewards on sampled answers); "
+                     "docs/stages.md", group="stage", check=_check_stage)
     pref_beta: float | None = opt(None, "the preference loss's beta (default: dpo 0.1, orpo 0.1 (its lambda), "
-                                  "simpo 2.0, kto 0.1)", group="stage", range=POSITIVE)
+                                  "simpo 2.0, kto 0.1; grpo: the KL weight, 0 = no reference)", group="stage",
+                                  range=NON_NEGATIVE)
     pref_loss: str = opt("sigmoid", "--stage dpo's loss, one of TRL's: sigmoid (DPO), ipo, hinge, robust, "
                          "sigmoid_norm, ...", group="stage", choices=DPO_LOSSES)
     simpo_gamma: float = opt(0.5, "--stage simpo's target reward margin", group="stage", range=NON_NEGATIVE)
@@ -92,6 +95,24 @@ class RunArgs(Options):
                                         range=POSITIVE)
     ref_model: str | None = opt(None, "dpo, kto: a separate reference model, a model or run folder (default: the "
                                 "base with the adapter switched off, no second copy in memory)", group="stage")
+    adapter_dir: str | None = opt(None, "start from an earlier run: a run folder or PEFT adapter folder whose adapter "
+                                  "(or, for full/freeze, model) trains further; its method, rank, base and template "
+                                  "come from the folder; dpo/kto/grpo: the reference is that starting point",
+                                  group="stage", aliases=("--adapter_name_or_path",))
+    reward_funcs: list[str] = opt(["exact_answer"], "grpo: the rewards, built-in (exact_answer, format, length), "
+                                  "FILE.py:FUNCTION, or a --stage rm run folder; several are summed (see "
+                                  "--reward_weights); docs/stages.md", group="stage", nargs="+")
+    reward_weights: list[float] | None = opt(None, "grpo: one weight per --reward_funcs entry (default: 1 each)",
+                                             group="stage")
+    num_generations: int = opt(4, "grpo: completions sampled per prompt (the group each is compared with)",
+                               group="stage", range=POSITIVE_INT)
+    max_completion_length: int = opt(128, "grpo: most tokens per sampled completion", group="stage",
+                                     range=POSITIVE_INT)
+    temperature: float = opt(1.0, "grpo: sampling temperature", group="stage", range=POSITIVE)
+    loss_type: str = opt("dapo", "grpo: TRL's loss: dapo (tokens of the whole batch), grpo (per-sequence mean), "
+                         "dr_grpo, bnpo, cispo, sapo", group="stage", choices=GRPO_LOSSES)
+    scale_rewards: str = opt("group", "grpo: divide advantages by the reward spread of the group, the batch, or "
+                             "none (Dr. GRPO)", group="stage", choices=("group", "batch", "none"))
     # data
     data: list[str] = opt(["arith"], "dataset names from dataset_info.json, or paths to files or folders; "
                           "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))
@@ -198,6 +219,7 @@ class RunArgs(Options):
     def __post_init__(self) -> None:
         # Cross-field checks between --model_type, --peft_type and the method flags, when the arguments are
         # built: `unift train` refuses an unsupported pair or an ignored flag before loading anything.
+        adopt_parent(self)  # --adapter_dir: the folder's method, base and template, before anything reads them
         check_ranges(self)
         check_choices(self)
         check_args(self)

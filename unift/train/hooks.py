@@ -22,9 +22,10 @@ class UniftHooks:
         self.progress: Any = None  # unift's progress callback: its rate goes into the logs
 
     def training_step(self, model, inputs, *args, **kwargs):
-        real, trained = batch_tokens(inputs)
-        self.tokens_seen += real
-        self.tokens_trained += trained
+        if isinstance(inputs, dict):  # GRPO's inputs are raw rows: it counts its tokens after generation
+            real, trained = batch_tokens(inputs)
+            self.tokens_seen += real
+            self.tokens_trained += trained
         return super().training_step(model, inputs, *args, **kwargs)
 
     def log(self, logs, *args, **kwargs):

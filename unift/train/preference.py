@@ -138,7 +138,7 @@ def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict,
     if not stage.reference:  # what CPOTrainer.cpo_loss reads
         trainer.loss_type, trainer.simpo_gamma, trainer.label_smoothing, trainer.alpha = \
             "simpo", args.simpo_gamma, 0.0, 0.0  # alpha 0: no AlphaPO reward transform
-    if adapter:
+    if adapter and not args.adapter_dir:  # with --adapter_dir, TRL's copy of it is the reference
         compat.trl_stages.drop_reference_adapter(model)
     if stage.reward and ready["plan"].compute == "fp32":
         # TRL stores a quantized model's trainable weights in bf16 (QLoRA's recipe); LoRA layers cast their

@@ -1,5 +1,5 @@
-"""Seeing a run: one compact progress line per logging step (loss, learning rate, tokens/s, ETA), the
-experiment trackers (--report_to), and a loss plot in the run folder at the end."""
+"""Seeing a run: one compact progress line per logging step (loss, learning rate, tokens/s, ETA; GRPO's
+reward too), the experiment trackers (--report_to), and a loss plot in the run folder at the end."""
 
 from __future__ import annotations
 
@@ -53,6 +53,25 @@ def clock(seconds: float) -> str:
     return str(timedelta(seconds=round(max(0.0, seconds))))
 
 
+def reward_part(logs: dict[str, Any]) -> str:
+    """--stage grpo's figures of the step: the mean reward, its spread, the completions' mean length."""
+    if "reward" not in logs:
+        return ""
+    return (f"reward {logs['reward']:.3f} ± {logs.get('reward_std', float('nan')):.3f}  "
+            f"length {logs.get('completions/mean_length', float('nan')):.1f}  ")
+
+
+def reward_history(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json's GRPO figures per logged step: the mean reward, its spread, each reward's mean, the
+    completions' mean length; {} for the other stages."""
+    steps = [h for h in history if "reward" in h and "loss" in h]
+    if not steps:
+        return {}
+    keep = ("reward", "reward_std", "completions/mean_length", "kl", "entropy")
+    return {"reward_curve": [{"step": h["step"], **{k: h[k] for k in h if k in keep or k.startswith("rewards/")}}
+                             for h in steps]}
+
+
 def progress_callback(tokens_seen: Callable[[], int]):
     """A replacement for the Trainer's ProgressCallback: its bar, but each log as one readable line with
     the tokens/s and ETA of this session (a resumed run measures from its own start)."""
@@ -82,7 +101,7 @@ def progress_callback(tokens_seen: Callable[[], int]):
             if "loss" in logs:
                 eta = self.eta(state)
                 line = (f"{head}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.3g}  "
-                        f"{logs.get('tokens_per_second', self.rate()):.0f} tokens/s  "
+                        f"{reward_part(logs)}{logs.get('tokens_per_second', self.rate()):.0f} tokens/s  "
                         f"ETA {clock(eta) if eta == eta else '?'}")
             elif "eval_loss" in logs:
                 line = f"{head}  eval loss {logs['eval_loss']:.4f}"

@@ -51,7 +51,8 @@ from unift.train.engines import (
     save_adapter,
     scaling_record,
 )
-from unift.train.progress import LOSS_PLOT, plot_losses
+from unift.train.parent import parent_record
+from unift.train.progress import LOSS_PLOT, plot_losses, reward_history
 from unift.train.scaling import check_engine, describe_batch, sharded_quantized_storage
 from unift.train.stages import get_stage, stage_levers
 from unift.train.trainer import build_trainer
@@ -144,7 +145,9 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     model.config.use_cache = False
     # Methods may need the schedule length (AdaLoRA's total_step); the options carry it beside the flags.
     options = SimpleNamespace(**asdict(args), total_steps=total_optimizer_steps(args, len(ready["train"])))
-    model = wrap_model(model, method, options, spec, reward=ready["stage"].reward)
+    # --adapter_dir: its adapter trains further (a full/freeze run folder was loaded as the model itself)
+    parent_adapter = args.adapter_dir if args.adapter_dir and not method.holds_model else None
+    model = wrap_model(model, method, options, spec, reward=ready["stage"].reward, adapter_dir=parent_adapter)
     accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
                              compute=plan.compute_dtype, padding_free_asked=args.padding_free)
     trainable, total = trainable_parameters(model)
@@ -184,7 +187,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             # what --cutoff_len did: examples whose front was cut, answers too long on their own
             **{k: stats.get(k) for k in ("examples", "truncated", "long_answers", "dropped", "truncation")}},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), stage=args.stage,
-        holds_model=method.holds_model,
+        holds_model=method.holds_model, parent=parent_record(args.adapter_dir),
     )
     stop = StopOnSignal()
     trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])
@@ -196,6 +199,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     finally:
         stop.uninstall()
         accel.restore()
+    compat.trl_stages.drop_reference_adapter(model)  # TRL's frozen copy of the starting adapter is not saved
     wall = time.perf_counter() - started
     out = Path(args.output_dir)
     if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
@@ -233,6 +237,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             "base_dtype": base_dtype,
             "optimizations": accel.applied,
             "optimizations_skipped": accel.skipped,  # lever -> why it did not apply
+            **reward_history(history),
             "allocator": allocator_in_use() or "system",
         }
         write_json_atomic(out / METRICS, metrics)

@@ -13,6 +13,8 @@ the run's template (unift.data.preference), so TRL's own tokenization is skipped
 - rm: TRL's RewardTrainer: the family's sequence-classification model (one output, read at the last
   token) learns to score the chosen answer above the rejected one; the head trains whole beside the
   adapter and is saved with it.
+- grpo: TRL's GRPOTrainer (unift.train.grpo): completions sampled from the policy, scored by reward
+  functions (unift.train.rewards), on prompts of instruction data whose answers are the references.
 The reference of dpo and kto is the base with the adapter switched off: no second copy of the weights.
 TRL copies a PEFT adapter as a "ref" adapter; unift deletes that copy, so the reference is the base model
 itself (for LoRA, whose update starts at zero, the same model; for other methods the base without them).
@@ -59,7 +61,12 @@ PREFERENCE_REFUSALS = {
                "trainable adapter only",
 }
 
-STAGE_FLAGS = ("pref_beta", "pref_loss", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight", "ref_model")
+GRPO_FLAGS = ("pref_beta", "reward_funcs", "reward_weights", "num_generations", "max_completion_length", "temperature",
+              "loss_type", "scale_rewards")
+STAGE_FLAGS = tuple(dict.fromkeys(("pref_beta", "pref_loss", "simpo_gamma", "kto_desirable_weight",
+                                   "kto_undesirable_weight", "ref_model", *GRPO_FLAGS)))
+# TRL 1.16's GRPO losses (GRPOConfig.loss_type) that need no other setting
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 
 STAGES: dict[str, StageSpec] = {}
 
@@ -108,6 +115,30 @@ register_stage(StageSpec(
     unsupported={"prefix": "transformers' sequence-classification models take no past key values, which prefix "
                            "tuning feeds its prefixes through"},
     families={"moss": "transformers has no sequence-classification model for MOSS's CodeGen architecture"}))
+register_stage(StageSpec(
+    "grpo", "group relative policy optimisation (TRL's GRPO): sampled answers scored by reward functions "
+    "(--reward_funcs), no reference unless --pref_beta > 0", "prompts", beta=0.0, flags=GRPO_FLAGS,
+    unsupported=PREFERENCE_REFUSALS))
+
+
+def _check_grpo(args: Any) -> None:
+    from unift.train.rewards import check_reward_spec
+
+    specs = [s for item in args.reward_funcs for s in str(item).split(",") if s]
+    if not specs:
+        raise UniftError("--reward_funcs needs at least one reward")
+    for spec in specs:
+        check_reward_spec(spec)
+    args.reward_funcs = specs
+    if args.reward_weights is not None and len(args.reward_weights) != len(specs):
+        raise UniftError(f"--reward_weights has {len(args.reward_weights)} values for {len(specs)} --reward_funcs; "
+                         "give one weight per reward")
+    if args.num_generations < 2:
+        raise UniftError("--num_generations must be 2 or more: GRPO compares each answer with the others of its group")
+    per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps
+    if per_step % args.num_generations:
+        raise UniftError(f"--stage grpo: --per_gpu_train_batch_size x --gradient_accumulation_steps ({per_step}) counts "
+                         f"completions and must be a multiple of --num_generations ({args.num_generations})")
 
 
 def check_stage(args: Any, defaults: dict[str, Any]) -> None:
@@ -127,6 +158,10 @@ def check_stage(args: Any, defaults: dict[str, Any]) -> None:
     reason = stage.unsupported.get(args.peft_type)
     if reason:
         raise UniftError(f"--stage {stage.name} does not work with --peft_type {args.peft_type}: {reason}")
+    if args.pref_beta == 0 and stage.name != "grpo":
+        raise UniftError(f"--pref_beta must be > 0 for --stage {stage.name} (0 is for grpo: no KL term)")
+    if stage.name == "grpo":
+        _check_grpo(args)
     if stage.kind != "sft" and args.streaming:
         raise UniftError(f"--stage {stage.name} reads its data whole; --streaming is for supervised data")
 

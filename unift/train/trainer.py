@@ -77,6 +77,10 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
             eval_dataset=ready["val"] or None, data_collator=collator, processing_class=ready["tokenizer"],
             callbacks=callbacks, method=ready["method"],
         )
+    elif stage.kind == "prompts":
+        from unift.train.grpo import grpo_trainer
+
+        trainer = grpo_trainer(stage, args, settings, ready, model, callbacks)
     else:
         from unift.train.preference import preference_trainer
 

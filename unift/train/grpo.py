@@ -1,0 +1,135 @@
+"""--stage grpo: TRL's GRPOTrainer with unift's hooks, on prompts unift tokenized with the run's template.
+
+Each step samples --num_generations completions per prompt with transformers' generate (vLLM where TRL
+finds it and a GPU), scores them with the --reward_funcs (unift.train.rewards), and moves the policy
+toward the completions that scored above their group's mean. The prompts are the data's prompts rendered
+exactly as supervised training renders them (unift.data.preference.encode_prompt_row); generation stops at
+the template's end of turn as every unift command does.
+
+The reference of the KL term (--pref_beta > 0) is the base with the adapter switched off, or, with
+--adapter_dir, the adapter as the run started (TRL's copy of it), as for dpo and kto.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unift.train.stages import StageSpec
+
+
+class GRPOHooks:
+    """Mixed into TRL's GRPOTrainer: prompts as unift encoded them, tokens counted after generation."""
+
+    stage: StageSpec
+    prompt_ids: dict[str, list[int]]
+
+    def _tokenize_prompts(self, prompts: list):
+        # unift's own ids for the rendered prompts (BOS and piece boundaries as in supervised training);
+        # anything else (conversational prompts from a caller) goes through TRL's own tokenization
+        if prompts and all(isinstance(p, str) and p in self.prompt_ids for p in prompts):
+            return [list(self.prompt_ids[p]) for p in prompts], None, {}
+        return super()._tokenize_prompts(prompts)
+
+    def _prepare_inputs(self, generation_batch):
+        # Sampling runs on the model unwrapped from accelerate's mixed-precision forward: under the bf16
+        # plan the frozen base is bf16 and the adapter fp32, which only autocast reconciles
+        with self.accelerator.autocast():
+            inputs = super()._prepare_inputs(generation_batch)
+        if self.model.training and isinstance(inputs, dict) and "completion_mask" in inputs:
+            trained = int(inputs["completion_mask"].sum())
+            self.tokens_seen += int(inputs["prompt_mask"].sum()) + trained
+            self.tokens_trained += trained
+        return inputs
+
+
+def _trainer_class(stage: StageSpec) -> type:
+    from trl import GRPOTrainer
+
+    from unift.train.checkpoints import AtomicCheckpoints
+    from unift.train.hooks import UniftHooks
+
+    return type("UniftGRPOTrainer", (GRPOHooks, UniftHooks, AtomicCheckpoints, GRPOTrainer),
+                {"stage": stage, "__module__": __name__})
+
+
+class RewardModelScore:
+    """A --stage rm run as a reward: its score of the prompt's ids followed by the completion's, the way it
+    was trained (prompt and answer ids together, the answer ending with the template's end of turn)."""
+
+    def __init__(self, folder: str, prompt_ids: dict[str, list[int]], end_ids: list[int], device: str, plan) -> None:
+        from unift.loader import load
+
+        loaded = load(folder, device=device, dtype=plan.compute, allow_reward=True)
+        self.model = loaded.model.eval().requires_grad_(False)
+        self.pad = loaded.tokenizer.pad_token_id
+        self.prompt_ids, self.end_ids = prompt_ids, end_ids
+        self.__name__ = f"reward_model:{folder}"
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list, **_: Any) -> list[float]:
+        import torch
+
+        rows = []
+        for prompt, ids in zip(prompts, completion_ids, strict=True):
+            ids = list(ids)
+            if not ids or ids[-1] not in self.end_ids:
+                ids = ids + self.end_ids[:1]
+            rows.append(self.prompt_ids[prompt] + ids)
+        width = max(map(len, rows))
+        batch = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, row in enumerate(rows):
+            batch[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            scores = self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits[:, 0]
+        return scores.float().cpu().tolist()
+
+
+def end_of_turn_ids(template: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS and the template's end-of-turn token (when it is one token): where answers end."""
+    from unift.data.templates import end_of_turn
+
+    marker = end_of_turn(template, tokenizer)
+    marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    ids = [*([marker_ids[0]] if len(marker_ids) == 1 else []), tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def grpo_trainer(stage: StageSpec, args: Any, settings: dict, ready: Any, model, callbacks: list | None):
+    """The TRL GRPOTrainer of a run, with its rewards, on unift's prompt rows."""
+    from peft import PeftModel
+    from trl import GRPOConfig
+
+    from unift import compat
+    from unift.train.rewards import is_reward_model, reward_function
+
+    rows = [*ready["train"], *(ready["val"] or [])]
+    prompt_ids = {row["prompt"]: row["prompt_ids"] for row in rows}
+    ends = end_of_turn_ids(ready["template"], ready["tokenizer"])
+    model.generation_config.eos_token_id = ends  # TRL stops and masks completions at these
+    model.generation_config.pad_token_id = ready["tokenizer"].pad_token_id
+    funcs = [RewardModelScore(spec, prompt_ids, ends, ready["device"], ready["plan"]) if is_reward_model(spec)
+             else reward_function(spec) for spec in args.reward_funcs]
+    config = GRPOConfig(
+        **settings, beta=args.pref_beta if args.pref_beta is not None else stage.beta,
+        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+        temperature=args.temperature, loss_type=args.loss_type, scale_rewards=args.scale_rewards,
+        reward_weights=args.reward_weights, shuffle_dataset=True, log_completions=False,
+        # training turns the model's cache off (model.config.use_cache); sampling needs it (measured: without
+        # it each new token recomputes the whole sequence)
+        generation_kwargs={"use_cache": True},
+        # the sampled answers' log-probabilities, the policy's and the reference's must be of one model:
+        # with dropout on, a run started from an adapter trained with dropout measured a KL of 0.98 before
+        # any update (TRL leaves dropout on by default)
+        disable_dropout=True,
+        pad_to_multiple_of=ready.get("shape_multiple", 1) if ready.get("shape_multiple", 1) > 1 else None,
+    )
+    trainer = _trainer_class(stage)(
+        model=model, reward_funcs=funcs, args=config, train_dataset=ready["train"],
+        eval_dataset=ready["val"] or None, processing_class=ready["tokenizer"], callbacks=callbacks,
+        method=ready["method"],
+    )
+    trainer.prompt_ids = prompt_ids
+    if isinstance(model, PeftModel) and not args.adapter_dir:
+        compat.trl_stages.drop_reference_adapter(model)  # the reference is the base, as for dpo
+    return trainer
