@@ -24,10 +24,10 @@ log = logging.getLogger("unift")
 
 
 class BlockAdam(BlockOptimizer):
-    """The package's BlockOptimizer with four changes. Its messages go to unift's log instead of print().
-    The random order draws from torch's generator, which the run's seed sets. Each block trains exactly
-    --badam_switch_every steps. Its place in the block order is saved in checkpoints, so a resumed run goes
-    on with the block it stopped in."""
+    """The package's BlockOptimizer with three changes. Its messages go to unift's log instead of stdout.
+    Each block trains exactly --badam_switch_every steps. Its place in the block order (the random order
+    included: torch's generator, which the run's seed sets) is saved in checkpoints, so a resumed run goes on
+    with the block it stopped in."""
 
     def __init__(self, base: torch.optim.Optimizer, named_parameters: list[tuple[str, Any]], prefixes: list[str],
                  switch_every: int, switch_mode: str) -> None:
@@ -48,10 +48,11 @@ class BlockAdam(BlockOptimizer):
     def switch_trainable_params(self, verbose: int | None = None) -> None:
         self.active_block = self.current_block_idx
         super().switch_trainable_params(verbose=0)
-        log.info("badam: %s trains%s (block %d of %d, %s order, %d steps each)",
+        every = self.switch_block_every
+        log.info("badam: %s trains%s (block %d of %d, %s order, %d step%s each)",
                  self.block_prefix_list[self.active_block][0].rstrip("."),
                  f" after step {self.global_step}" if self.global_step else "", self.active_block + 1,
-                 self.block_num, self.switch_mode, self.switch_block_every)
+                 self.block_num, self.switch_mode, every, "" if every == 1 else "s")
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         # The package switches when (steps done + 1) is a multiple of N, so its first block trains N - 1
