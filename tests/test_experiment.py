@@ -88,3 +88,23 @@ def test_shipped_experiment_files_parse():
     for file in files:
         for preset in ("small", "full"):
             assert load_experiment(str(file), preset).runs
+
+
+def test_a_run_starts_from_an_earlier_run_of_the_experiment(tiny_model, write_jsonl, tmp_path):
+    """`adapter_dir: run:NAME` is that earlier run's folder (SFT, then GRPO on its adapter); naming a run that
+    has not finished before it is a one-line error."""
+    data = write_jsonl(memorisation_rows(8))
+    runs = [{"name": "sft", "train": {"peft_type": "lora"}},
+            {"name": "grpo", "train": {"stage": "grpo", "adapter_dir": "run:sft", "num_generations": 2,
+                                       "max_completion_length": 4}}]
+    path = experiment_file(tmp_path, tiny_model("llama"), data, runs=runs, sweep={})
+    out = tmp_path / "out"
+    assert main(["experiment", path, "--output_dir", str(out)]) == 0
+    card = json.loads((out / "grpo" / "unift_run.json").read_text())
+    assert card["stage"] == "grpo" and card["parent"]["folder"] == str((out / "sft").resolve())
+    assert (out / "grpo" / "eval_results.json").exists()
+    backwards = experiment_file(tmp_path, tiny_model("llama"), data, runs=runs[::-1], sweep={})
+    with pytest.raises(UniftError, match="adapter_dir run:sft: no finished run of that name before it"):
+        from unift.commands.experiment import run_experiment
+
+        run_experiment(backwards, output_dir=str(tmp_path / "other"))

@@ -13,6 +13,7 @@ An experiment file:
     runs:                          # each run: a name, train flags over the preset's, eval options over its
       - {name: lora, train: {peft_type: lora}}
       - {name: zero-shot, train: false}              # no training: the base model is evaluated
+      - {name: grpo, train: {stage: grpo, adapter_dir: "run:lora"}}  # starts from an earlier run's folder
     sweep: {lora_dropout: [0.1, 0.2, 0.4]}           # every run x every combination (optional)
 
 Train settings are `unift train` options (as in a --config YAML); eval settings are `unift eval`'s
@@ -35,6 +36,7 @@ from unift.errors import UniftError
 from unift.options import Options, opt
 
 log = logging.getLogger("unift")
+RUN_REF = "run:"  # a train setting naming another run of the experiment (adapter_dir: "run:sft")
 
 
 @dataclass
@@ -131,7 +133,14 @@ def run_one(run: Run, folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     adapter = None
     if run.train is not None:
-        args = from_mapping(TrainArgs, {**run.train, "output_dir": str(folder)}, f"run {run.name}: train")
+        settings = dict(run.train)
+        parent = str(settings.get("adapter_dir") or "")
+        if parent.startswith(RUN_REF):  # "run:NAME": that earlier run's folder in this experiment
+            earlier = folder.parent / parent[len(RUN_REF):]
+            if not (earlier / METRICS).exists():
+                raise UniftError(f"run {run.name}: adapter_dir {parent}: no finished run of that name before it")
+            settings["adapter_dir"] = str(earlier)
+        args = from_mapping(TrainArgs, {**settings, "output_dir": str(folder)}, f"run {run.name}: train")
         train(args)  # the trained model it returns is dropped here: evaluation loads the run folder
         gc.collect()
         if not (folder / METRICS).exists():

@@ -95,6 +95,16 @@ def end_of_turn_ids(template: Any, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def vllm_settings(device: str) -> dict[str, Any]:
+    """Sampling through vLLM in the training process where it is installed and the run is on a GPU;
+    transformers' generate otherwise."""
+    import importlib.util
+
+    if device.startswith("cuda") and importlib.util.find_spec("vllm") is not None:
+        return {"use_vllm": True, "vllm_mode": "colocate"}
+    return {}
+
+
 def grpo_trainer(stage: StageSpec, args: Any, settings: dict, ready: Any, model, callbacks: list | None):
     """The TRL GRPOTrainer of a run, with its rewards, on unift's prompt rows."""
     from peft import PeftModel
@@ -122,6 +132,7 @@ def grpo_trainer(stage: StageSpec, args: Any, settings: dict, ready: Any, model,
         # with dropout on, a run started from an adapter trained with dropout measured a KL of 0.98 before
         # any update (TRL leaves dropout on by default)
         disable_dropout=True,
+        **vllm_settings(ready["device"]),
         pad_to_multiple_of=ready.get("shape_multiple", 1) if ready.get("shape_multiple", 1) > 1 else None,
     )
     trainer = _trainer_class(stage)(
