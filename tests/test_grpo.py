@@ -240,3 +240,32 @@ def test_memorisation_rows_train_as_prompts(tiny_model, tmp_path, write_jsonl):
                             per_gpu_train_batch_size=4, num_generations=2, max_completion_length=4, max_steps=2))
     assert len(result.metrics["reward_curve"]) == 2 and result.metrics["global_steps"] == 2
     assert RunCard.load(tmp_path / "g").parent is None
+
+
+def test_a_reward_model_run_scores_the_completions(tiny_model, tmp_path, write_jsonl):
+    """--reward_funcs RUN: a --stage rm run folder scores prompt + completion as it was trained to; its
+    scores are real numbers that differ between completions (a constant would train nothing)."""
+    pairs = write_jsonl([{"prompt": r["instruction"], "chosen": r["output"], "rejected": "Answer: 0"} for r in ARITH],
+                        "pairs.jsonl")
+    train(run_args(tiny_model("llama"), pairs, tmp_path / "rm", stage="rm", max_steps=2))
+    prompts = write_jsonl(ARITH, "prompts.jsonl")
+    result = train(run_args(tiny_model("llama"), prompts, tmp_path / "g", stage="grpo",
+                            reward_funcs=[str(tmp_path / "rm")], num_generations=4, per_gpu_train_batch_size=4,
+                            max_completion_length=4, max_steps=2))
+    curve = result.metrics["reward_curve"]
+    assert all(math.isfinite(p["reward"]) and p["reward_std"] > 0 for p in curve), curve
+    with pytest.raises(UniftError, match="a folder must be a --stage rm run"):
+        TrainArgs(stage="grpo", reward_funcs=[str(tmp_path / "g")])
+
+
+def test_conversations_prompt_with_every_turn_before_the_last_answer(embedded_dir, write_jsonl):
+    tokenizer = load_tokenizer(str(embedded_dir))
+    template = resolve_template("chatml", "chatml", tokenizer)
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+                           {"role": "assistant", "content": "Answer: 4"}, {"role": "user", "content": "And 3 + 3?"},
+                           {"role": "assistant", "content": "Answer: 6"}]}
+    options = DataOptions(data=[str(write_jsonl([record]))], kind="prompts")
+    row = build_datasets(load_sources(options), template, tokenizer, options).train[0]
+    assert row["reference"] == "Answer: 6"
+    assert "Be brief." in row["prompt"] and "Answer: 4" in row["prompt"] and "And 3 + 3?" in row["prompt"]
+    assert "Answer: 6" not in row["prompt"] and row["prompt"].endswith("<|im_start|>assistant\n")
