@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
-from conftest import memorisation_rows
+from conftest import FAMILIES, memorisation_rows
 
 from unift.cli import main
 from unift.data import DataOptions, build_datasets, load_sources, resolve_template
@@ -269,3 +270,46 @@ def test_conversations_prompt_with_every_turn_before_the_last_answer(embedded_di
     assert row["reference"] == "Answer: 6"
     assert "Be brief." in row["prompt"] and "Answer: 4" in row["prompt"] and "And 3 + 3?" in row["prompt"]
     assert "Answer: 6" not in row["prompt"] and row["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def grpo_pairs() -> list[tuple[str, str]]:
+    """(family, method): LoRA on every family, and in CI one method of each kind on llama (virtual tokens,
+    quantized base, rescaling, modules of their own, the model's own weights); every method with
+    UNIFT_ALL_STAGE_PAIRS=1."""
+    from unift.train.stages import stage_matrix
+
+    methods = [m for m, why in stage_matrix()["grpo"].items() if not why and m != "lora"]
+    if not os.environ.get("UNIFT_ALL_STAGE_PAIRS"):
+        methods = [m for m in methods if m in ("prefix", "p-tuning", "qlora", "ia3", "adapters", "full", "freeze")]
+    return [(family, "lora") for family in FAMILIES] + [("llama", m) for m in methods]
+
+
+@pytest.mark.parametrize("family, method", grpo_pairs())
+def test_grpo_trains_every_family_and_method(tiny_model, tmp_path, write_jsonl, family, method, dtype_plan):
+    """Two GRPO steps under each dtype plan: sampling, rewards and the update run, and what trains moves."""
+    from transformers import TrainerCallback
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes)")
+    weights = {}
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            weights["start"] = {k: v.detach().float().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            weights["end"] = {k: v.detach().float().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    data = write_jsonl(memorisation_rows(4))
+    rewards = tmp_path / "rewards.py"  # differs between any two completions that start differently
+    rewards.write_text("def first_id(completion_ids, **kw):\n    return [float(ids[0] % 7) if len(ids) else -1.0 "
+                       "for ids in completion_ids]\n")
+    result = train(run_args(tiny_model(family), data, tmp_path / "g", model_type=family, peft_type=method,
+                            stage="grpo", reward_funcs=[f"{rewards}:first_id"], num_generations=4, per_gpu_train_batch_size=4,
+                            max_completion_length=6, max_steps=2, compute_dtype="auto",
+                            learning_rate=5e-2 if method in ("ia3", "prompt", "prefix", "vera") else 2e-2),
+                   callbacks=[Watch()])
+    curve = result.metrics["reward_curve"]
+    assert len(curve) == 2 and all(math.isfinite(p["reward"]) for p in curve)
+    assert weights["start"] and any(not torch.equal(weights["start"][k], weights["end"][k]) for k in weights["start"])
+    assert RunCard.load(tmp_path / "g").stage == "grpo"

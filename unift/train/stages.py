@@ -193,9 +193,9 @@ def stage_table() -> str:
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     if notes:
         lines += [""] + [f"({i}) {n}" for n, i in notes.items()]
-    return ("Stages (--stage) by method (docs/stages.md). yes = the pair trains: tests/test_stages.py runs every "
-            "stage with LoRA on every family and with a set of methods in CI, every pair with "
-            "UNIFT_ALL_STAGE_PAIRS=1:\n\n" + "\n".join(lines))
+    return ("Stages (--stage) by method (docs/stages.md). yes = the pair trains: tests/test_stages.py (grpo: "
+            "tests/test_grpo.py) runs every stage with LoRA on every family and with a set of methods in CI, every "
+            "pair with UNIFT_ALL_STAGE_PAIRS=1:\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":  # python -m unift.train.stages --update-readme: rewrite the README's copy
