@@ -78,6 +78,8 @@ def test_grpo_flag_checks_at_parse_time():
         TrainArgs(stage="grpo", reward_funcs=["exact_answer,format"], reward_weights=[1.0])
     with pytest.raises(UniftError, match="--num_generations is not used by --stage dpo"):
         TrainArgs(stage="dpo", num_generations=8)
+    with pytest.raises(UniftError, match="--pref_beta > 0 does not work with --peft_type adalora"):
+        TrainArgs(stage="grpo", peft_type="adalora", pref_beta=0.04)
     with pytest.raises(UniftError, match="--pref_beta must be > 0 for --stage dpo"):
         TrainArgs(stage="dpo", pref_beta=0.0)
     assert TrainArgs(stage="grpo", reward_funcs=["exact_answer,format"]).reward_funcs == ["exact_answer", "format"]
@@ -280,7 +282,7 @@ def grpo_pairs() -> list[tuple[str, str]]:
 
     methods = [m for m, why in stage_matrix()["grpo"].items() if not why and m != "lora"]
     if not os.environ.get("UNIFT_ALL_STAGE_PAIRS"):
-        methods = [m for m in methods if m in ("prefix", "p-tuning", "qlora", "ia3", "adapters", "full", "freeze")]
+        methods = [m for m in methods if m in ("prefix", "p-tuning", "qlora", "adalora", "ia3", "adapters", "full", "freeze")]
     return [(family, "lora") for family in FAMILIES] + [("llama", m) for m in methods]
 
 

@@ -117,8 +117,7 @@ register_stage(StageSpec(
     families={"moss": "transformers has no sequence-classification model for MOSS's CodeGen architecture"}))
 register_stage(StageSpec(
     "grpo", "group relative policy optimisation (TRL's GRPO): sampled answers scored by reward functions "
-    "(--reward_funcs), no reference unless --pref_beta > 0", "prompts", beta=0.0, flags=GRPO_FLAGS,
-    unsupported=PREFERENCE_REFUSALS))
+    "(--reward_funcs), no reference unless --pref_beta > 0", "prompts", beta=0.0, flags=GRPO_FLAGS))
 
 
 def _check_grpo(args: Any) -> None:
@@ -133,6 +132,9 @@ def _check_grpo(args: Any) -> None:
     if args.reward_weights is not None and len(args.reward_weights) != len(specs):
         raise UniftError(f"--reward_weights has {len(args.reward_weights)} values for {len(specs)} --reward_funcs; "
                          "give one weight per reward")
+    if args.peft_type == "adalora" and args.pref_beta:
+        raise UniftError("--stage grpo with --pref_beta > 0 does not work with --peft_type adalora: "
+                         f"{PREFERENCE_REFUSALS['adalora']}; leave --pref_beta at 0")
     if args.num_generations < 2:
         raise UniftError("--num_generations must be 2 or more: GRPO compares each answer with the others of its group")
     per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps
