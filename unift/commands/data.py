@@ -168,7 +168,8 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         total = sum(s["records"] for s in stats["sources"])
         w(f"{'total':<{width}} {'':<10} {total:>8} {stats['dropped']:>8} {stats['train']:>7} {stats['val']:>6}\n")
     if kind != "sft":
-        w(f"{'pairs' if kind == 'pairs' else 'labelled answers'} (--stage {args.stage}): {stats['examples']}"
+        what = {"pairs": "pairs", "unpaired": "labelled answers", "prompts": "prompts with reference answers"}[kind]
+        w(f"{what} (--stage {args.stage}): {stats['examples']}"
           + (f"; desirable {sum(bundle.train_full['label']) + sum(bundle.val_full['label'])}" if kind == "unpaired"
              else "") + "\n")
     if options.data_ratios:
