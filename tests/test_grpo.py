@@ -171,6 +171,7 @@ def test_grpo_moves_the_policy_away_from_what_the_reward_refuses(sft_run, tmp_pa
     curve = result.metrics["reward_curve"]
     assert len(curve) == 6 and all(0 <= point["reward"] <= 1 for point in curve)
     assert {"reward_std", "completions/mean_length", "rewards/avoid_top/mean"} <= set(curve[0])
+    assert (tmp_path / "grpo" / "loss.png").stat().st_size > 0  # with the reward panel
     assert not (tmp_path / "grpo" / "ref").exists()
 
 

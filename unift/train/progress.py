@@ -113,7 +113,8 @@ def progress_callback(tokens_seen: Callable[[], int]):
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training (and evaluation) loss against the step, as a PNG; None when nothing was logged."""
+    """Training (and evaluation) loss against the step, as a PNG; None when nothing was logged. GRPO's
+    mean reward and its spread get a panel of their own (its loss hovers near 0 by construction)."""
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train and not evals:
@@ -126,7 +127,19 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")  # no display on a training server
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    rewards = [(h["step"], h["reward"], h.get("reward_std", 0.0)) for h in history if "reward" in h and "loss" in h]
+    fig, axes = plt.subplots(2 if rewards else 1, 1, figsize=(7, 6.5 if rewards else 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    if rewards:
+        steps, means, spreads = zip(*rewards)
+        low = [m - s for m, s in zip(means, spreads)]
+        high = [m + s for m, s in zip(means, spreads)]
+        axes[1][0].fill_between(steps, low, high, alpha=0.2, label="± spread of the step's completions")
+        axes[1][0].plot(steps, means, linewidth=1.2, label="mean reward")
+        axes[1][0].set_xlabel("optimizer step")
+        axes[1][0].set_ylabel("reward")
+        axes[1][0].grid(alpha=0.3)
+        axes[1][0].legend()
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
