@@ -321,7 +321,7 @@ def test_bad_stage_flags_fail_before_anything_loads(capsys, flags, message):
 
 def test_unift_list_shows_stage_by_method(capsys):
     matrix = stage_matrix()
-    assert set(matrix) == {"sft", "rm", *STAGES}
+    assert set(matrix) == {"sft", "rm", "grpo", *STAGES}
     assert set(matrix["dpo"]) == set(method_names())
     assert "AdaLoRA allows one trainable adapter" in matrix["dpo"]["adalora"]
     assert main(["list"]) == 0
