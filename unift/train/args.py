@@ -102,8 +102,9 @@ class RunArgs(Options):
     reward_funcs: list[str] = opt(["exact_answer"], "grpo: the rewards, built-in (exact_answer, format, length), "
                                   "FILE.py:FUNCTION, or a --stage rm run folder; several are summed (see "
                                   "--reward_weights); docs/stages.md", group="stage", nargs="+")
-    reward_weights: list[float] | None = opt(None, "grpo: one weight per --reward_funcs entry (default: 1 each)",
-                                             group="stage")
+    reward_weights: list[float] | None = opt(None, "grpo: one weight ≥ 0 per --reward_funcs entry (default: 1 each); "
+                                             "a penalty is a reward that returns negative numbers", group="stage",
+                                             range=NON_NEGATIVE)
     num_generations: int = opt(4, "grpo: completions sampled per prompt (the group each is compared with)",
                                group="stage", range=POSITIVE_INT)
     max_completion_length: int = opt(128, "grpo: most tokens per sampled completion", group="stage",
