@@ -1,0 +1,199 @@
+"""unift's DPO against plain TRL DPOTrainer, on the same arithmetic preference pairs, scored by one scorer.
+
+Both sides: the embedded SmolLM2-135M-Instruct in fp32, LoRA r=8 alpha 16 on every linear layer, sigmoid DPO
+with beta 0.1, 40 steps of 4 pairs, lr 5e-4, the same seed, data/arith_pairs/train.jsonl.
+- TRL: DPOTrainer with its own tokenization (the tokenizer's chat template) and its own defaults
+  (DPOConfig: linear schedule, no warm-up, dropout disabled, ...), given a PeftModel. Two settings that
+  change only speed: no gradient checkpointing, batches padded to a multiple of 32 tokens (as unift pads
+  them; a CPU's matmul library builds a kernel for every new shape).
+- unift: `unift train --stage dpo` with its defaults and the same steps, batch, learning rate, LoRA and seed
+  (--unift_args adds flags, e.g. to bisect: --unift_args="--lr_scheduler_type linear --warmup_ratio 0").
+Scoring (one scorer for the base and both adapters, on data/arith_pairs/test.jsonl): the summed
+log-probability of the chosen answer minus the rejected one after the same prompt, in fp32; preference
+accuracy is how often that margin is positive. Each pair is rendered twice, by the tokenizer's chat template
+(TRL's rendering) and by unift's template (unift.data.preference, what `unift eval --pairs` scores); where
+the two give the same token ids, the margins are the same and are computed once.
+Rounds run the contenders interleaved (one seed per round); every round is printed, then the medians.
+
+    python bench/dpo_vs_trl.py [--rounds 3] [--steps 40] [--unift_args "..."] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, machine, measured_run, median, read_records, run_round  # noqa: E402
+from fair import versions  # noqa: E402
+
+PAIRS = REPO / "data" / "arith_pairs"
+BATCH, LR, BETA, RANK, ALPHA = 4, 5e-4, 0.1, 8, 16
+TRL, UNIFT = "TRL DPOTrainer (its defaults)", "unift train --stage dpo"
+
+
+def model_path(given: str | None) -> str:
+    from unift.models import embedded_model_dir
+
+    return given or str(embedded_model_dir())
+
+
+def trl_child(model_dir: str, out: Path, seed: int, steps: int) -> None:
+    """Plain TRL, in this (child) process: its tokenization, its DPOConfig defaults, a PeftModel."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    path = model_dir
+    rows = read_records(PAIRS / "train.jsonl")
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    config = DPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
+                       beta=BETA, bf16=False, use_cpu=True, seed=seed, report_to="none", save_strategy="no",
+                       logging_steps=5, gradient_checkpointing=False, pad_to_multiple_of=32)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(path))
+    trainer.train()
+    model.save_pretrained(out, selected_adapters=["default"])
+    (out / "log.json").write_text(json.dumps(trainer.state.log_history))
+
+
+def train_trl(model_dir: str, out: Path, seed: int, steps: int) -> dict:
+    measured_run(sys.executable, __file__, ["--trl_child", str(out), "--model", model_dir, "--seed", str(seed),
+                                            "--steps", str(steps)], env={"HF_HUB_OFFLINE": "1"})
+    return {"adapter": str(out), "seed": seed}
+
+
+def train_unift(model_dir: str, out: Path, seed: int, steps: int, extra: list[str]) -> dict:
+    args = ["--stage", "dpo", "--model_name_or_path", model_dir, "--data", "arith_pairs", "--dataset_dir", str(REPO / "data"),
+            "--output_dir", str(out), "--max_steps", str(steps),
+            "--per_gpu_train_batch_size", str(BATCH), "--learning_rate", str(LR), "--pref_beta", str(BETA),
+            "--lora_r", str(RANK), "--lora_alpha", str(ALPHA), "--compute_dtype", "fp32", "--seed", str(seed),
+            "--logging_steps", "5", "--save_steps", "100000", "--save_total_limit", "1", *extra]
+    measured_run(sys.executable, str(REPO / "uniform_finetune.py"), args, env={"HF_HUB_OFFLINE": "1"})
+    return {"adapter": str(out), "seed": seed}
+
+
+def renderings(tokenizer) -> dict[str, list[tuple[list[int], list[int], list[int]]]]:
+    """(prompt, chosen, rejected) ids of every test pair, by the chat template and by unift's template."""
+    from unift.data import resolve_template
+    from unift.data.preference import encode_preference
+
+    def chat(messages: list[dict]) -> list[int]:
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             add_generation_prompt=messages[-1]["role"] == "user")["input_ids"]
+
+    template = resolve_template(None, "auto", tokenizer)  # the llama family's default: the tokenizer's own
+    out: dict[str, list] = {"chat template": [], "unift template": []}
+    for r in read_records(PAIRS / "test.jsonl"):
+        prompt = [{"role": "user", "content": r["prompt"]}]
+        head = chat(prompt)
+        chosen, rejected = (chat(prompt + [{"role": "assistant", "content": r[k]}]) for k in ("chosen", "rejected"))
+        assert chosen[:len(head)] == head == rejected[:len(head)]
+        out["chat template"].append((head, chosen[len(head):], rejected[len(head):]))
+        row = encode_preference([*prompt, {"role": "assistant", "content": r["chosen"], "rejected": r["rejected"]}],
+                                template, tokenizer, cutoff_len=10**9)
+        out["unift template"].append((row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]))
+    return out
+
+
+def margins(model, pairs, pad_id: int) -> list[float]:
+    from unift.data import IGNORE_INDEX
+    from unift.evals.likelihood import score_rows
+
+    rows = [(p + a, [IGNORE_INDEX] * len(p) + a) for p, c, r in pairs for a in (c, r)]
+    scored = score_rows(model, rows, pad_id, batch_size=8)
+    return [rejected.nll - chosen.nll for chosen, rejected in zip(scored[0::2], scored[1::2])]
+
+
+def score(path: str, adapters: dict[str, str | None]) -> dict[str, dict[str, dict]]:
+    """{name: {rendering: {accuracy, margin}}} for the base (None) and each adapter folder, one scorer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rendered = renderings(tokenizer)
+    same = rendered["chat template"] == rendered["unift template"]
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    results: dict[str, dict[str, dict]] = {}
+    for name, folder in adapters.items():
+        model = base if folder is None else PeftModel.from_pretrained(base, folder).eval()
+        results[name] = {}
+        for kind, pairs in rendered.items():
+            if same and kind == "unift template":
+                results[name][kind] = results[name]["chat template"]
+                continue
+            m = margins(model, pairs, tokenizer.pad_token_id)
+            results[name][kind] = {"accuracy": sum(x > 0 for x in m) / len(m), "margin": sum(m) / len(m)}
+        if folder is not None:
+            base = model.unload()
+    results["renderings identical"] = same  # type: ignore[assignment]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=42, help="round r uses seed + r")
+    parser.add_argument("--unift_args", default="", help="extra `unift train` flags (one string)")
+    parser.add_argument("--model", help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--trl_child", type=Path, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    model = model_path(ns.model)
+    if ns.trl_child:
+        return trl_child(model, ns.trl_child, ns.seed, ns.steps)
+    extra = shlex.split(ns.unift_args)
+    print(f"DPO on arith_pairs: {Path(model).name} fp32, LoRA r={RANK} alpha {ALPHA} all linear, {ns.steps} steps, "
+          f"batch {BATCH}, lr {LR}, beta {BETA}; unift extra flags: {' '.join(extra) or 'none'}; {machine()}; "
+          f"{date.today()}\n{versions(sys.executable)}\n", flush=True)
+    runs: dict[str, list[dict]] = {TRL: [], UNIFT: []}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for round_ in range(ns.rounds):
+            seed = ns.seed + round_
+            jobs = {TRL: lambda out, s=seed: train_trl(model, out, s, ns.steps),
+                    UNIFT: lambda out, s=seed: train_unift(model, out, s, ns.steps, extra)}
+            run_round(jobs, runs, round_, ns.rounds, folder)
+            scored = score(model, {"base": None, **{name: runs[name][-1]["adapter"] for name in runs}})
+            rows.append({"round": round_ + 1, "seed": seed, **scored})
+            print_table(rows, final=round_ + 1 == ns.rounds)
+            if ns.json:  # after every round: a run cut short keeps what it measured
+                ns.json.write_text(json.dumps({"unift_args": extra, "rounds": rows}, indent=2))
+
+
+def print_table(rows: list[dict], final: bool) -> None:
+    kinds = ("chat template", "unift template")
+    names = ("base", TRL, UNIFT)
+    print(f"{'round':>5} {'seed':>4}  {'model':<30} " + "  ".join(f"{k + ' acc / margin':>32}" for k in kinds))
+    for row in rows if final else rows[-1:]:
+        for name in names:
+            cells = "  ".join(f"{row[name][k]['accuracy']:>22.0%} / {row[name][k]['margin']:+7.2f}" for k in kinds)
+            print(f"{row['round']:>5} {row['seed']:>4}  {name:<30} {cells}")
+    if final:
+        print(f"{'median':>10}  " + "-" * 30)
+        for name in names:
+            cells = "  ".join(f"{median([r[name][k]['accuracy'] for r in rows]):>22.0%} / "
+                              f"{median([r[name][k]['margin'] for r in rows]):+7.2f}" for k in kinds)
+            print(f"{'median':>10}  {name:<30} {cells}")
+        print(f"renderings token-identical in every round: {all(r['renderings identical'] for r in rows)}")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
