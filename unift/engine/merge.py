@@ -10,11 +10,9 @@ model, by the base's 4-bit rounding; docs/after_training.md says more.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import string
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ from typing import Any
 import torch
 
 from unift.data.templates import template_definition
+from unift.engine.chat_template import SAMPLES, install_chat_template, stop_on_end_of_turn
+from unift.engine.gguf import export_gguf, gguf_refusal
 from unift.errors import UniftError
 from unift.loader import load
 from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
@@ -31,7 +31,8 @@ from unift.models.runcard import MERGED_CARD, RunCard, read_card
 
 log = logging.getLogger(__name__)
 
-PROBE = [{"role": "user", "content": "Write one sentence about the sea."}]
+# The prompt the in-memory fold is checked on before anything is written.
+PROBE = SAMPLES[0]
 # Relative tolerance of the built-in check: fp32 merges agree to ~1e-5 of the logit scale.
 CHECK_RTOL = 1e-3
 
@@ -57,85 +58,6 @@ def merge_refusal(card: RunCard, peft_config: Any) -> str:
         return ("it learns virtual tokens fed to the model at every step, not changes to its weights, "
                 "so there is nothing to fold into the base; serve it with the adapter instead")
     return ""
-
-
-# ---- the chat template written with the merged model ----------------------------------------------------
-
-def _jinja_expr(fmt: str, content: str, eos: str, bos: str) -> str:
-    """A FormatTemplate format string as one Jinja expression: literals quoted (so the trim_blocks and
-    lstrip_blocks settings transformers compiles with cannot eat any whitespace), joined with `~`."""
-    parts = []
-    for literal, name, _, _ in string.Formatter().parse(fmt):
-        if literal:
-            parts.append(json.dumps(literal))
-        if name == "content":
-            parts.append(content)
-        elif name in ("eos", "bos"):
-            parts.append(json.dumps(eos if name == "eos" else bos))
-        elif name is not None:
-            raise UniftError(f"template field {{{name}}} has no chat-template equivalent")
-    return "(" + (" ~ ".join(parts) or '""') + ")"
-
-
-def format_template_jinja(template: Any, eos: str, bos: str = "") -> str:
-    """Jinja for transformers' apply_chat_template that renders like `template.render`.
-
-    Checked against `render` by install_chat_template before it is used, so a template feature this
-    translation misses is caught, never silently written."""
-    def expr(fmt: str, content: str) -> str:
-        return _jinja_expr(fmt, content, eos, bos)
-
-    user, assistant = template.user, template.assistant
-    observation = getattr(template, "observation", None) or user
-    function_call = getattr(template, "function_call", None) or assistant
-    system_block = expr(template.system, "system_text")
-    in_user = bool(getattr(template, "system_in_user", False))
-    return "".join([
-        "{{ " + expr(template.prefix, '""') + " }}",
-        "{% if messages and messages[0]['role'] == 'system' %}",
-        "{% set system_text = messages[0]['content'] %}{% set turns = messages[1:] %}",
-        "{% else %}{% set system_text = " + json.dumps(template.default_system) + " %}",
-        "{% set turns = messages %}{% endif %}",
-        # Llama 2 puts the system block inside the first user turn; the others put it first.
-        "{% set ns = namespace(pending='') %}",
-        ("{% if system_text %}{% set ns.pending = " + system_block + " %}{% endif %}") if in_user else
-        ("{% if system_text %}{{ " + system_block + " }}{% endif %}"),
-        "{% for message in turns %}",
-        "{% if message['role'] == 'user' %}",
-        "{% set text = ns.pending ~ message['content'] %}{% set ns.pending = '' %}",
-        "{{ " + expr(user, "text") + " }}",
-        "{% elif message['role'] == 'assistant' %}{{ " + expr(assistant, "message['content']") + " }}",
-        "{% elif message['role'] in ['observation', 'tool'] %}{{ " + expr(observation, "message['content']") + " }}",
-        "{% elif message['role'] == 'function_call' %}{{ " + expr(function_call, "message['content']") + " }}",
-        "{% else %}{{ raise_exception('this template cannot render the role ' + message['role']) }}{% endif %}",
-        "{% endfor %}",
-    ])
-
-
-def install_chat_template(tokenizer, template) -> bool:
-    """Make the tokenizer's chat template render the run's template; True when it now does."""
-    if getattr(template, "source", ""):  # a --template FILE.jinja: the merged tokenizer carries it as it is
-        tokenizer.chat_template = template.source
-        return True
-    if getattr(template, "name", "auto") == "auto":
-        return bool(getattr(tokenizer, "chat_template", None))
-    jinja = format_template_jinja(template, tokenizer.eos_token or "", tokenizer.bos_token or "")
-    samples = [
-        PROBE,
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
-    ]
-    previous = getattr(tokenizer, "chat_template", None)
-    tokenizer.chat_template = jinja
-    for messages in samples:
-        want = template.render(messages, add_generation_prompt=True, tokenizer=tokenizer)
-        got = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if got != want:
-            tokenizer.chat_template = previous
-            log.warning("could not express template %s as a chat template; the merged folder keeps the "
-                        "tokenizer's own (unift still prompts it right through unift_merged.json)", template.name)
-            return False
-    return True
 
 
 # ---- merging -----------------------------------------------------------------------------------------
@@ -267,19 +189,6 @@ def merge(
     return out
 
 
-def stop_on_end_of_turn(model, tokenizer, template) -> None:
-    """Tools that read only the merged folder (transformers, vLLM) stop where the template ends a turn."""
-    from unift.data.templates import end_of_turn
-
-    marker = end_of_turn(template, tokenizer)
-    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-    if len(ids) != 1 or model.generation_config is None:
-        return
-    current = model.generation_config.eos_token_id
-    current = [] if current is None else [current] if isinstance(current, int) else list(current)
-    if ids[0] not in current:
-        model.generation_config.eos_token_id = [*current, ids[0]] if current else ids[0]
-
 
 def saved_dtype_of(compute_dtype: str | None, card: RunCard, path: str, trust: bool) -> str:
     """unift.models.dtypes.saved_dtype, with the checkpoint's dtype read as saved, not as loaded here."""
@@ -291,110 +200,3 @@ def saved_dtype_of(compute_dtype: str | None, card: RunCard, path: str, trust: b
     return saved_dtype(None, card, getattr(stored, "dtype", None) or getattr(stored, "torch_dtype", None))
 
 
-# ---- GGUF export (llama architecture, byte-level BPE tokenizers) ------------------------------------------
-
-GGUF_NAME = "model.gguf"
-
-
-def gguf_refusal(config, tokenizer) -> None:
-    """Raise UniftError unless this model can be written as a GGUF file by export_gguf."""
-    why = ""
-    if getattr(config, "model_type", "") != "llama":
-        why = f"its architecture is {getattr(config, 'model_type', '?')}, and unift writes llama only"
-    elif getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        why = "it has attention/MLP biases (InternLM-style), which unift's writer does not map"
-    elif (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default") != "default":
-        why = "it uses scaled RoPE, which unift's writer does not describe"
-    else:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        model = json.loads(backend.to_str()).get("model", {}) if backend is not None else {}
-        if model.get("type") != "BPE" or not model.get("merges"):
-            why = "its tokenizer is not a byte-level BPE (SentencePiece tokenizers are not written)"
-    if why:
-        raise UniftError(f"--export gguf: cannot export this model: {why}; the merged folder converts with "
-                         "llama.cpp's convert_hf_to_gguf.py")
-
-
-def _permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """HF stores q/k rows with the two rotary halves apart; GGML interleaves them, head by head."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def export_gguf(folder: Path, model, path: Path | None = None) -> Path:
-    """Write `folder/model.gguf` (F32, or F16 for half-precision weights) from a merged llama model and the
-    tokenizer saved in `folder`: llama.cpp and transformers' `from_pretrained(..., gguf_file=)` read it."""
-    try:
-        import gguf
-    except ImportError as err:
-        raise UniftError("--export gguf needs the gguf package: pip install gguf") from err
-    from unift.models import load_tokenizer
-
-    config = model.config
-    tokenizer = load_tokenizer(str(folder))
-    gguf_refusal(config, tokenizer)
-    half = model.dtype in (torch.float16, torch.bfloat16)
-    path = path or folder / GGUF_NAME
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(folder.name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
-
-    # Tokenizer: the byte-level BPE vocabulary by id, special tokens marked as control tokens.
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    added = {tok.content: tok.special for tok in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for i in range(config.vocab_size):
-        token = by_id.get(i)
-        if token is None:  # the embedding matrix is padded past the tokenizer
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL if token not in added else
-                         gguf.TokenType.CONTROL if added[token] else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    state = model.state_dict()
-    tied = getattr(config, "tie_word_embeddings", False)
-    for key, tensor in state.items():
-        if key == "lm_head.weight" and tied:
-            continue  # llama.cpp reuses the token embeddings
-        if key.endswith("rotary_emb.inv_freq"):
-            continue
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UniftError(f"--export gguf: no GGUF name for tensor {key}")
-        data = tensor.detach().float()
-        if key.endswith("self_attn.q_proj.weight"):
-            data = _permute_rotary(data, heads)
-        elif key.endswith("self_attn.k_proj.weight"):
-            data = _permute_rotary(data, kv_heads)
-        # Norm vectors stay F32 (as llama.cpp's converter writes them); matrices follow the model's dtype.
-        array = data.numpy().astype("float16" if half and data.dim() > 1 else "float32")
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
