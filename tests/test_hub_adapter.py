@@ -102,3 +102,16 @@ def test_readme_says_what_is_true():
     # the official internlm-7b ships its own modelling code; only Llama-layout conversions load natively
     assert "InternLM 1 and Qwen2 families load natively" not in readme
     assert "`internlm/internlm-7b` need it" in readme
+
+
+def test_a_folder_named_like_the_org_does_not_make_a_hub_id_local(tmp_path, monkeypatch):
+    """Only the whole path makes ORG/NAME a local folder: ./ORG existing (an `org/` of one's own runs, say)
+    leaves org/tiny-lora a hub id."""
+    from unift.models.hub import parse_hub_adapter
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "other-run").mkdir(parents=True)
+    assert parse_hub_adapter("org/tiny-lora") == ("org/tiny-lora", None)
+    assert parse_hub_adapter("org/tiny-lora@v2") == ("org/tiny-lora", "v2")
+    assert parse_hub_adapter("org/other-run") is None  # the folder itself exists: local
+    assert parse_hub_adapter("./org/tiny-lora") is None  # written as a path: a local folder, missing

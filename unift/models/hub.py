@@ -14,13 +14,13 @@ HUB_MODEL_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+)
 
 
 def parse_hub_adapter(value: str) -> tuple[str, str | None] | None:
-    """(repo, revision) for a hub adapter id; None for what reads as a local path."""
+    """(repo, revision) for a hub adapter id; None for what reads as a local path. Only the whole path
+    existing makes ORG/NAME local: a folder ./ORG says nothing about ORG/NAME (`runs/missing` is then
+    looked up on the hub, whose "no such folder" error names both readings)."""
     if value.startswith(("/", ".", "~")) or "\\" in value or Path(value).exists():
         return None
     match = HUB_MODEL_ID.match(value)
-    if not match or Path(match["repo"].split("/")[0]).is_dir():
-        return None  # `runs/missing`: a local folder that is not there, not a repository
-    return match["repo"], match["revision"]
+    return (match["repo"], match["revision"]) if match else None
 
 
 def is_hub_adapter(value: str | None) -> bool:
