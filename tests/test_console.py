@@ -61,6 +61,23 @@ def test_a_crash_keeps_what_the_libraries_said(tmp_path, capsys, monkeypatch):
     assert "accelerator probed" in capsys.readouterr().err
 
 
+def test_a_usage_mistake_drops_what_building_the_flags_logged(capsys, monkeypatch):
+    """argparse refuses a flag's value while the command's modules are imported and some log (kernels,
+    on some machines): the usage line is all that is printed, as for a UniftError."""
+    import unift.cli
+
+    real = unift.cli.make_parser
+
+    def noisy(chosen=None):
+        logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check")
+        return real(chosen)
+
+    monkeypatch.setattr(unift.cli, "make_parser", noisy)
+    code, _, err = cli_result(["data", "check", "--template", "nope"], capsys)
+    assert code == 2 and err.startswith("unift data check: error: argument --template: unknown --template 'nope'")
+    assert len(err.splitlines()) == 1, err
+
+
 def bad_inputs(tmp_path, tiny: str) -> list[tuple[list[str], str]]:
     """Real commands with bad input, as a user types them, in fresh processes (so every library logs what
     it logs at import on this machine): (argv, the start of the one line)."""
@@ -78,6 +95,7 @@ def bad_inputs(tmp_path, tiny: str) -> list[tuple[list[str], str]]:
         (["predict", "--adapter_dir", str(tmp_path / "no_run"), "--data", str(bad), "--result_dir",
           str(tmp_path / "p")], "unift: error:"),
         (["predict", "--data", str(bad)], "unift predict: error: the following arguments are required: --result_dir"),
+        (["data", "check", "--template", "nope"], "unift data check: error: argument --template: unknown"),
     ]
 
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 from types import ModuleType
 
-from unift.console import held_stderr, setup_logging
+from unift.console import drop_held, held_stderr, setup_logging
 from unift.errors import UniftError
 
 # command -> (module under unift.commands, one line of help); the order of `unift --help`
@@ -47,6 +47,7 @@ class _Parser(argparse.ArgumentParser):
     """A usage mistake is one line, as every other bad input is (the flags are one --help away)."""
 
     def error(self, message: str):
+        drop_held()  # as for a UniftError: the usage line alone, not what importing the flags' modules logged
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

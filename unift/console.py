@@ -82,6 +82,12 @@ def release() -> None:
         sys.stderr.release()
 
 
+def drop_held() -> None:
+    """The command failed on bad input: what other libraries said until now is not worth a line."""
+    if isinstance(sys.stderr, HeldStderr):
+        sys.stderr.drop()
+
+
 @contextlib.contextmanager
 def held_stderr() -> Iterator[HeldStderr]:
     """sys.stderr held for the duration; the real stream is back afterwards (released or dropped by the

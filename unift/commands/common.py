@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.models.devices import DEVICE_HELP
+from unift.data.templates import check_template
+from unift.models.devices import DEVICE_HELP, check_device
 from unift.models.dtypes import parse_dtype
 from unift.options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Options, Range, opt
 
@@ -23,10 +24,10 @@ class ModelOptions(Options):
                                          "embedded model)", group="model", aliases=("--base_model",))
     model_type: str | None = opt(None, "model family (default: the run card's, else llama)", group="model")
     template: str | None = opt(None, "prompt template: a name or a FILE (.yaml/.json fields, .jinja) "
-                               "(default: the run card's)", group="model")
+                               "(default: the run card's)", group="model", check=check_template)
     trust_remote_code: bool | None = opt(None, "allow modelling code shipped with the checkpoint", group="model")
     size: str | None = opt(None, "informational, accepted for the original toolkit's commands", group="model")
-    device: str = opt("auto", f"where the model runs: {DEVICE_HELP}", group="model")
+    device: str = opt("auto", f"where the model runs: {DEVICE_HELP}", group="model", check=check_device)
 
 
 @dataclass

@@ -247,6 +247,17 @@ def get_template(name: str) -> FormatTemplate | TokenizerTemplate:
         raise UniftError(f"unknown --template {name!r}; known: {', '.join(known)}") from None
 
 
+def check_template(value: str | dict) -> str | dict:
+    """--template when the flags are parsed: a known name or alias, or a template file that reads as one
+    (a run card's definition, a mapping, passes as it is). One line before any model loads."""
+    if isinstance(value, str):
+        if is_template_file(value):
+            load_template_file(value)
+        else:
+            get_template(value)
+    return value
+
+
 def resolve_template(name: str | dict | None, family_default: str, tokenizer) -> FormatTemplate | TokenizerTemplate:
     """--template if given (a name, a template file, or a run card's definition), else the family's default;
     `auto` falls back to alpaca without a chat template."""

@@ -22,12 +22,24 @@ _PATTERN = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
 HEADROOM = 0.85  # share of a GPU's free memory the weights may take (activations and the KV cache need the rest)
 
 
-def choose_device(requested: str | None, *, cuda_count: int, mps: bool) -> str:
-    """The device for --device `requested` on a machine with `cuda_count` CUDA GPUs and (or not) MPS."""
+def _parse(requested: str | None) -> tuple[str, str | None]:
+    """(kind, index or None) of a --device value; anything else is one line listing the choices."""
     match = _PATTERN.match((requested or "auto").strip().lower())
     if not match or (match.group(2) is not None and match.group(1) != "cuda"):
         raise UniftError(f"--device {requested!r}: choose {DEVICE_HELP}")
-    kind, index = match.group(1), match.group(2)
+    return match.group(1), match.group(2)
+
+
+def check_device(value: str) -> str:
+    """--device when the flags are parsed: a known form, normalised (`CUDA:0` -> `cuda:0`). Whether this
+    machine has that device is decided when the model loads (it needs torch, which parsing does not)."""
+    kind, index = _parse(value)
+    return kind if index is None else f"{kind}:{index}"
+
+
+def choose_device(requested: str | None, *, cuda_count: int, mps: bool) -> str:
+    """The device for --device `requested` on a machine with `cuda_count` CUDA GPUs and (or not) MPS."""
+    kind, index = _parse(requested)
     if kind == "auto":
         return "cuda:0" if cuda_count else "mps" if mps else "cpu"
     if kind == "cuda":

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from unift.accel import parse_optimizations
+from unift.data.templates import check_template
 from unift.errors import UniftError
 from unift.models import ModelSpec, get_model_spec
+from unift.models.devices import check_device
 from unift.options import (
     NON_NEGATIVE,
     POSITIVE,
@@ -67,10 +69,10 @@ class RunArgs(Options):
         None, "folder or hub id of the base model (default: the embedded SmolLM2-135M-Instruct)", group="model")
     size: str | None = opt(None, "model size label, informational (the original toolkit's --size)", group="model")
     template: str | None = opt(None, "prompt template: a name or a FILE (.yaml/.json fields, .jinja) "
-                               "(default: the family's; 'auto' = tokenizer's)", group="model")
+                               "(default: the family's; 'auto' = tokenizer's)", group="model", check=check_template)
     trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
     device: str = opt("auto", "where training runs: auto (the first GPU, else the CPU), cpu, cuda or mps; pick "
-                      "a GPU with CUDA_VISIBLE_DEVICES", group="model")
+                      "a GPU with CUDA_VISIBLE_DEVICES", group="model", check=check_device)
     quantization_bit: int | None = opt(None, "load the base in 4 or 8 bits (bitsandbytes)", group="model",
                                        choices=(4, 8))
     compute_dtype: str = opt("auto", "compute dtype: auto (bf16 where the CPU/GPU supports it), fp32, bf16, fp16",
@@ -181,7 +183,7 @@ class RunArgs(Options):
                                        "about a third slower", group="training")
     optimizations: str = opt("all", "speed-ups to use: all, none, or a comma-separated subset of base_dtype, "
                              "bf16_storage, padding_free, label_loss, fused_lora, fast_dropout, lean_layers, "
-                             "cpu_attention (docs/performance.md)",
+                             "cpu_attention, merged_sampling (docs/performance.md)",
                              group="training", check=_check_optimizations)
     release_memory: bool = opt(False, "hand each freed activation back to the system at once (glibc): a lower "
                                "peak RSS (measured: 4,471 -> 2,899 MiB at 360M parameters and 512 tokens), "
