@@ -51,6 +51,8 @@ def load(
     tokenizer: Any = None,
     reward: bool = False,
     allow_reward: bool = False,
+    rope_scaling: str | None = None,
+    attn_implementation: str | None = None,
 ) -> Loaded:
     """`adapter_dir`: a run folder or any PEFT adapter folder, local or ORG/NAME[@REVISION] on the hub (its base from `base_model`, else from its card);
     None: `base_model` alone (a base or merged folder, a hub id, or the embedded model when None).
@@ -58,7 +60,9 @@ def load(
     `reward`: load the family's scoring-head model (training --stage rm); `allow_reward`: the caller scores
     with a reward model's run folder (eval), which every other command refuses.
     `card`: the adapter's run card when the caller read it already; `tokenizer` (and a resolved `template`):
-    when the caller loaded them already (training does, to check the data before any weights load)."""
+    when the caller loaded them already (training does, to check the data before any weights load).
+    `rope_scaling`, `attn_implementation`: --rope_scaling ("none": the checkpoint's own) and
+    --attn_implementation; None: the run card's (unift.models.overrides)."""
     given = adapter_dir
     adapter_dir = resolve_adapter_dir(adapter_dir)  # ORG/NAME[@REVISION]: its snapshot in the hub cache
     if adapter_dir and card is None:
@@ -69,6 +73,8 @@ def load(
         model_type = model_type or card.model_type
         template = template or card.template
         trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
+        rope_scaling = rope_scaling or card.rope_scaling  # a run loads as it trained unless a flag says otherwise
+        attn_implementation = attn_implementation or card.attn_implementation
     else:
         trust = bool(trust_remote_code)
     if card and card.stage == "rm":
@@ -98,7 +104,8 @@ def load(
         resolve_template(template, spec.template, tokenizer)
     model = load_model(path, spec, quantization_bit=plan.quantization_bit, compute_dtype=plan.compute_dtype,
                        dtype=plan.storage_dtype, trust_remote_code=trust, device_map=_placement(plan, placed_on, path),
-                       quant_storage=torch_dtype(plan.quant_storage) if plan.quant_storage else None, reward=reward)
+                       quant_storage=torch_dtype(plan.quant_storage) if plan.quant_storage else None, reward=reward,
+                       rope_scaling=rope_scaling, attn_implementation=attn_implementation)
     if reward and model.config.pad_token_id is None:  # the scoring head reads the last token before padding
         model.config.pad_token_id = tokenizer.pad_token_id
     if plan.upcast_unquantized:

@@ -75,9 +75,10 @@ class Acceleration:
 
 
 def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, device: str, compute: torch.dtype,
-                     padding_free_asked: str = "auto") -> Acceleration:
+                     padding_free_asked: str = "auto", attention_asked: str | None = None) -> Acceleration:
     """Apply the chosen optimizations to a freshly wrapped PeftModel (or the plain model a method trains
-    itself), in place (`restore` undoes them)."""
+    itself), in place (`restore` undoes them). `attention_asked`: --attn_implementation, which cpu_attention
+    leaves as it is."""
     from unift.accel.attention import register
     from unift.accel.dropout import use_fast_dropout
     from unift.accel.forward import TrainingForward
@@ -151,6 +152,8 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
     if "cpu_attention" in wanted:
         if not on_cpu:
             done.skipped["cpu_attention"] = "only CPUs need it"
+        elif attention_asked:  # the user's explicit choice is what runs
+            done.skipped["cpu_attention"] = f"--attn_implementation {attention_asked} was asked for"
         elif _uses_attention_interface(inner):
             before = inner.config._attn_implementation
             inner.set_attn_implementation(register())

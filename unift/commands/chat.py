@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import PRESET_NAMES, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.commands.common import (
+    PRESET_NAMES,
+    ConfigOptions,
+    DecodingOptions,
+    DtypeOptions,
+    FindRunOptions,
+    load_engine,
+)
 from unift.options import opt
 
 
 @dataclass
-class ChatOptions(DecodingOptions, DtypeOptions, FindRunOptions):
+class ChatOptions(DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
     preset: str = opt("chat", "named decoding settings; 'original' = the original toolkit's", group="decoding",
                       choices=PRESET_NAMES)
     system: str | None = opt(None, "system prompt")

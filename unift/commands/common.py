@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from unift.data.templates import check_template
 from unift.models.devices import DEVICE_HELP, check_device
 from unift.models.dtypes import parse_dtype
+from unift.models.overrides import attn_implementation_flag, rope_scaling_flag
 from unift.options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Options, Range, opt
 
 # Names of the decoding presets (unift.engine.settings.PRESETS; a test keeps the two equal): written here so
@@ -44,6 +45,14 @@ class DtypeOptions(Options):
     dtype: str | None = opt(None, "weights dtype (default: fp32 on CPU, bf16/fp16 on GPU); bf16 makes batched "
                             "generation ~2.4x faster on CPUs with AVX512-BF16, but greedy answers then depend on "
                             "the batch size", choices=("fp32", "bf16", "fp16"))
+
+
+@dataclass
+class ConfigOptions(Options):
+    """What the model's config is loaded with; a run folder's card gives both unless the flag is given."""
+
+    rope_scaling: str | None = rope_scaling_flag()
+    attn_implementation: str | None = attn_implementation_flag()
 
 
 @dataclass
@@ -83,4 +92,6 @@ def load_engine(options: ModelOptions):
         adapter_dir = options.adapter_dir = find_run(options.run_data, options.model_type)
     return Engine.load(adapter_dir, base_model=options.model_name_or_path, model_type=options.model_type,
                        template=options.template, trust_remote_code=options.trust_remote_code,
-                       dtype=parse_dtype(getattr(options, "dtype", None)), device=options.device)
+                       dtype=parse_dtype(getattr(options, "dtype", None)), device=options.device,
+                       rope_scaling=getattr(options, "rope_scaling", None),
+                       attn_implementation=getattr(options, "attn_implementation", None))

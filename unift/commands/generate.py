@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
 from unift.options import opt
 
 
 @dataclass
-class GenerateOptions(DecodingOptions, DtypeOptions, FindRunOptions):
+class GenerateOptions(DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
     prompt: str | None = opt(None, "answer this once and exit (without it: an interactive chat)")
     system: str | None = opt(None, "system prompt")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import DecodingOptions, DtypeOptions, ModelOptions, load_engine
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, ModelOptions, load_engine
 from unift.options import POSITIVE_INT, opt
 
 
 @dataclass
-class PredictOptions(DecodingOptions, DtypeOptions, ModelOptions):
+class PredictOptions(DecodingOptions, DtypeOptions, ConfigOptions, ModelOptions):
     input: str = opt(None, "prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL (or .txt, "
                      "one prompt per line)", aliases=("--data",), required=True)
     result_dir: str = opt(None, "folder for predictions.jsonl (resumed if there)", required=True)

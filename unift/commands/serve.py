@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import PRESET_NAMES, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.commands.common import (
+    PRESET_NAMES,
+    ConfigOptions,
+    DecodingOptions,
+    DtypeOptions,
+    FindRunOptions,
+    load_engine,
+)
 from unift.options import POSITIVE_INT, Range, opt
 
 
 @dataclass
-class ServeOptions(DecodingOptions, DtypeOptions, FindRunOptions):
+class ServeOptions(DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
     preset: str = opt("chat", "named decoding settings; 'original' = the original toolkit's", group="decoding",
                       choices=PRESET_NAMES)
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)", group="service")

@@ -63,14 +63,18 @@ class Engine:
         dtype: torch.dtype | None = None,
         device: str | None = None,
         allow_reward: bool = False,
+        rope_scaling: str | None = None,
+        attn_implementation: str | None = None,
     ) -> Engine:
         """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
         embedded model, placed on --device (default: the first GPU, else the CPU) in that device's dtype
-        unless `dtype` is given (unift.loader, unift.models.dtypes)."""
+        unless `dtype` is given (unift.loader, unift.models.dtypes); --rope_scaling and --attn_implementation
+        default to the run card's."""
         compat.apply()
         loaded = loader.load(adapter_dir, base_model=base_model, model_type=model_type, template=template,
                              trust_remote_code=trust_remote_code, dtype=dtype, device=device,
-                             allow_reward=allow_reward)
+                             allow_reward=allow_reward, rope_scaling=rope_scaling,
+                             attn_implementation=attn_implementation)
         engine = cls(loaded.model, loaded.tokenizer, loaded.template, loaded.card, name=loaded.name)
         engine.merged = merge_in_memory(loaded.model, loaded.card)
         return engine

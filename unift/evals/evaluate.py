@@ -284,7 +284,8 @@ def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dic
 def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str | None = None,
              model_type: str | None = None, output: str | None = None, plot: bool = False,
              engine: Engine | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-             template: str | None = None, trust_remote_code: bool | None = None) -> dict[str, Any]:
+             template: str | None = None, trust_remote_code: bool | None = None,
+             rope_scaling: str | None = None, attn_implementation: str | None = None) -> dict[str, Any]:
     """Load, evaluate, print the table, write eval_results.json (and PNGs with plot); returns the document."""
     from unift.evals.report import markdown_table, plot_results, print_examples
 
@@ -293,7 +294,8 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
     loaded = load_tasks(options)  # bad data fails in a second, before the model loads
     engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device,
                                    allow_reward=bool(options.pairs),
-                                   dtype=dtype, template=template, trust_remote_code=trust_remote_code)
+                                   dtype=dtype, template=template, trust_remote_code=trust_remote_code,
+                                   rope_scaling=rope_scaling, attn_implementation=attn_implementation)
     document = run_evaluation(engine, options, loaded)
     document["adapter_dir"] = adapter_dir
     # the questions already read (and cut to --max_samples), which the predictions line up with

@@ -8,12 +8,15 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from unift.errors import UniftError
 from unift.models.dtypes import torch_dtype, weights_dtype
+from unift.models.overrides import apply_rope_scaling
 from unift.models.registry import ModelSpec
 from unift.runtime import cache_dir
 
@@ -97,10 +100,13 @@ def load_model(
     device_map: str | dict | None = None,
     quant_storage: torch.dtype | None = None,
     reward: bool = False,
+    rope_scaling: str | None = None,
+    attn_implementation: str | None = None,
 ):
     """Load a causal LM of the given family, optionally quantized with bitsandbytes. `quant_storage`: the
     dtype 4-bit weights are packed in, for engines that shard them (FSDP, ZeRO-3), which place them too.
-    `reward`: the same backbone with a one-output scoring head instead (a reward model, --stage rm)."""
+    `reward`: the same backbone with a one-output scoring head instead (a reward model, --stage rm).
+    `rope_scaling`, `attn_implementation`: --rope_scaling and --attn_implementation (unift.models.overrides)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
@@ -113,7 +119,10 @@ def load_model(
     if config.model_type == "llama":
         for key, value in spec.config_overrides:  # InternLM 1 converted to llama: its projections have biases
             setattr(config, key, value)
+    apply_rope_scaling(config, rope_scaling)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch_dtype(weights_dtype())}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization_bit:
         kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32, quant_storage)
         kwargs["dtype"] = compute_dtype or torch.float32
@@ -128,19 +137,34 @@ def load_model(
         before = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists the new head and the unused output layer: expected
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+            with _attention_refusal(attn_implementation):
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
         except ValueError as err:  # a family without a sequence-classification class
             raise UniftError(f"--stage rm: {spec.name} has no scoring-head model in transformers "
                              f"({first_line(err)})") from err
         finally:
             hf_logging.set_verbosity(before)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        with _attention_refusal(attn_implementation):
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     if quantization_bit:
         from unift.compat.bitsandbytes import disable_cpu_bf16_repack
 
         disable_cpu_bf16_repack(model)
     return model
+
+
+@contextmanager
+def _attention_refusal(attn_implementation: str | None) -> Iterator[None]:
+    """transformers refuses an attention implementation the model or machine lacks (flash attention on a
+    CPU, without its package) with its own exception types: one line naming the flag instead."""
+    if not attn_implementation:
+        yield
+        return
+    try:
+        yield
+    except (ImportError, ValueError, OSError) as err:  # OSError: a kernel the hub would have to send
+        raise UniftError(f"--attn_implementation {attn_implementation}: {first_line(err)}") from err
 
 
 def upcast_unquantized(model) -> None:

@@ -41,6 +41,10 @@ class RunCard:
     holds_model: bool = False
     # --adapter_dir: the run this one started from (its folder, stage, method, creation time)
     parent: dict[str, Any] | None = None
+    # --rope_scaling (TYPE:FACTOR; None: the checkpoint's own) and --attn_implementation the run trained with:
+    # every command loads the run with them unless its own flag says otherwise (unift.models.overrides)
+    rope_scaling: str | None = None
+    attn_implementation: str | None = None
 
     def save(self, folder: Path) -> None:
         from unift.runtime import write_json_atomic

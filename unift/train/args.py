@@ -13,6 +13,7 @@ from unift.data.templates import check_template
 from unift.errors import UniftError
 from unift.models import ModelSpec, get_model_spec
 from unift.models.devices import check_device
+from unift.models.overrides import attn_implementation_flag, rope_scaling_flag
 from unift.options import (
     NON_NEGATIVE,
     POSITIVE,
@@ -71,6 +72,8 @@ class RunArgs(Options):
     template: str | None = opt(None, "prompt template: a name or a FILE (.yaml/.json fields, .jinja) "
                                "(default: the family's; 'auto' = tokenizer's)", group="model", check=check_template)
     trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
+    rope_scaling: str | None = rope_scaling_flag()
+    attn_implementation: str | None = attn_implementation_flag()
     device: str = opt("auto", "where training runs: auto (the first GPU, else the CPU), cpu, cuda or mps; pick "
                       "a GPU with CUDA_VISIBLE_DEVICES", group="model", check=check_device)
     quantization_bit: int | None = opt(None, "load the base in 4 or 8 bits (bitsandbytes)", group="model",

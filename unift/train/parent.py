@@ -59,6 +59,8 @@ def adopt_parent(args: Any) -> None:
     args.peft_type, args.model_type = card.peft_type, card.model_type
     args.model_name_or_path = args.adapter_dir if card.holds_model else (args.model_name_or_path or card.base_model)
     args.template = args.template or card.template
+    args.rope_scaling = args.rope_scaling or card.rope_scaling  # the positions the adapter learned with
+    args.attn_implementation = args.attn_implementation or card.attn_implementation
     if args.quantization_bit is None and not args.load_in_8bit:
         args.quantization_bit = card.quantization_bit
 

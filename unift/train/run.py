@@ -33,6 +33,7 @@ from unift.models import load_tokenizer
 from unift.models.devices import training_device
 from unift.models.dtypes import training_plan
 from unift.models.loading import resolve_model_path
+from unift.models.overrides import scaling_of
 from unift.models.runcard import METRICS, RunCard, default_run_dir
 from unift.options import command_line
 from unift.peft import trainable_parameters, wrap_model
@@ -141,7 +142,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     dtype, base_dtype = plan.compute, plan.storage
     model = load(base_model=ready["path"], model_type=spec.name, template=ready["template"],
                  tokenizer=ready["tokenizer"], trust_remote_code=args.trust_remote_code, device=device,
-                 dtype=plan, reward=ready["stage"].reward).model
+                 dtype=plan, reward=ready["stage"].reward, rope_scaling=args.rope_scaling,
+                 attn_implementation=args.attn_implementation).model
     model.config.use_cache = False
     # Methods may need the schedule length (AdaLoRA's total_step); the options carry it beside the flags.
     options = SimpleNamespace(**asdict(args), total_steps=total_optimizer_steps(args, len(ready["train"])))
@@ -149,7 +151,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     parent_adapter = args.adapter_dir if args.adapter_dir and not method.holds_model else None
     model = wrap_model(model, method, options, spec, reward=ready["stage"].reward, adapter_dir=parent_adapter)
     accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
-                             compute=plan.compute_dtype, padding_free_asked=args.padding_free)
+                             compute=plan.compute_dtype, padding_free_asked=args.padding_free,
+                             attention_asked=args.attn_implementation)
     trainable, total = trainable_parameters(model)
     stats = ready["stats"]
     if is_main_process():
@@ -188,6 +191,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             **{k: stats.get(k) for k in ("examples", "truncated", "long_answers", "dropped", "truncation")}},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), stage=args.stage,
         holds_model=method.holds_model, parent=parent_record(args.adapter_dir),
+        rope_scaling=scaling_of(args.rope_scaling), attn_implementation=args.attn_implementation,
     )
     stop = StopOnSignal()
     trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])
