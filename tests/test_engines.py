@@ -2,7 +2,8 @@
 (`accelerate launch --config_file configs/accelerate/fsdp.yaml`, `torchrun ... --deepspeed
 configs/deepspeed/zero2.json|zero3.json`), train 2 gloo processes of batch 2 as one process of batch 4
 trains: same losses, same adapter, saved whole (it loads in plain peft); a run killed with SIGKILL resumes
-to the same end; two nodes simulated on one machine train as one 2-process run.
+to the same end; two nodes simulated on one machine train as one 2-process run; zero3_offload.json under
+DeepSpeed's own launcher (`deepspeed --num_gpus 2`) trains as the one process does.
 
 Tolerances are tests/test_torchrun.py's, for the same reason: the engines sum the two ranks' gradients in
 another order than one process sums its batch (FSDP reduce-scatters, ZeRO reduces in buckets), which moves
@@ -161,6 +162,21 @@ def test_two_nodes_train_as_one_two_process_run(setup):
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0)
     for folder in ("checkpoint-2", "checkpoint-4", "."):
         assert_same_weights(adapter(out / folder), adapter(tmp_path / "one" / folder), f"two nodes: {folder}")
+
+
+def test_zero3_offload_under_deepspeeds_own_launcher_trains_as_one_process(setup):
+    """The third shipped DeepSpeed file, zero3_offload.json (weights and optimizer offloaded to the CPU),
+    launched by DeepSpeed's own launcher (`deepspeed --num_gpus 2`: on a CPU it counts processes, and unift
+    takes the --local_rank it passes): 2 processes of batch 2 train as the one process of batch 4 does."""
+    tmp_path, flags = setup
+    out, one = tmp_path / "zero3-offload", tmp_path / "one"
+    run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+         str(REPO / "uniform_finetune.py"), *flags, "--output_dir", str(out), "--per_gpu_train_batch_size", "2",
+         "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero3_offload.json")], tmp_path)
+    card = json.loads((out / "unift_run.json").read_text())["scaling"]
+    assert card["engine"] == "deepspeed" and card["world_size"] == 2 and card["nodes"] == 1
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one)), rtol=1e-5, atol=0)
+    assert_same_weights(adapter(out), adapter(one), "zero3_offload")
 
 
 @pytest.mark.parametrize("engine", ("fsdp", "zero3"))
