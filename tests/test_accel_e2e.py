@@ -92,8 +92,8 @@ def test_all_optimizations_train_the_same_losses_and_answers(bf16_valued_model, 
     fast, fast_exact = run(model, memorisation_data, tmp_path / "all", "all", "auto", steps=40)
     assert plain["optimizations"] == [] and plain["compute_dtype"] == fast["compute_dtype"] == dtype_plan
     # fast_dropout has no dropout module to replace at lora_dropout 0; base_dtype steps aside in fp32, and
-    # bf16_storage under bf16 compute (base_dtype stores the base in bf16 itself)
-    idle = {"fast_dropout", "base_dtype" if dtype_plan == "fp32" else "bf16_storage"}
+    # bf16_storage under bf16 compute (base_dtype stores the base in bf16 itself); merged_sampling is GRPO's
+    idle = {"fast_dropout", "base_dtype" if dtype_plan == "fp32" else "bf16_storage", "merged_sampling"}
     assert {a.split(" ")[0] for a in fast["optimizations"]} == set(OPTIMIZATIONS) - idle
     assert set(fast["optimizations_skipped"]) == idle  # each with its reason in the log
     assert plain["tokens_trained"] == fast["tokens_trained"]  # the same labelled tokens (no pads counted)

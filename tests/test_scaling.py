@@ -109,12 +109,12 @@ def test_sharding_engines_drop_the_levers_that_touch_sharded_weights(monkeypatch
     assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == OPTIMIZATIONS
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == tuple(
-        o for o in OPTIMIZATIONS if o not in ("label_loss", "bf16_storage"))
+        o for o in OPTIMIZATIONS if o not in ("label_loss", "bf16_storage", "merged_sampling"))
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     config = tmp_path / "ds.json"
     config.write_text('{"zero_optimization": {"stage": 2}}')
     assert engine_optimizations(TrainArgs(deepspeed=str(config)), OPTIMIZATIONS) == tuple(
-        o for o in OPTIMIZATIONS if o != "bf16_storage")
+        o for o in OPTIMIZATIONS if o not in ("bf16_storage", "merged_sampling"))
 
 
 def test_bad_deepspeed_file_is_named(tmp_path, capsys):

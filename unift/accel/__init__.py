@@ -12,6 +12,7 @@
 - lean_layers:   RMSNorm and gated-MLP backward passes that keep less (unift.accel.layers).
 - cpu_attention: SDPA with an fp32 backward on CPUs, example by example in packed rows
                  (unift.accel.attention).
+- merged_sampling: --stage grpo samples a LoRA policy from a merged copy of it (unift.accel.sampling).
 `--optimizations` picks them (default: all); each one also steps aside by itself where it does not
 apply, and says why once.
 """
@@ -31,7 +32,7 @@ from unift.models.dtypes import dtype_name
 SHAPE_MULTIPLE = {"cpu": 32, "cuda": 8}
 
 OPTIMIZATIONS = ("base_dtype", "bf16_storage", "padding_free", "label_loss", "fused_lora", "fast_dropout", "lean_layers",
-                 "cpu_attention")
+                 "cpu_attention", "merged_sampling")
 
 
 def parse_optimizations(value: str | list[str] | None) -> tuple[str, ...]:
@@ -161,6 +162,15 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
             done.applied.append("cpu_attention")
         else:
             done.skipped["cpu_attention"] = f"{type(inner).__name__} computes attention in its own code"
+    if "merged_sampling" in wanted:  # only --stage grpo asks for it (unift.train.stages.stage_levers)
+        from unift.accel.sampling import use_merged_sampling
+
+        why, undo = use_merged_sampling(peft_model)
+        done.undo.append(undo)
+        if why is None:
+            done.applied.append("merged_sampling")
+        else:
+            done.skipped["merged_sampling"] = why
     for name in wanted:  # every lever asked for is either applied or said not to be, with the reason
         if name not in done.skipped and not any(a.split(" ")[0] == name for a in done.applied):
             done.skipped[name] = "nothing in this model for it to act on"

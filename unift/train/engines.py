@@ -24,7 +24,8 @@ log = logging.getLogger("unift")
 # DTensor there (measured: "aten.mm.default got mixed torch.Tensor and DTensor" in label_loss).
 FSDP_UNSAFE_LEVERS = {"label_loss": "it reads the output layer's weight, which FSDP shards, outside that layer"}
 # Sharding engines flatten, cast and partition the frozen weights themselves.
-SHARDED_UNSAFE_LEVERS = {"bf16_storage": "the engine stores and casts the weights it shards itself"}
+SHARDED_UNSAFE_LEVERS = {"bf16_storage": "the engine stores and casts the weights it shards itself",
+                         "merged_sampling": "a copy of the policy would hold this process's shard only"}
 
 
 def prepare_process(args: Any) -> str:

@@ -113,6 +113,8 @@ def grpo_trainer(stage: StageSpec, args: Any, settings: dict, ready: Any, model,
     from unift import compat
     from unift.train.rewards import is_reward_model, reward_function
 
+    # TRL's fused output head scores every position on a CPU (prompt and padding too): the completion's only
+    compat.trl_stages.score_answer_tokens_only()
     rows = [*ready["train"], *(ready["val"] or [])]
     prompt_ids = {row["prompt"]: row["prompt_ids"] for row in rows}
     ends = end_of_turn_ids(ready["template"], ready["tokenizer"])

@@ -170,10 +170,10 @@ def check_stage(args: Any, defaults: dict[str, Any]) -> None:
 
 def stage_levers(stage: StageSpec, wanted: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
     """The speed levers a stage can take, and why the others are left out."""
-    if stage.kind == "sft":
-        return wanted, {}
-    return (tuple(w for w in wanted if w not in FORWARD_LEVERS),
-            {w: FORWARD_LEVERS[w] for w in wanted if w in FORWARD_LEVERS})
+    left_out = {} if stage.kind == "sft" else {w: FORWARD_LEVERS[w] for w in wanted if w in FORWARD_LEVERS}
+    if stage.name != "grpo" and "merged_sampling" in wanted:
+        left_out["merged_sampling"] = "only --stage grpo samples while it trains"
+    return tuple(w for w in wanted if w not in left_out), left_out
 
 
 def stage_matrix() -> dict[str, dict[str, str]]:
