@@ -37,7 +37,7 @@ from unift.train.optim import (
 )
 from unift.train.parent import adopt_parent
 from unift.train.progress import check_report_to
-from unift.train.stages import DPO_LOSSES, GRPO_LOSSES, check_stage
+from unift.train.stages import DPO_LOSSES, GRPO_LOSSES, apply_stage_optimizer, check_stage
 
 
 def _check_model_type(value: str) -> str:
@@ -154,15 +154,18 @@ class RunArgs(Options):
     per_gpu_train_batch_size: int = opt(4, "batch size per device", group="training",
                                         aliases=("--per_device_train_batch_size",), range=POSITIVE_INT)
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step", group="training", range=POSITIVE_INT)
-    learning_rate: float = opt(3e-4, "peak learning rate", group="training", range=POSITIVE)
+    learning_rate: float = opt(3e-4, "peak learning rate (--stage grpo without --optim: 0.3, for its SGD)",
+                               group="training", range=POSITIVE)
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule, by transformers' name (linear, cosine, "
-                                 "constant, constant_with_warmup, cosine_with_min_lr, ...)", group="training",
+                                 "constant, constant_with_warmup, cosine_with_min_lr, ...; --stage grpo without --optim: constant, "
+                                 "no warm-up)", group="training",
                                  check=check_scheduler)
     optim: str | None = opt(None, "optimizer, by transformers' name: adamw_torch, adamw_torch_fused, adafactor, "
                             "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ...; "
                             "full/freeze on little memory: galore_adamw, galore_adamw_layerwise, apollo_adamw, ... "
                             "and unift's badam (--peft_type full) (default: transformers' own, adamw_torch_fused; "
-                            "qlora on a GPU: paged_adamw_32bit)", group="training", check=check_optim)
+                            "qlora on a GPU: paged_adamw_32bit; --stage grpo: sgd, docs/stages.md)", group="training",
+                            check=check_optim)
     optim_args: str | None = opt(None, "the optimizer's own settings as key=value,key=value (sgd: momentum, "
                                  "nesterov; rmsprop: alpha, centered; galore_*: rank, update_proj_gap, scale, "
                                  "proj_type; apollo_*: also proj, scale_type)", group="training",
@@ -226,10 +229,12 @@ class RunArgs(Options):
         # Cross-field checks between --model_type, --peft_type and the method flags, when the arguments are
         # built: `unift train` refuses an unsupported pair or an ignored flag before loading anything.
         adopt_parent(self)  # --adapter_dir: the folder's method, base and template, before anything reads them
+        defaults = {f.name: default_of(f) for f in dataclasses.fields(RunArgs)}
+        apply_stage_optimizer(self, defaults)  # e.g. --stage grpo trains with SGD unless --optim is given
         check_ranges(self)
         check_choices(self)
         check_args(self)
-        check_stage(self, {f.name: default_of(f) for f in dataclasses.fields(RunArgs)})
+        check_stage(self, defaults)
         check_optim_pair(self.optim, self.optim_args)
         check_optim_run(self)
         check_scheduler_eval(self.lr_scheduler_type, self.val_set_size)
