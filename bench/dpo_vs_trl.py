@@ -1,21 +1,26 @@
-"""unift's DPO against plain TRL DPOTrainer, on the same arithmetic preference pairs, scored by one scorer.
+"""unift's preference stages against plain TRL, on the same arithmetic preference pairs, scored by one scorer.
 
-Both sides: the embedded SmolLM2-135M-Instruct in fp32, LoRA r=8 alpha 16 on every linear layer, sigmoid DPO
-with beta 0.1, 40 steps of 4 pairs, lr 5e-4, the same seed, data/arith_pairs/train.jsonl.
-- TRL: DPOTrainer with its own tokenization (the tokenizer's chat template) and its own defaults
-  (DPOConfig: linear schedule, no warm-up, dropout disabled, ...), given a PeftModel. Two settings that
-  change only speed: no gradient checkpointing, batches padded to a multiple of 32 tokens (as unift pads
-  them; a CPU's matmul library builds a kernel for every new shape).
-- unift: `unift train --stage dpo` with its defaults and the same steps, batch, learning rate, LoRA and seed
-  (--unift_args adds flags, e.g. to bisect: --unift_args="--lr_scheduler_type linear --warmup_ratio 0").
+--stage dpo (default), kto or orpo. Both sides: the embedded SmolLM2-135M-Instruct in fp32, LoRA r=8 alpha 16
+on every linear layer, beta 0.1, 40 steps of batch 4, lr 5e-4, the same seed, data/arith_pairs/train.jsonl
+(for kto each pair is two unpaired rows, the chosen answer desirable and the rejected one not, in one
+shuffled file both sides read).
+- TRL: DPOTrainer, KTOTrainer or the experimental ORPOTrainer with its own tokenization (the tokenizer's
+  chat template) and its own config defaults (linear schedule, no warm-up, dropout disabled, ...), given a
+  PeftModel. Two settings that change only speed: no gradient checkpointing, batches padded to a multiple
+  of 32 tokens where the config has the setting (as unift pads them; a CPU's matmul library builds a
+  kernel for every new shape).
+- unift: `unift train --stage STAGE` with its defaults and the same steps, batch, learning rate, LoRA and
+  seed (--unift_args adds flags, e.g. to bisect: --unift_args="--lr_scheduler_type cosine").
 Scoring (one scorer for the base and both adapters, on data/arith_pairs/test.jsonl): the summed
 log-probability of the chosen answer minus the rejected one after the same prompt, in fp32; preference
 accuracy is how often that margin is positive. Each pair is rendered twice, by the tokenizer's chat template
 (TRL's rendering) and by unift's template (unift.data.preference, what `unift eval --pairs` scores); where
-the two give the same token ids, the margins are the same and are computed once.
+the two give the same token ids, the margins are the same and are computed once. "gain" is the margin
+minus the base's: what training added (the implicit reward margin of DPO, in nats, with the base as the
+reference); the last lines give unift's gain over TRL's, per round and the median.
 Rounds run the contenders interleaved (one seed per round); every round is printed, then the medians.
 
-    python bench/dpo_vs_trl.py [--rounds 3] [--steps 40] [--unift_args "..."] [--json OUT]
+    python bench/dpo_vs_trl.py [--stage dpo|kto|orpo] [--rounds 3] [--steps 40] [--unift_args "..."] [--json OUT]
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from fair import versions  # noqa: E402
 
 PAIRS = REPO / "data" / "arith_pairs"
 BATCH, LR, BETA, RANK, ALPHA = 4, 5e-4, 0.1, 8, 16
-TRL, UNIFT = "TRL DPOTrainer (its defaults)", "unift train --stage dpo"
+TRAINERS = {"dpo": "DPOTrainer", "kto": "KTOTrainer", "orpo": "ORPOTrainer"}
+TRL, UNIFT = "TRL (its defaults)", "unift train"
 
 
 def model_path(given: str | None) -> str:
@@ -44,40 +50,71 @@ def model_path(given: str | None) -> str:
     return given or str(embedded_model_dir())
 
 
-def trl_child(model_dir: str, out: Path, seed: int, steps: int) -> None:
-    """Plain TRL, in this (child) process: its tokenization, its DPOConfig defaults, a PeftModel."""
+def unpaired_file(folder: Path, seed: int) -> Path:
+    """KTO's rows: each pair as two unpaired answers (chosen desirable, rejected not), shuffled once."""
+    import random
+
+    rows = [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
+            for r in read_records(PAIRS / "train.jsonl") for key in ("chosen", "rejected")]
+    random.Random(seed).shuffle(rows)
+    path = folder / f"kto_{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def trl_child(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None) -> None:
+    """Plain TRL, in this (child) process: its tokenization, its config defaults, a PeftModel."""
+    import dataclasses
+
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import DPOConfig, DPOTrainer
 
-    path = model_dir
-    rows = read_records(PAIRS / "train.jsonl")
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    if stage == "kto":
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
+
+        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]}
+                for r in read_records(kto_rows)]
+    else:
+        if stage == "orpo":
+            from trl.experimental.orpo import ORPOConfig as Config
+            from trl.experimental.orpo import ORPOTrainer as Trainer
+        else:
+            from trl import DPOConfig as Config
+            from trl import DPOTrainer as Trainer
+        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in read_records(PAIRS / "train.jsonl")]
     set_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
-    config = DPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
-                       beta=BETA, bf16=False, use_cpu=True, seed=seed, report_to="none", save_strategy="no",
-                       logging_steps=5, gradient_checkpointing=False, pad_to_multiple_of=32)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(path))
+    speed = {"pad_to_multiple_of": 32} if "pad_to_multiple_of" in {f.name for f in dataclasses.fields(Config)} else {}
+    config = Config(output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
+                    beta=BETA, bf16=False, use_cpu=True, seed=seed, report_to="none", save_strategy="no",
+                    logging_steps=5, gradient_checkpointing=False, **speed)
+    trainer = Trainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                      processing_class=AutoTokenizer.from_pretrained(model_dir))
     trainer.train()
     model.save_pretrained(out, selected_adapters=["default"])
     (out / "log.json").write_text(json.dumps(trainer.state.log_history))
 
 
-def train_trl(model_dir: str, out: Path, seed: int, steps: int) -> dict:
+def train_trl(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None) -> dict:
     measured_run(sys.executable, __file__, ["--trl_child", str(out), "--model", model_dir, "--seed", str(seed),
-                                            "--steps", str(steps)], env={"HF_HUB_OFFLINE": "1"})
+                                            "--steps", str(steps), "--stage", stage,
+                                            *(["--kto_rows", str(kto_rows)] if kto_rows else [])],
+                 env={"HF_HUB_OFFLINE": "1"})
     return {"adapter": str(out), "seed": seed}
 
 
-def train_unift(model_dir: str, out: Path, seed: int, steps: int, extra: list[str]) -> dict:
-    args = ["--stage", "dpo", "--model_name_or_path", model_dir, "--data", "arith_pairs", "--dataset_dir", str(REPO / "data"),
+def train_unift(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None,
+                extra: list[str]) -> dict:
+    data = ["--data", str(kto_rows)] if kto_rows else ["--data", "arith_pairs", "--dataset_dir", str(REPO / "data")]
+    args = ["--stage", stage, "--model_name_or_path", model_dir, *data,
             "--output_dir", str(out), "--max_steps", str(steps),
             "--per_gpu_train_batch_size", str(BATCH), "--learning_rate", str(LR), "--pref_beta", str(BETA),
             "--lora_r", str(RANK), "--lora_alpha", str(ALPHA), "--compute_dtype", "fp32", "--seed", str(seed),
@@ -146,6 +183,7 @@ def score(path: str, adapters: dict[str, str | None]) -> dict[str, dict[str, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=tuple(TRAINERS), default="dpo")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=42, help="round r uses seed + r")
@@ -153,12 +191,13 @@ def main() -> None:
     parser.add_argument("--model", help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--trl_child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--kto_rows", type=Path, help=argparse.SUPPRESS)
     ns = parser.parse_args()
     model = model_path(ns.model)
     if ns.trl_child:
-        return trl_child(model, ns.trl_child, ns.seed, ns.steps)
+        return trl_child(model, ns.trl_child, ns.seed, ns.steps, ns.stage, ns.kto_rows)
     extra = shlex.split(ns.unift_args)
-    print(f"DPO on arith_pairs: {Path(model).name} fp32, LoRA r={RANK} alpha {ALPHA} all linear, {ns.steps} steps, "
+    print(f"{ns.stage.upper()} on arith_pairs, TRL {TRAINERS[ns.stage]} vs unift --stage {ns.stage}: {Path(model).name} fp32, LoRA r={RANK} alpha {ALPHA} all linear, {ns.steps} steps, "
           f"batch {BATCH}, lr {LR}, beta {BETA}; unift extra flags: {' '.join(extra) or 'none'}; {machine()}; "
           f"{date.today()}\n{versions(sys.executable)}\n", flush=True)
     runs: dict[str, list[dict]] = {TRL: [], UNIFT: []}
@@ -167,30 +206,39 @@ def main() -> None:
         folder = Path(tmp)
         for round_ in range(ns.rounds):
             seed = ns.seed + round_
-            jobs = {TRL: lambda out, s=seed: train_trl(model, out, s, ns.steps),
-                    UNIFT: lambda out, s=seed: train_unift(model, out, s, ns.steps, extra)}
+            kto_rows = unpaired_file(folder, seed) if ns.stage == "kto" else None
+            jobs = {TRL: lambda out, s=seed, k=kto_rows: train_trl(model, out, s, ns.steps, ns.stage, k),
+                    UNIFT: lambda out, s=seed, k=kto_rows: train_unift(model, out, s, ns.steps, ns.stage, k, extra)}
             run_round(jobs, runs, round_, ns.rounds, folder)
             scored = score(model, {"base": None, **{name: runs[name][-1]["adapter"] for name in runs}})
             rows.append({"round": round_ + 1, "seed": seed, **scored})
             print_table(rows, final=round_ + 1 == ns.rounds)
             if ns.json:  # after every round: a run cut short keeps what it measured
-                ns.json.write_text(json.dumps({"unift_args": extra, "rounds": rows}, indent=2))
+                ns.json.write_text(json.dumps({"stage": ns.stage, "unift_args": extra, "rounds": rows}, indent=2))
+
+
+def gain(row: dict, name: str, kind: str = "chat template") -> float:
+    return row[name][kind]["margin"] - row["base"][kind]["margin"]
 
 
 def print_table(rows: list[dict], final: bool) -> None:
     kinds = ("chat template", "unift template")
     names = ("base", TRL, UNIFT)
-    print(f"{'round':>5} {'seed':>4}  {'model':<30} " + "  ".join(f"{k + ' acc / margin':>32}" for k in kinds))
+    print(f"{'round':>5} {'seed':>4}  {'model':<20} " + "  ".join(f"{k + ' acc / margin / gain':>36}" for k in kinds))
     for row in rows if final else rows[-1:]:
         for name in names:
-            cells = "  ".join(f"{row[name][k]['accuracy']:>22.0%} / {row[name][k]['margin']:+7.2f}" for k in kinds)
-            print(f"{row['round']:>5} {row['seed']:>4}  {name:<30} {cells}")
+            cells = "  ".join(f"{row[name][k]['accuracy']:>18.0%} / {row[name][k]['margin']:+7.2f} / "
+                              f"{gain(row, name, k):+6.2f}" for k in kinds)
+            print(f"{row['round']:>5} {row['seed']:>4}  {name:<20} {cells}")
     if final:
-        print(f"{'median':>10}  " + "-" * 30)
         for name in names:
-            cells = "  ".join(f"{median([r[name][k]['accuracy'] for r in rows]):>22.0%} / "
-                              f"{median([r[name][k]['margin'] for r in rows]):+7.2f}" for k in kinds)
-            print(f"{'median':>10}  {name:<30} {cells}")
+            cells = "  ".join(f"{median([r[name][k]['accuracy'] for r in rows]):>18.0%} / "
+                              f"{median([r[name][k]['margin'] for r in rows]):+7.2f} / "
+                              f"{median([gain(r, name, k) for r in rows]):+6.2f}" for k in kinds)
+            print(f"{'median':>10}  {name:<20} {cells}")
+        ratios = [gain(r, UNIFT) / gain(r, TRL) for r in rows]
+        print(f"unift's gain / TRL's, per round: {', '.join(f'{x:.2f}' for x in ratios)}; of the medians: "
+              f"{median([gain(r, UNIFT) for r in rows]) / median([gain(r, TRL) for r in rows]):.2f}")
         print(f"renderings token-identical in every round: {all(r['renderings identical'] for r in rows)}")
     print(flush=True)
 
