@@ -53,8 +53,8 @@ class StageSpec:
     settings: Callable[[Any], dict] = lambda args: {}  # TRL config fields from the flags
     unsupported: dict[str, str] = field(default_factory=dict)  # peft_type -> why not
     families: dict[str, str] = field(default_factory=dict)  # model_type -> why not
-    # the optimizer this stage trains best with (flag -> value), taken where --optim is not given, for each of
-    # these flags left at its default
+    # the optimizer settings this stage trains best with (flag -> value), taken where --optim is not given,
+    # for each of these flags left at its default
     optimizer: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,18 +90,24 @@ def _beta(args: Any, stage: StageSpec) -> float:
     return stage.beta if args.pref_beta is None else args.pref_beta
 
 
+# TRL's own schedule for its preference trainers (linear decay, no warm-up), so that --stage dpo takes the
+# steps DPOTrainer takes (tests/test_dpo_vs_trl.py; bench/dpo_vs_trl.py measured the cosine schedule with
+# warm-up, unift's supervised default, at 0.85x TRL's margin gain on arith_pairs)
+TRL_SCHEDULE = {"lr_scheduler_type": "linear", "warmup_ratio": 0.0}
 register_stage(StageSpec("sft", "supervised fine-tuning on instruction data", "sft"))
 register_stage(StageSpec(
     "dpo", "direct preference optimisation (TRL's DPO losses, --pref_loss) over chosen/rejected pairs", "pairs",
     beta=0.1, reference=True, flags=("pref_beta", "pref_loss", "ref_model"), unsupported=PREFERENCE_REFUSALS,
-    settings=lambda args: {"beta": _beta(args, STAGES["dpo"]), "loss_type": [args.pref_loss]}))
+    settings=lambda args: {"beta": _beta(args, STAGES["dpo"]), "loss_type": [args.pref_loss]},
+    optimizer=TRL_SCHEDULE))
 register_stage(StageSpec(
     "orpo", "odds-ratio preference optimisation: the chosen answer's loss plus an odds-ratio term, no reference",
-    "pairs", beta=0.1, flags=("pref_beta",), unsupported=PREFERENCE_REFUSALS, settings=lambda args: {"beta": _beta(args, STAGES["orpo"])}))
+    "pairs", beta=0.1, flags=("pref_beta",), unsupported=PREFERENCE_REFUSALS,
+    settings=lambda args: {"beta": _beta(args, STAGES["orpo"])}, optimizer=TRL_SCHEDULE))
 register_stage(StageSpec(
     "simpo", "SimPO: length-normalised log-probability margin with a target gap (--simpo_gamma), no reference",
     "pairs", beta=2.0, flags=("pref_beta", "simpo_gamma"), unsupported=PREFERENCE_REFUSALS,
-    settings=lambda args: {"beta": _beta(args, STAGES["simpo"])}))
+    settings=lambda args: {"beta": _beta(args, STAGES["simpo"])}, optimizer=TRL_SCHEDULE))
 register_stage(StageSpec(
     "kto", "Kahneman-Tversky optimisation over answers labelled desirable or not (TRL's KTO)", "unpaired",
     beta=0.1, reference=True, flags=("pref_beta", "kto_desirable_weight", "kto_undesirable_weight", "ref_model"),
@@ -110,7 +116,8 @@ register_stage(StageSpec(
                            "undesirable_weight": args.kto_undesirable_weight,
                            # KTO pairs each answer with its batch neighbour's prompt for the KL term (in
                            # _prepare_dataset): the batches must be the dataset's order, already shuffled
-                           "train_sampling_strategy": "sequential"}))
+                           "train_sampling_strategy": "sequential"},
+    optimizer=TRL_SCHEDULE))
 
 register_stage(StageSpec(
     "rm", "reward model: a scoring head trained to rank the chosen answer above the rejected one (TRL's "
