@@ -157,8 +157,8 @@ class RunArgs(Options):
     learning_rate: float = opt(3e-4, "peak learning rate (--stage grpo without --optim: 0.3, for its SGD)",
                                group="training", range=POSITIVE)
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule, by transformers' name (linear, cosine, "
-                                 "constant, constant_with_warmup, cosine_with_min_lr, ...; --stage grpo without --optim: constant, "
-                                 "no warm-up)", group="training",
+                                 "constant, constant_with_warmup, cosine_with_min_lr, ...; without --optim, --stage dpo, orpo, "
+                                 "simpo, kto: linear, no warm-up, as TRL; grpo: constant, no warm-up)", group="training",
                                  check=check_scheduler)
     optim: str | None = opt(None, "optimizer, by transformers' name: adamw_torch, adamw_torch_fused, adafactor, "
                             "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ...; "
@@ -183,7 +183,8 @@ class RunArgs(Options):
     neftune_noise_alpha: float | None = opt(None, "NEFTune: uniform noise of this scale on the input embeddings "
                                             "while training (not in evaluation or generation); 5 is the paper's "
                                             "usual value", group="training", range=POSITIVE)
-    warmup_ratio: float = opt(0.03, "fraction of steps for warm-up", group="training", range=PROBABILITY)
+    warmup_ratio: float = opt(0.03, "fraction of steps for warm-up (0 for the preference and grpo stages "
+                              "without --optim)", group="training", range=PROBABILITY)
     weight_decay: float = opt(0.0, "weight decay", group="training", range=NON_NEGATIVE)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, "
                                        "about a third slower", group="training")
