@@ -298,14 +298,19 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
 
 
 def load_conversations(names: list[str], dataset_dir: Path | None = None,
-                       kind: str | None = None) -> list[list[Message]]:
-    """Every --data entry (names or paths), validated and merged in the given order (of one kind, if given)."""
+                       kind: str | None = None, limit: int | None = None) -> list[list[Message]]:
+    """Every --data entry (names or paths), validated and merged in the given order (of one kind, if given);
+    `limit`: only the first that many in all (the later files are then not read)."""
     conversations: list[list[Message]] = []
     for name in expand_names(names, dataset_dir):
+        left = None if limit is None else limit - len(conversations)
+        if left is not None and left <= 0:
+            break
         entry = resolve_dataset(name, dataset_dir)
         skipped = Skipped()
-        conversations += [c for _, c in iter_conversations(entry.path, entry.formatting, entry.columns,
-                                                           entry.tags, limit=entry.num_samples, skipped=skipped,
+        caps = [n for n in (entry.num_samples, left) if n is not None]
+        conversations += [c for _, c in iter_conversations(entry.path, entry.formatting, entry.columns, entry.tags,
+                                                           limit=min(caps) if caps else None, skipped=skipped,
                                                            kind=kind)]
         line = skipped_summary(entry.name, skipped.as_dict())
         if line:
