@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unift.commands.common import ModelOptions
-from unift.options import opt
+from unift.options import NON_NEGATIVE, opt
+
+# unift.engine.fidelity.DEFAULT_MAX_KL, written here so that building the flags does not import the engine (a
+# test keeps the two equal); docs/after_training.md has the measurements behind it.
+DEFAULT_MAX_KL = 1e-3
 
 
 @dataclass
@@ -18,6 +22,10 @@ class MergeOptions(ModelOptions):
                              "run's)", choices=("auto", "fp32", "bf16", "fp16"))
     export: str | None = opt(None, "also write a GGUF file (llama-type families)", choices=("gguf",))
     overwrite: bool = opt(False, "replace a non-empty --merged_dir")
+    max_kl: float = opt(DEFAULT_MAX_KL, "refuse the merge when the merged folder, loaded back, departs from the adapter "
+                        "model by more than this mean KL per token (nats), on a few records of the run's data",
+                        range=NON_NEGATIVE)
+    no_check: bool = opt(False, "skip loading the merged folder back to compare it with the adapter model")
 
 
 OPTIONS = MergeOptions
@@ -29,4 +37,5 @@ def run(options: MergeOptions) -> None:
     merge(options.adapter_dir, options.merged_dir, base_model=options.model_name_or_path,
           model_type=options.model_type, compute_dtype=options.compute_dtype,
           trust_remote_code=options.trust_remote_code, overwrite=options.overwrite, export=options.export,
-          device=options.device, template=options.template)
+          device=options.device, template=options.template,
+          check=not options.no_check, max_kl=options.max_kl)

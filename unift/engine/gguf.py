@@ -38,7 +38,7 @@ def _permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def export_gguf(folder: Path, model, path: Path | None = None) -> Path:
+def export_gguf(folder: Path, model, path: Path | None = None, name: str | None = None) -> Path:
     """Write `folder/model.gguf` (F32, or F16 for half-precision weights) from a merged llama model and the
     tokenizer saved in `folder`: llama.cpp and transformers' `from_pretrained(..., gguf_file=)` read it."""
     try:
@@ -56,7 +56,7 @@ def export_gguf(folder: Path, model, path: Path | None = None) -> Path:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(folder.name)
+    writer.add_name(name or folder.name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

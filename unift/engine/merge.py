@@ -2,10 +2,12 @@
 
 The merged folder holds the weights, the run's tokenizer with a chat template that renders exactly the
 run's prompt template (so `apply_chat_template` prompts as training did), and unift_merged.json. The merge
-is checked before anything is written: the merged model's logits on a probe prompt must equal the adapter
-model's. QLoRA: the adapter is folded into the base re-loaded in full precision and saved at
---compute_dtype (the 4-bit base cannot hold the sum), so the merged model differs slightly from the QLoRA
-model, by the base's 4-bit rounding; docs/after_training.md says more.
+is checked twice before the folder appears: in memory (the merged model's logits must equal the adapter
+model's) and then written, loaded back as the inference commands load it, on records of the run's data
+(unift.engine.fidelity: max |Δlogit| and mean KL, refused above --max_kl; the figures go in
+unift_merged.json). QLoRA: the adapter is folded into the base re-loaded in full precision and saved at
+--compute_dtype (the 4-bit base cannot hold the sum), so the merged model differs from the QLoRA model by
+the base's 4-bit rounding, which the check measures and reports; docs/after_training.md says more.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from unift.data.templates import template_definition
-from unift.engine.chat_template import SAMPLES, install_chat_template, stop_on_end_of_turn
-from unift.engine.gguf import export_gguf, gguf_refusal
+from unift.engine import fidelity
+from unift.engine.chat_template import install_chat_template, stop_on_end_of_turn
+from unift.engine.gguf import GGUF_NAME, export_gguf, gguf_refusal
 from unift.errors import UniftError
 from unift.loader import load
 from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
@@ -31,9 +33,7 @@ from unift.models.runcard import MERGED_CARD, RunCard, read_card
 
 log = logging.getLogger(__name__)
 
-# The prompt the in-memory fold is checked on before anything is written.
-PROBE = SAMPLES[0]
-# Relative tolerance of the built-in check: fp32 merges agree to ~1e-5 of the logit scale.
+# Relative tolerance of the in-memory check before writing: fp32 merges agree to ~1e-5 of the logit scale.
 CHECK_RTOL = 1e-3
 
 
@@ -62,18 +62,9 @@ def merge_refusal(card: RunCard, peft_config: Any) -> str:
 
 # ---- merging -----------------------------------------------------------------------------------------
 
-def _probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
-
-
-def _fold(model, base_keys: frozenset[str], card: RunCard, tokenizer, template) -> tuple[Any, float]:
-    """merge_and_unload, checked: no adapter weight left behind, and the merged model's logits on a probe
-    prompt equal the adapter model's. Returns (merged model, max |Δlogit|)."""
-    base = model.get_base_model()
-    probe = tokenizer(template.render(PROBE, add_generation_prompt=True, tokenizer=tokenizer),
-                      add_special_tokens=False, return_tensors="pt")["input_ids"].to(base.device)
-    before = _probe_logits(model, probe)
+def _fold(model, base_keys: frozenset[str], card: RunCard, probe: fidelity.Probe) -> tuple[Any, float]:
+    """merge_and_unload, checked before anything is written: no adapter weight left behind, and the merged
+    model's logits on the probe rows equal the adapter model's. Returns (merged model, max |Δlogit|)."""
     try:
         merged = model.merge_and_unload()
     except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as err:
@@ -82,11 +73,9 @@ def _fold(model, base_keys: frozenset[str], card: RunCard, tokenizer, template) 
     if leftover:
         raise UniftError(f"merging --peft_type {card.peft_type} left adapter weights behind "
                          f"({sorted(leftover)[0]}, ...); it cannot be saved as a plain model")
-    after = _probe_logits(merged, probe)
-    diff = (after - before).abs().max().item()
-    scale = before.abs().max().item() or 1.0
-    log.info("merged model vs adapter model on a probe prompt: max |Δlogit| = %.2e (logits up to %.1f)",
-             diff, scale)
+    diff = fidelity.gap(probe.reference, fidelity.logits_on(merged, probe.rows)).max_abs_logit_diff
+    scale = max(r.abs().max().item() for r in probe.reference) or 1.0
+    log.debug("merged model vs adapter model in memory: max |Δlogit| = %.2e (logits up to %.1f)", diff, scale)
     if diff > CHECK_RTOL * scale:
         raise UniftError(f"the merged model does not reproduce the adapter model (max |Δlogit| {diff:.3g}); "
                          "nothing was written")
@@ -105,9 +94,13 @@ def merge(
     export: str | None = None,
     device: str | None = None,
     template: str | None = None,
+    check: bool = True,
+    max_kl: float = fidelity.DEFAULT_MAX_KL,
 ) -> Path:
     """Fold the adapter of a run folder into its base; write `merged_dir`; return it. `template`: a name or
-    a template file overriding the run card's (the merged folder then prompts with it)."""
+    a template file overriding the run card's (the merged folder then prompts with it). `check`: load the
+    written folder back and compare it with the adapter model (unift.engine.fidelity); above `max_kl` nats
+    per token nothing is written."""
     from peft import PeftConfig
 
     from unift import compat
@@ -145,6 +138,10 @@ def merge(
     if export == "gguf":
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         gguf_refusal(inner.config, tokenizer)  # refuse before the work, not after it
+    # The adapter model's logits, kept for the checks: merge_and_unload folds it in place. --no_check: only
+    # the fixed probe conversations, for the in-memory check.
+    probe = fidelity.make_probe(card if check else None, template, tokenizer)
+    probe.reference = fidelity.logits_on(model, probe.rows)
     if card.holds_model:
         # Nothing to fold: the run trained the model itself. The merged folder is that model, written as
         # any merge is (the chat template, unift_merged.json), so plain transformers and GGUF take it alike.
@@ -152,7 +149,8 @@ def merge(
                  adapter_dir, card.peft_type)
         merged, diff = model, 0.0
     else:
-        merged, diff = _fold(model, loaded.base_keys, card, tokenizer, template)
+        merged, diff = _fold(model, loaded.base_keys, card, probe)
+    del loaded, model  # the check loads the written folder back: one model in memory at a time
 
     merged = merged.to(saved_dtype)
     config = merged.config
@@ -167,27 +165,49 @@ def merge(
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if export == "gguf":
+            export_gguf(tmp, merged, name=out.name)
+        del merged
         from unift.runtime import library_versions, write_json_atomic
 
-        write_json_atomic(tmp / MERGED_CARD, {
+        merged_card = {
             "model_type": spec.name, "template": template_definition(template), "peft_type": card.peft_type,
             "adapter_dir": given if is_hub_adapter(given) else str(Path(adapter_dir).resolve()), "base_model": card.base_model,
             "dtype": str(saved_dtype).replace("torch.", ""), "quantization_bit_trained": card.quantization_bit,
-            "probe_max_abs_logit_diff": diff, "versions": library_versions(),
-        })
+            "probe_max_abs_logit_diff": diff, "fidelity": None, "versions": library_versions(),
+        }
+        write_json_atomic(tmp / MERGED_CARD, merged_card)
+        if check:
+            merged_card["fidelity"] = _check(tmp, probe, spec.name, trust, device, export, card, max_kl,
+                                             lambda: load(adapter_dir, base_model=base_model, card=card,
+                                                          trust_remote_code=trust, device=device).model)
+            write_json_atomic(tmp / MERGED_CARD, merged_card)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)  # the folder appears whole or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote the merged model to %s (%s)", out, str(saved_dtype).replace("torch.", ""))
-    if export == "gguf":
-        log.info("wrote %s", export_gguf(out, merged))
-    elif export:
-        raise UniftError(f"--export {export!r}: only gguf is supported")
+    if check:
+        log.info("%s", fidelity.summary(merged_card["fidelity"]))
+    log.info("wrote the merged model to %s (%s%s)", out, str(saved_dtype).replace("torch.", ""),
+             f", and {GGUF_NAME}" if export == "gguf" else "")
     return out
 
+
+def _check(folder: Path, probe: fidelity.Probe, model_type: str, trust: bool, device: str | None,
+           export: str | None, card: RunCard, max_kl: float, trained: Callable[[], Any]) -> dict[str, Any]:
+    """The merge check's figures, or UniftError (nothing written) when the merged model is off."""
+    fidelity.release()
+    figures = fidelity.measure(folder, probe, model_type=model_type, device=device, trust=trust,
+                               gguf_file=GGUF_NAME if export == "gguf" else None, max_kl=max_kl,
+                               trained=trained if card.quantization_bit else None,
+                               quantization_bit=card.quantization_bit)
+    why = fidelity.failure(figures)
+    if why:
+        raise UniftError(f"merge check failed: {why}; nothing was written (--max_kl raises the limit, "
+                         "--no_check skips the check)")
+    return figures
 
 
 def saved_dtype_of(compute_dtype: str | None, card: RunCard, path: str, trust: bool) -> str:
