@@ -131,6 +131,10 @@ def test_merged_logits_equal_adapter_logits(merged_matrix, label):
     assert plain[label]["dtype"] == ("torch.bfloat16" if label == "qlora" else "torch.float32")
     card = json.loads((merged[label] / "unift_merged.json").read_text())
     assert card["model_type"] == "llama" and card["probe_max_abs_logit_diff"] < atol
+    # the merge check passed every method (the folder was written), and its figures say so
+    from unift.engine.fidelity import DEFAULT_MAX_KL
+
+    assert card["fidelity"]["merged"]["mean_kl"] <= DEFAULT_MAX_KL
 
 
 def test_merged_folder_carries_the_run_template(tiny_model, tmp_path):
@@ -204,6 +208,9 @@ def test_export_gguf_round_trips_through_transformers(tiny_model, tmp_path):
     with torch.inference_mode():
         diff = (hf_model(input_ids=torch.tensor([ids])).logits - gguf_model(input_ids=torch.tensor([ids])).logits)
     assert diff.abs().max().item() <= ATOL_FP32
+    # the merge check read the GGUF file back the same way and compared it with the adapter model
+    figures = json.loads((out / "unift_merged.json").read_text())["fidelity"]
+    assert figures["gguf"]["max_abs_logit_diff"] <= ATOL_FP32 and figures["gguf"]["mean_kl"] < 1e-9
 
 
 def test_export_gguf_refuses_other_architectures(tiny_model, tmp_path):
