@@ -77,7 +77,7 @@ def test_a_departing_merge_fails_in_one_line_and_writes_nothing(tiny_model, tmp_
 def test_a_qlora_merge_reports_the_gap_to_its_quantized_base(tiny_model, tmp_path, capsys):
     """Folded into the full-precision base, the merge reproduces the adapter over that base (up to bf16, the
     run's dtype); the adapter as trained, over the 4-bit base, differs by the base's quantization error."""
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes)")
     run = run_folder(tiny_model("llama"), tmp_path / "run", "lora", quantization_bit=4, compute_dtype="bf16")
     out = tmp_path / "merged"
     code, _, err = cli_result(["merge", "--adapter_dir", str(run), "--merged_dir", str(out)], capsys)
