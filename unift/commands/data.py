@@ -26,8 +26,8 @@ from unift.errors import UniftError
 from unift.options import POSITIVE_INT, Options, opt
 from unift.train.args import TrainArgs
 
-CHECK_FIELDS = ("stage", "model_type", "model_name_or_path", "template", "trust_remote_code", "data", "dataset_dir",
-                "cutoff_len", "truncation", "val_set_size", "max_samples", "train_on_prompt", "data_ratios",
+CHECK_FIELDS = ("stage", "model_type", "model_name_or_path", "template", "template_check", "trust_remote_code",
+                "data", "dataset_dir", "cutoff_len", "truncation", "val_set_size", "max_samples", "train_on_prompt", "data_ratios",
                 "streaming", "num_proc", "overwrite_cache", "strict_data", "seed")
 OPEN, CLOSE = "⟦", "⟧"  # around trained text in plain output
 STREAM_SAMPLE = 1000

@@ -70,7 +70,11 @@ class RunArgs(Options):
         None, "folder or hub id of the base model (default: the embedded SmolLM2-135M-Instruct)", group="model")
     size: str | None = opt(None, "model size label, informational (the original toolkit's --size)", group="model")
     template: str | None = opt(None, "prompt template: a name or a FILE (.yaml/.json fields, .jinja) "
-                               "(default: the family's; 'auto' = tokenizer's)", group="model", check=check_template)
+                               "(default: the family's; 'auto' = tokenizer's; 'model' = the checkpoint's own chat "
+                               "template, kept in the run)", group="model", check=check_template)
+    template_check: str = opt("report", "at start, compare --template with the checkpoint's chat template on probe "
+                              "conversations: report (one line), strict (stop when they differ), off", group="model",
+                              choices=("report", "strict", "off"))
     trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
     rope_scaling: str | None = rope_scaling_flag()
     attn_implementation: str | None = attn_implementation_flag()
