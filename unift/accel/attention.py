@@ -108,10 +108,3 @@ def register() -> str:
     AttentionInterface.register(NAME, training_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     return NAME
-
-
-def uses_attention_interface(model) -> bool:
-    """Whether the model dispatches attention through transformers' AttentionInterface (so NAME applies)."""
-    config = getattr(model, "config", None)
-    return bool(config is not None and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", NAME)
-                and model._can_set_attn_implementation())

@@ -138,7 +138,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     # The run's dtypes, decided once: the card records these, not what the loaded model reports
     plan = training_plan(args.compute_dtype, device, quantization_bit=bits, half_base="base_dtype" in wanted,
                          sharded=sharded_quantized_storage(args), trains_weights=method.holds_model)
-    ready["plan"], ready["quantization_bit"] = plan, bits
+    ready["plan"] = plan
     dtype, base_dtype = plan.compute, plan.storage
     model = load(base_model=ready["path"], model_type=spec.name, template=ready["template"],
                  tokenizer=ready["tokenizer"], trust_remote_code=args.trust_remote_code, device=device,
