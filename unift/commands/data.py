@@ -198,6 +198,7 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
           f"--truncation {options.truncation})\n")
         w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")
         figures.update(truncated=truncated, trained=trained)
+    figures["parity"] = _parity(args, template, tokenizer, w)
     skipped = [line for s in stats["sources"] if (line := skipped_summary(s["name"], s.get("skipped")))]
     if skipped:
         w("\nskipped (--strict_data refuses them instead):\n")
@@ -227,6 +228,29 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         w(f"\nfirst example of {source['name']} ({size} tokens{cut}; trained text {legend}, the rest masked):\n")
         w(marked(row["input_ids"], row["labels"], tokenizer, color) + "\n")
     return figures
+
+
+def _parity(args: Any, template: Any, tokenizer: Any, w: Any) -> Any:
+    """The template parity section (unift.data.template_parity); --template_check strict stops on a difference."""
+    from unift.data.template_parity import check_parity
+
+    mode = getattr(args, "template_check", "report")
+    if mode == "off":
+        return None
+    report = check_parity(template, tokenizer)
+    if report is None:
+        w("\ntemplate parity: the checkpoint ships no chat template; nothing to compare\n")
+        return None
+    w(f"\ntemplate parity: --template {template.name} against the checkpoint's chat template, on "
+      f"{len(report.results)} probe conversations (the difference starts after ⟪):\n")
+    for line in report.lines():
+        w(line + "\n")
+    verdict = "identical" if report.identical else \
+        "they differ: a server that reads the chat template prompts otherwise than training did (--template model)"
+    w(f"  => {verdict}\n")
+    if mode == "strict" and not report.identical:
+        raise UniftError(f"--template_check strict: {report.summary()}")
+    return report
 
 
 def _stream_sample(bundle) -> list[dict[str, Any]]:

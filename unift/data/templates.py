@@ -13,7 +13,7 @@ A conversation is a list of messages {"role": ..., "content": str}. Roles:
 from __future__ import annotations
 
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from unift.errors import UniftError
@@ -100,27 +100,37 @@ class TokenizerTemplate:
 
     Tool calls are given to it as assistant messages (their JSON as the text) and tool results as
     role "tool"; a chat template that rejects or silently drops "tool" messages is reported, not hidden.
+    `native` (`model`): where the chat template renders tools, they go in its own form instead (the `tools`
+    argument, `tool_calls`; unift.data.native_chat).
     """
 
     name: str = "auto"
     aliases: tuple[str, ...] = ()
     description: str = "the tokenizer's own chat template"
-    source: str = ""  # a Jinja chat template of its own (from a --template FILE.jinja); "": the tokenizer's
+    source: str = ""  # a Jinja chat template of its own (--template FILE.jinja, `model`); "": the tokenizer's
+    native: bool = False
 
     def render(self, messages: list[Message], add_generation_prompt: bool, tokenizer=None) -> str:
         if tokenizer is None or not (self.source or getattr(tokenizer, "chat_template", None)):
-            raise UniftError("template 'auto' needs a tokenizer with a chat template; pass --template alpaca")
+            raise UniftError(f"template {self.name!r} needs a tokenizer with a chat template; pass --template alpaca")
         system, tools, rest = split_system(messages)
-        plain: list[dict[str, str]] = []
-        if system is not None or tools:
-            plain.append({"role": "system", "content": system_text(system or "", tools)})
-        for message in rest:
-            role = {"function_call": "assistant", "observation": "tool"}.get(message["role"], message["role"])
-            plain.append({"role": role, "content": message["content"]})
+        native = None
+        if self.native and (tools or any(m["role"] == "function_call" for m in rest)):
+            from unift.data.native_chat import native_conversation, renders_tools
+
+            if renders_tools(tokenizer, self.source or model_chat_template(tokenizer) or ""):
+                native = native_conversation(system, tools, rest)
+        plain, schemas = native or ([], None)
+        if native is None:
+            if system is not None or tools:
+                plain.append({"role": "system", "content": system_text(system or "", tools)})
+            for message in rest:
+                role = {"function_call": "assistant", "observation": "tool"}.get(message["role"], message["role"])
+                plain.append({"role": role, "content": message["content"]})
         try:
             text = tokenizer.apply_chat_template(
                 plain, tokenize=False, add_generation_prompt=add_generation_prompt,
-                **({"chat_template": self.source} if self.source else {}),
+                **({"chat_template": self.source} if self.source else {}), **({"tools": schemas} if schemas else {}),
             )
         except Exception as err:  # Jinja raises its own exception types, e.g. "roles must alternate"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -130,7 +140,7 @@ class TokenizerTemplate:
         for message in plain:
             if message["role"] == "tool" and message["content"] not in text:
                 raise UniftError(
-                    "template auto: the tokenizer's chat template drops tool results (role 'tool'); "
+                    f"template {self.name}: the chat template drops tool results (role 'tool'); "
                     "choose a template that renders them, e.g. --template chatml"
                 )
         return text
@@ -151,6 +161,8 @@ def register_template(template: FormatTemplate | TokenizerTemplate) -> None:
 
 
 register_template(TokenizerTemplate())
+# resolve_template fills in the checkpoint's chat template; the run card keeps its text (template_definition)
+register_template(TokenizerTemplate(name="model", native=True, description="the checkpoint's own chat template"))
 register_template(FormatTemplate(
     name="alpaca", system="{content}\n\n", default_system=ALPACA_SYSTEM,
     user="### Instruction:\n{content}\n\n### Response:\n", assistant="{content}{eos}\n\n",
@@ -247,6 +259,14 @@ def get_template(name: str) -> FormatTemplate | TokenizerTemplate:
         raise UniftError(f"unknown --template {name!r}; known: {', '.join(known)}") from None
 
 
+def model_chat_template(tokenizer) -> str | None:
+    """The checkpoint's own chat template text (the default one where a tokenizer carries several)."""
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):
+        source = source.get("default") or next(iter(source.values()), None)
+    return source or None
+
+
 def check_template(value: str | dict) -> str | dict:
     """--template when the flags are parsed: a known name or alias, or a template file that reads as one
     (a run card's definition, a mapping, passes as it is). One line before any model loads."""
@@ -266,6 +286,12 @@ def resolve_template(name: str | dict | None, family_default: str, tokenizer) ->
     if name and is_template_file(name):
         return load_template_file(name)
     chosen = name or family_default
+    if chosen == "model":
+        source = model_chat_template(tokenizer)
+        if not source:
+            raise UniftError("--template model: this checkpoint ships no chat template (tokenizer.chat_template); "
+                             "choose another --template")
+        return replace(TEMPLATES["model"], source=source)
     if chosen == "auto" and not getattr(tokenizer, "chat_template", None):
         if name == "auto":
             raise UniftError("--template auto: this tokenizer has no chat template; choose another --template")
@@ -322,7 +348,8 @@ def template_from_definition(definition: dict, where: str = "the run card's temp
     name = str(definition.get("name") or "custom")
     description = str(definition.get("description") or "")
     if "jinja" in definition:
-        return TokenizerTemplate(name=name, description=description, source=definition["jinja"])
+        return TokenizerTemplate(name=name, description=description, source=definition["jinja"],
+                                 native=bool(definition.get("native")))
     values = definition.get("format")
     if not isinstance(values, dict):
         raise UniftError(f"{where}: a template definition needs 'format' or 'jinja'")
@@ -355,8 +382,9 @@ def template_definition(template: FormatTemplate | TokenizerTemplate) -> str | d
     prompting the same when the file it came from is gone)."""
     if TEMPLATES.get(template.name) == template:
         return template.name
-    if isinstance(template, TokenizerTemplate):
-        return {"name": template.name, "description": template.description, "jinja": template.source}
+    if isinstance(template, TokenizerTemplate):  # `model` too: its text, so the run never needs its base
+        return {"name": template.name, "description": template.description, "jinja": template.source,
+                **({"native": True} if template.native else {})}
     values = asdict(template)
     return {"name": template.name, "description": template.description, "format": {k: values[k] for k in FILE_FIELDS
                                               if values[k] != FormatTemplate.__dataclass_fields__[k].default}}

@@ -27,6 +27,7 @@ from unift.data import (
     template_definition,
 )
 from unift.data.collate import PackingCollator, PaddingCollator
+from unift.data.template_parity import parity_at_start
 from unift.errors import UniftError
 from unift.loader import load
 from unift.models import load_tokenizer
@@ -54,6 +55,7 @@ from unift.train.engines import (
 )
 from unift.train.parent import parent_record
 from unift.train.progress import LOSS_PLOT, plot_losses, reward_history
+from unift.train.resume import check_shapes, plan_resume, prepare_resume
 from unift.train.scaling import check_engine, describe_batch, sharded_quantized_storage
 from unift.train.stages import get_stage, stage_levers
 from unift.train.trainer import build_trainer
@@ -76,6 +78,10 @@ def prepare(args: TrainArgs) -> dict[str, Any]:
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
     template = resolve_template(args.template, spec.template, tokenizer)
+    # every rank checks (strict stops them all); the main one says it
+    parity = parity_at_start(template, tokenizer, getattr(args, "template_check", "report"))
+    if parity and is_main_process():
+        log.info("%s", parity)
     data = build_datasets(sources, template, tokenizer, options)
     return {"spec": spec, "method": method, "stage": stage, "path": path, "tokenizer": tokenizer, "template": template,
             "train": data.train, "val": data.val, "stats": data.stats}
@@ -129,6 +135,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     elif args.release_memory and not release_freed_memory():
         log.warning("warning: --release_memory needs glibc's malloc; this C library's keeps freed memory")
     resume = resolve_resume(args)
+    # Before anything counts steps or batches: a checkpoint keeps its global batch (the accumulation adjusts)
+    plan = plan_resume(args, resume) if resume else None
     device = training_device(args.device)  # a device the machine lacks fails before any work is done
     ready = prepare(args)
     spec, method = ready["spec"], ready["method"]
@@ -150,6 +158,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     # --adapter_dir: its adapter trains further (a full/freeze run folder was loaded as the model itself)
     parent_adapter = args.adapter_dir if args.adapter_dir and not method.holds_model else None
     model = wrap_model(model, method, options, spec, reward=ready["stage"].reward, adapter_dir=parent_adapter)
+    if plan is not None:
+        check_shapes(plan, model)  # another --lora_r or other targets: one line, before anything is logged
     accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
                              compute=plan.compute_dtype, padding_free_asked=args.padding_free,
                              attention_asked=args.attn_implementation)
@@ -196,6 +206,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
     stop = StopOnSignal()
     trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])
     prepare_engine(trainer, model)
+    prepare_resume(trainer, model, plan)  # another engine or world size: the weights from the neutral state
     started = time.perf_counter()
     stop.install()
     try:
@@ -213,7 +224,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
         raise KeyboardInterrupt
     metrics: dict[str, Any] = {}
     save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first (full: the model)
-    card.scaling = scaling_record(args)  # every rank: gathers each process's peak memory
+    card.scaling = scaling_record(trainer, plan.record() if plan else None)  # every rank: gathers memory
     if trainer.is_world_process_zero():
         ready["tokenizer"].save_pretrained(out)
         card.save(out)
@@ -234,8 +245,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             "trainable_parameters": trainable,
             "total_parameters": total,
-            "world_size": world_size(),
-            **{key: card.scaling[key] for key in ("engine", "nodes")},
+            **{key: card.scaling[key] for key in ("engine", "world_size", "nodes")},
             "peak_rss_mib_per_process": card.scaling["peak_rss_mib"],
             "compute_dtype": dtype,
             "base_dtype": base_dtype,
