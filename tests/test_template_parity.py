@@ -147,6 +147,14 @@ def test_model_is_recorded_as_its_text_and_read_back(tools_tokenizer):
     assert template_from_definition(json.loads(json.dumps(definition))) == model
 
 
+def test_a_merged_folder_carries_the_model_template_text(tools_tokenizer, tokenizer):
+    from unift.engine.chat_template import install_chat_template
+
+    model = resolve_template("model", "auto", tools_tokenizer)
+    tools_tokenizer.chat_template = "{{ 'not the trained template' }}"  # e.g. the base changed since
+    assert install_chat_template(tools_tokenizer, model) and tools_tokenizer.chat_template == TOOLS_TEMPLATE
+
+
 # ---- unift data check ---------------------------------------------------------------------------------
 
 def test_data_check_prints_the_report_and_strict_stops(tiny_model, write_jsonl, capsys):
