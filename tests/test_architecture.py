@@ -170,3 +170,60 @@ def test_every_method_file_registers_methods_that_bring_their_flags():
 @pytest.mark.parametrize("name", sorted(m for m in modules() if m.startswith("unift.compat")))
 def test_compat_patches_import_nothing_of_unift_above_them(name):
     assert {floor(t) for t in import_graph()[name]} <= {"compat", "errors"}
+
+
+# The registries: every fact about a method or a family lives on its MethodSpec or ModelSpec. A literal
+# collection naming two or more methods (or families) elsewhere is a second table that drifts from the
+# registry, as the in-memory merge set and two model_type maps once did.
+REGISTRY_FILES = ("unift/models/registry.py", "unift/peft/registry.py", "unift/peft/methods/")
+# Tables keyed by names that merely coincide with family names, and why they are not family facts
+NOT_FAMILY_TABLES = {
+    # transformers' config.model_type of a merged checkpoint -> llama.cpp's architecture: a fact of the file
+    # format per architecture (the llama family's Mistral checkpoints, say, are not claimed by it)
+    "unift/engine/gguf.py",
+}
+
+
+def registry_names() -> dict[str, set[str]]:
+    from unift.models import MODELS
+    from unift.peft import METHODS
+
+    return {"methods": set(METHODS),
+            "families": set(MODELS) | {t for spec in MODELS.values() for t in spec.hf_model_types}}
+
+
+def name_tables(source: str, names: dict[str, set[str]]) -> list[tuple[int, str, list[str]]]:
+    """(line, kind, names) of each literal set, tuple, list or dict (its keys) made of strings only, two or
+    more of them names of one registry's entries."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Set, ast.Tuple, ast.List)):
+            items = node.elts
+        elif isinstance(node, ast.Dict):
+            items = [k for k in node.keys if k is not None]
+        else:
+            continue
+        words = [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+        if len(words) < 2 or len(words) != len(items):
+            continue
+        for kind, known in names.items():
+            hits = [w for w in words if w in known]
+            if len(hits) >= 2:
+                found.append((node.lineno, kind, hits))
+    return found
+
+
+def test_the_name_table_checker_sees_a_set_of_methods_and_a_dict_of_families():
+    names = {"methods": {"lora", "ia3"}, "families": {"llama", "glm4"}}
+    source = 'A = frozenset({"lora", "ia3"})\nB = {"glm4": "x", "llama": "y"}\nC = ("lora", "other")\n'
+    assert sorted(name_tables(source, names)) == [(1, "methods", ["lora", "ia3"]), (2, "families", ["glm4", "llama"])]
+
+
+def test_only_the_registries_list_methods_and_families():
+    names = registry_names()
+    tables = [f"{path.relative_to(PACKAGE.parent)}:{line}: {kind} {hits}"
+              for path in sorted(PACKAGE.rglob("*.py"))
+              if not str(path.relative_to(PACKAGE.parent)).startswith(REGISTRY_FILES)
+              for line, kind, hits in name_tables(path.read_text(encoding="utf-8"), names)
+              if not (kind == "families" and str(path.relative_to(PACKAGE.parent)) in NOT_FAMILY_TABLES)]
+    assert tables == []

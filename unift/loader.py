@@ -22,7 +22,7 @@ from unift.models.dtypes import DtypePlan, inference_plan, torch_dtype
 from unift.models.hub import is_hub_adapter, resolve_adapter_dir
 from unift.models.loading import resolve_model_path, upcast_unquantized
 from unift.models.registry import ModelSpec
-from unift.models.runcard import RunCard, read_card, read_merged_card, tokenizer_folder
+from unift.models.runcard import RunCard, read_merged_card, tokenizer_folder
 
 
 @dataclass
@@ -66,6 +66,8 @@ def load(
     given = adapter_dir
     adapter_dir = resolve_adapter_dir(adapter_dir)  # ORG/NAME[@REVISION]: its snapshot in the hub cache
     if adapter_dir and card is None:
+        from unift.peft.foreign import read_card  # a foreign adapter's method: the method registry
+
         card = read_card(adapter_dir, base_model=base_model, model_type=model_type,
                          template=template if isinstance(template, str) else None)
     if card:

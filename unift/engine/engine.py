@@ -274,17 +274,11 @@ class Engine:
                                      self._adapter_default if adapter is None else adapter)
 
 
-# Methods whose merge adds a delta to the weights: base-only requests subtract it again, exactly up to fp32
-# rounding. Multiplicative ones (IA3, OFT, DoRA) would drift a little with every undo, so they stay apart.
-ADDITIVE_MERGES = frozenset({"lora", "adalora", "loha", "lokr", "vera"})
-
-
 def merge_in_memory(model, card: RunCard | None) -> bool:
     """Fold an additive adapter into fp32 base weights in memory: generation then costs what the base
     model costs (no adapter matmuls per layer and token). Half-precision and quantized bases keep the
     adapter apart, as the sum would be rounded to the base's precision. Returns whether it merged."""
-    if (card is None or card.quantization_bit or card.peft_type not in ADDITIVE_MERGES
-            or getattr(model, "dtype", None) != torch.float32):
+    if card is None or card.quantization_bit or getattr(model, "dtype", None) != torch.float32:
         return False
     from unift.peft import get_method, merge_refusal
 
@@ -292,7 +286,9 @@ def merge_in_memory(model, card: RunCard | None) -> bool:
         method = get_method(card.peft_type)
     except UniftError:
         return False
-    if merge_refusal(method, model.peft_config["default"]):
+    # Only an additive merge (MethodSpec.additive_merge): base-only requests subtract it again exactly up to
+    # fp32 rounding, where a multiplicative one would drift a little with every undo.
+    if not method.additive_merge or merge_refusal(method, model.peft_config["default"]):
         return False
     model.merge_adapter()
     return True

@@ -29,7 +29,7 @@ from unift.loader import load
 from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
 from unift.models.hub import is_hub_adapter, resolve_adapter_dir
 from unift.models.loading import first_line
-from unift.models.runcard import MERGED_CARD, RunCard, read_card
+from unift.models.runcard import MERGED_CARD, RunCard
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def merge(
     from peft import PeftConfig
 
     from unift import compat
+    from unift.peft.foreign import read_card
 
     compat.apply()
     given = adapter_dir

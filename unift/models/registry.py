@@ -22,6 +22,9 @@ class ModelSpec:
     remote_code_note: str = ""  # which checkpoints of this family need --trust_remote_code
     config_overrides: tuple[tuple[str, object], ...] = ()  # fixed config values (InternLM 1 = llama + bias)
     aliases: tuple[str, ...] = ()
+    # transformers' config.model_type values of its checkpoints (native and remote-code ones): how a base
+    # model that arrives without --model_type (a foreign adapter's) is placed in the family
+    hf_model_types: tuple[str, ...] = ()
     # How packed (padding-free) rows keep their examples apart: "position_ids" (restarting positions; the
     # family's causal mask follows them), "alibi_blocks" (Bloom), or "" (not supported: batches are padded).
     packing: str = "position_ids"
@@ -43,6 +46,7 @@ register_model(ModelSpec(
     name="llama", model_class="LlamaForCausalLM", config_class="LlamaConfig",
     lora_targets=LLAMA_LINEAR, attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     mlp_targets=("gate_proj", "up_proj", "down_proj"), mlp_output="down_proj", template="auto",
+    hf_model_types=("llama", "mistral"),  # Mistral: the Llama layout
 ))
 register_model(ModelSpec(
     name="internlm", model_class="LlamaForCausalLM", config_class="LlamaConfig",
@@ -51,13 +55,13 @@ register_model(ModelSpec(
     # Only InternLM 1 checkpoints converted to the Llama layout load with LlamaForCausalLM.
     remote_code_note="the official InternLM 1 checkpoints (internlm/internlm-7b) and InternLM2/3 ship their own "
     "modelling code; InternLM 1 converted to the Llama layout loads natively",
-    config_overrides=(("attention_bias", True),),
+    config_overrides=(("attention_bias", True),), hf_model_types=("internlm",),
 ))
 register_model(ModelSpec(
     name="bloom", model_class="BloomForCausalLM", config_class="BloomConfig",
     lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     attention_targets=("query_key_value", "dense"), mlp_targets=("dense_h_to_4h", "dense_4h_to_h"),
-    mlp_output="dense_4h_to_h", template="alpaca", packing="alibi_blocks",
+    mlp_output="dense_4h_to_h", template="alpaca", packing="alibi_blocks", hf_model_types=("bloom",),
 ))
 register_model(ModelSpec(
     name="chatglm", model_class="GlmForCausalLM", config_class="GlmConfig",
@@ -65,18 +69,19 @@ register_model(ModelSpec(
     attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"), mlp_targets=("gate_up_proj", "down_proj"),
     mlp_output="down_proj", template="auto",
     remote_code_note="ChatGLM-6B/2/3 checkpoints ship their own modelling code", aliases=("glm",),
+    hf_model_types=("glm", "glm4", "chatglm"),
 ))
 register_model(ModelSpec(
     name="moss", model_class="CodeGenForCausalLM", config_class="CodeGenConfig",
     lora_targets=("qkv_proj", "out_proj", "fc_in", "fc_out"), attention_targets=("qkv_proj", "out_proj"),
     mlp_targets=("fc_in", "fc_out"), mlp_output="fc_out", template="moss",
-    remote_code_note="MOSS checkpoints ship their own modelling code",
+    remote_code_note="MOSS checkpoints ship their own modelling code", hf_model_types=("codegen", "moss"),
 ))
 register_model(ModelSpec(
     name="qwen2", model_class="Qwen2ForCausalLM", config_class="Qwen2Config",
     lora_targets=LLAMA_LINEAR, attention_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     mlp_targets=("gate_proj", "up_proj", "down_proj"), mlp_output="down_proj", template="auto",
-    aliases=("qwen",),
+    aliases=("qwen",), hf_model_types=("qwen2", "qwen"),
 ))
 
 
@@ -85,3 +90,9 @@ def get_model_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise UniftError(f"unknown --model_type {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def family_of_hf_type(hf_type: str | None) -> ModelSpec | None:
+    """The family whose checkpoints carry this transformers config.model_type; None for one unift has no
+    family for."""
+    return next((spec for spec in MODELS.values() if hf_type and hf_type in spec.hf_model_types), None)

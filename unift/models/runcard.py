@@ -67,75 +67,10 @@ class RunCard:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# ---- adapter folders that unift did not write ---------------------------------------------------------
+# ---- adapter folders that unift did not write (their cards: unift.peft.foreign) ------------------------
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-# transformers' config.model_type -> unift family, where the names differ (same names map to themselves)
-HF_FAMILIES = {"glm": "chatglm", "glm4": "chatglm", "codegen": "moss", "qwen": "qwen2", "mistral": "llama"}
-# peft's PeftType -> unift's --peft_type, where the names differ
-PEFT_TYPES = {"p_tuning": "p-tuning", "prompt_tuning": "prompt", "prefix_tuning": "prefix", "bottleneck": "adapters"}
-
-
-def read_card(folder: str | Path, *, base_model: str | None = None, model_type: str | None = None,
-              template: str | None = None) -> RunCard:
-    """The run card of a run folder; for a plain PEFT adapter folder (LLaMA-Factory's, the hub's, one saved
-    by `save_pretrained`), a card inferred from its adapter_config.json and the base model: the base from
-    `base_model` or the config's base_model_name_or_path, the family from `model_type` or the base's
-    config.json, the template from `template` or the tokenizer. What was guessed is logged once."""
-    folder = Path(folder)
-    if (folder / RUN_CARD).exists() or not (folder / ADAPTER_CONFIG).is_file():
-        return RunCard.load(folder)
-    import logging
-
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UniftError(f"{folder / ADAPTER_CONFIG}: unreadable ({err})") from None
-    guessed = []
-    base = base_model or config.get("base_model_name_or_path")
-    if not base:
-        raise UniftError(f"{folder}: a PEFT adapter whose {ADAPTER_CONFIG} names no base model; pass "
-                         "--model_name_or_path")
-    if not base_model:
-        guessed.append(f"base {base} (from {ADAPTER_CONFIG})")
-    if not model_type:
-        model_type, how = _family_of(base)
-        guessed.append(f"model_type {model_type} ({how})")
-    peft_type = str(config.get("peft_type", "lora")).lower()
-    peft_type = "dora" if peft_type == "lora" and config.get("use_dora") else PEFT_TYPES.get(peft_type, peft_type)
-    if not template:
-        template = "auto"  # the tokenizer's chat template, else alpaca (unift.data.resolve_template)
-        guessed.append("template: the tokenizer's chat template (alpaca if it has none)")
-    if guessed:
-        logging.getLogger("unift").info("%s has no %s (not written by `unift train`): using %s; pass the flags to "
-                                        "choose otherwise", folder, RUN_CARD, ", ".join(guessed))
-    return RunCard(model_type=model_type, peft_type=peft_type, template=template, base_model=base,
-                   arguments={"foreign_adapter": True})
-
-
-def _family_of(base: str) -> tuple[str, str]:
-    """(unift family, how it was found) from the base model's config.json."""
-    from unift.models import MODELS
-
-    config_file = Path(base).expanduser() / "config.json"
-    hf_type = None
-    if config_file.is_file():
-        try:
-            hf_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, json.JSONDecodeError):
-            pass
-    else:
-        try:
-            from transformers import AutoConfig
-
-            hf_type = AutoConfig.from_pretrained(base).model_type  # a hub id: from the cache when offline
-        except Exception:  # noqa: BLE001 (any failure here only means we cannot tell)
-            pass
-    family = HF_FAMILIES.get(hf_type or "", hf_type)
-    if family in MODELS:
-        return MODELS[family].name, f"the base's config says {hf_type}"
-    return "llama", f"the base's config says {hf_type or 'nothing'}; llama's defaults"
 
 
 def tokenizer_folder(adapter_dir: str | None, base_path: str) -> str:

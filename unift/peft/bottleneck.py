@@ -285,11 +285,9 @@ def _act_name(act: nn.Module) -> str:
 # transformers model_type -> default targets per adapter type, used when a config names no target_modules
 # (unift itself always passes them from its model registry).
 def _default_targets(model_type: str, adapter_type: str) -> list[str] | None:
-    from unift.models.registry import MODELS
+    from unift.models.registry import family_of_hf_type
 
-    by_hf = {"llama": "llama", "bloom": "bloom", "glm": "chatglm", "glm4": "chatglm", "codegen": "moss",
-             "qwen2": "qwen2"}
-    spec = MODELS.get(by_hf.get(model_type, ""))
+    spec = family_of_hf_type(model_type)
     if spec is None:
         return None
     return default_targets(spec, adapter_type)

@@ -33,6 +33,9 @@ class MethodSpec:
     quantization_bit: int | None = None  # qlora loads the base in 4-bit
     mergeable: bool = True
     merge_note: str = ""  # why it cannot be merged, when it cannot
+    # Its merge adds a delta to the weights (LoRA-like), so unmerging subtracts it again exactly up to fp32
+    # rounding; multiplicative merges (IA3, OFT, DoRA's magnitude) drift a little with every undo.
+    additive_merge: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)  # model_type -> reason
     # Called after optimizer.step() and before zero_grad() with (peft_model, global_step), e.g. AdaLoRA.
     after_optimizer_step: Callable[[Any, int], None] | None = None

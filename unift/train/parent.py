@@ -23,7 +23,8 @@ def adopt_parent(args: Any) -> None:
     if not args.adapter_dir:
         return
     from unift.models.hub import is_hub_adapter
-    from unift.models.runcard import RUN_CARD, read_card
+    from unift.models.runcard import RUN_CARD
+    from unift.peft.foreign import read_card
 
     folder = Path(args.adapter_dir)
     if not is_hub_adapter(args.adapter_dir) and not folder.is_dir():
@@ -69,7 +70,7 @@ def parent_record(adapter_dir: str | None) -> dict[str, Any] | None:
     """What the run card keeps of the run it started from."""
     if not adapter_dir:
         return None
-    from unift.models.runcard import read_card
+    from unift.peft.foreign import read_card
 
     card = read_card(adapter_dir)
     return {"folder": str(Path(adapter_dir).resolve()) if Path(adapter_dir).is_dir() else adapter_dir,

@@ -65,6 +65,6 @@ def _adalora_update(model: Any, global_step: int) -> None:
 
 register_method(MethodSpec(
     name="adalora", build=_adalora_config, flags=AdaLoraFlags, after_optimizer_step=_adalora_update,
-    quantization_bits=(4, 8), order=20,
+    quantization_bits=(4, 8), order=20, additive_merge=True,
     description="LoRA whose rank budget is reallocated across layers during training (--lora_r = target rank)",
 ))

@@ -47,7 +47,7 @@ def _dora_validate(args: Any) -> None:
 
 
 register_method(MethodSpec(
-    name="lora", build=lora_config, flags=LoraFlags, quantization_bits=(4, 8), order=10,
+    name="lora", build=lora_config, flags=LoraFlags, quantization_bits=(4, 8), order=10, additive_merge=True,
     description="low-rank adapters on the linear layers (optionally over an 8- or 4-bit base)",
 ))
 register_method(MethodSpec(
@@ -57,6 +57,6 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="qlora", build=lora_config, flags=LoraFlags, reads=("compute_dtype",), quantization_bit=4, order=12,
-    gpu_optim="paged_adamw_32bit",
+    gpu_optim="paged_adamw_32bit", additive_merge=True,
     description="LoRA over a 4-bit nf4 base (double quantization, --compute_dtype; paged AdamW on GPU)",
 ))

@@ -32,10 +32,10 @@ def _lokr_config(options: Any, spec: ModelSpec):
 
 
 register_method(MethodSpec(
-    name="loha", build=_loha_config, flags=LycorisFlags, order=41,
+    name="loha", build=_loha_config, flags=LycorisFlags, order=41, additive_merge=True,
     description="low-rank Hadamard product adapters (LyCORIS LoHa)",
 ))
 register_method(MethodSpec(
-    name="lokr", build=_lokr_config, flags=LycorisFlags, order=42,
+    name="lokr", build=_lokr_config, flags=LycorisFlags, order=42, additive_merge=True,
     description="low-rank Kronecker product adapters (LyCORIS LoKr)",
 ))

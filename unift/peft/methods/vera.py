@@ -26,6 +26,6 @@ def _vera_config(options: Any, spec: ModelSpec):
 
 
 register_method(MethodSpec(
-    name="vera", build=_vera_config, flags=VeraFlags, order=44,
+    name="vera", build=_vera_config, flags=VeraFlags, order=44, additive_merge=True,
     description="shared random low-rank matrices with trained scaling vectors (VeRA)",
 ))
