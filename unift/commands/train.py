@@ -16,7 +16,12 @@ def run(options: TrainArgs) -> None:
 
     finished = False
     try:
-        train(options)
+        if options.plan:
+            from unift.train.probe import plan_run
+
+            plan_run(options)
+        else:
+            train(options)
         finished = True
     finally:
         leave_process_group(finished)

@@ -54,6 +54,7 @@ from unift.train.engines import (
     scaling_record,
 )
 from unift.train.parent import parent_record
+from unift.train.plan import check_memory
 from unift.train.progress import LOSS_PLOT, plot_losses, reward_history
 from unift.train.scaling import check_engine, describe_batch, sharded_quantized_storage
 from unift.train.stages import get_stage, stage_levers
@@ -115,9 +116,10 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
+def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> TrainResult:
     """Fine-tune, write the run folder, and return it with the in-memory model and the metrics.
-    `callbacks`: extra transformers TrainerCallbacks (tests use them to watch every step)."""
+    `callbacks`: extra transformers TrainerCallbacks (tests use them to watch every step). `probe`: --plan's
+    (unift.train.probe.Probe): a few steps on the longest examples, timed, and nothing saved."""
     from transformers import set_seed
 
     from unift import compat
@@ -182,6 +184,10 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
                         args.cutoff_len, ", or pass --truncation keep to train over-long answers cut"
                         if args.truncation == "drop" else "")
     ready["shape_multiple"] = accel.shape_multiple
+    # Before the first step: the predicted peak memory, refused beyond what the machine has unless --force
+    found, batches = check_memory(args, ready, model, accel, options.total_steps)
+    if probe is not None and not probe.attach(ready, found, batches, accel.padding_free, accel.shape_multiple):
+        return TrainResult(Path(args.output_dir), model, {})  # --plan_steps 0: the estimate only
     pad_id = ready["tokenizer"].pad_token_id
     collator = (PackingCollator(pad_id, accel.shape_multiple) if accel.padding_free
                 else PaddingCollator(pad_id, accel.shape_multiple))
@@ -216,6 +222,9 @@ def train(args: TrainArgs, callbacks: list | None = None) -> TrainResult:
             log.info("stopped at step %d of %d: %s/checkpoint-%d saved; continue with --resume_from_checkpoint",
                      stop.stopped_at, trainer.state.max_steps, out, stop.stopped_at)
         raise KeyboardInterrupt
+    if probe is not None:  # --plan: measured, nothing to keep
+        probe.finish()
+        return TrainResult(out, model, {})
     metrics: dict[str, Any] = {}
     save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first (full: the model)
     card.scaling = scaling_record(args)  # every rank: gathers each process's peak memory
