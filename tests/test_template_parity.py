@@ -15,7 +15,7 @@ import pytest
 
 from unift.data.template_parity import TOOL_PROBE, check_parity, parity_at_start
 from unift.data.templates import resolve_template, template_definition, template_from_definition
-from unift.data.tokenize import IGNORE_INDEX, encode_conversation
+from unift.data.tokenize import IGNORE_INDEX, encode_conversation, encode_prompt
 from unift.errors import UniftError
 
 # A chat template of our own that renders tools (a description list and <call> blocks), unlike the embedded
@@ -140,6 +140,33 @@ def test_model_trains_only_the_assistant_turns_with_tool_calls_in_the_template_f
     assert encoded.input_ids == tok(native, add_special_tokens=False)["input_ids"]
 
 
+# Like templates that show only the last answer's (empty) reasoning: earlier turns render otherwise once
+# later ones follow, so renderings are not prefixes of each other; each answer is located in the whole.
+LAST_TURN_THINKS = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n"
+    "{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_model_locates_answers_where_the_template_rewrites_earlier_turns(tokenizer):
+    original = tokenizer.chat_template
+    tokenizer.chat_template = LAST_TURN_THINKS
+    try:
+        model = resolve_template("model", "auto", tokenizer)
+        encoded = encode_conversation(CONVERSATION, model, tokenizer, cutoff_len=10**6)
+        assert trained_spans(encoded, tokenizer) == ["4<|im_end|>\n", "8<|im_end|>\n"]
+        whole = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+        assert tokenizer.decode(encoded.input_ids) == whole and whole.count("<think>") == 1
+        prompt = tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+        assert encode_prompt(CONVERSATION[:-1], model, tokenizer) == tokenizer(
+            prompt, add_special_tokens=False)["input_ids"]
+        assert check_parity(model, tokenizer).identical
+    finally:
+        tokenizer.chat_template = original
+
+
 def test_model_is_recorded_as_its_text_and_read_back(tools_tokenizer):
     model = resolve_template("model", "auto", tools_tokenizer)
     definition = template_definition(model)
@@ -243,7 +270,7 @@ def _recording(engine) -> list[list[int]]:
 
 @pytest.mark.parametrize("template", ["chatml", "model"])
 def test_serve_and_chat_prompt_with_the_tokens_training_produced(template, tiny_model, tools_base, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, caplog):
     from fastapi.testclient import TestClient
 
     from unift.engine.chat import chat_loop
@@ -253,7 +280,10 @@ def test_serve_and_chat_prompt_with_the_tokens_training_produced(template, tiny_
     from unift.serve.api import create_api
 
     base = tools_base if template == "model" else tiny_model("llama")
-    run = _train(base, template, tmp_path)
+    with caplog.at_level("INFO", logger="unift"):
+        run = _train(base, template, tmp_path)
+    said_at_start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("template parity")]
+    assert len(said_at_start) == 1 and ("token for token" in said_at_start[0]) == (template == "model")
     card = RunCard.load(run)
     if template == "model":  # the text itself, so the run needs neither its base's nor its own tokenizer's
         assert card.template["jinja"] == TOOLS_TEMPLATE

@@ -4,7 +4,10 @@ The text is split at the template's own boundaries: for each trained turn (assis
 rendering of the conversation before it (with the generation prompt) is a prefix of the rendering that
 includes it. The difference is exactly the answer, including the end-of-turn token, so the model learns
 to stop. Each piece is tokenized on its own, and inference builds its prompt from the same pieces
-(`encode_prompt`), so a multi-turn chat feeds the model exactly the token ids it was trained on.
+(`encode_prompt`), so a multi-turn chat feeds the model exactly the token ids it was trained on. A chat
+template that renders an earlier turn otherwise once later turns follow (one that strips earlier answers'
+reasoning) has no such prefixes: the whole conversation is rendered once and each answer located in it
+(`_located`), and its inference prompts are its own rendering, tokenized the same way.
 Plain-text conversations (one "text" message) are trained whole, followed by EOS.
 """
 
@@ -91,10 +94,65 @@ def _pieces(messages: list[Message], template, tokenizer) -> tuple[list[tuple[st
         prompt = template.render(messages[:i], add_generation_prompt=True, tokenizer=tokenizer)
         full = template.render(messages[: i + 1], add_generation_prompt=False, tokenizer=tokenizer)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise _not_prefix(template)
+            located = _located(messages, template, tokenizer, generation_prompt=False)
+            if located is None:
+                raise _not_prefix(template)
+            return located[0], located[1]
         pieces += [(prompt[len(done):], False), (full[len(prompt):] + eos, True)]
         done = full
     return pieces, done
+
+
+_MARK = "\u2063unift-turn\u2063"  # text no real answer contains
+
+
+def _located(messages: list[Message], template, tokenizer, generation_prompt: bool) \
+        -> tuple[list[tuple[str, bool]], str, str] | None:
+    """For chat templates that render an earlier turn otherwise once later turns follow (those that strip
+    earlier answers' reasoning): the conversation rendered once, each trained turn located in it by
+    rendering it again with that turn's text replaced by a marker. (pieces, the text they cover, the whole
+    rendering), or None where a turn's text does not appear verbatim (a template that rewrites it)."""
+    trained = [i for i, m in enumerate(messages) if m["role"] in TRAINED_ROLES]
+    last = len(messages) if generation_prompt else trained[-1] + 1
+    turns = messages[:last]
+    whole = template.render(turns, add_generation_prompt=generation_prompt, tokenizer=tokenizer)
+    eos = "" if end_of_turn(template, tokenizer) else (getattr(tokenizer, "eos_token", None) or "")
+    starts = _token_starts(tokenizer, whole)
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for i in trained:
+        marked = [*turns[:i], {**turns[i], "content": _MARK}]
+        try:
+            before, found, after = template.render([*marked, *turns[i + 1:]], add_generation_prompt=generation_prompt,
+                                                   tokenizer=tokenizer).partition(_MARK)
+            # what the template writes after this answer when it is the last turn: its end of turn
+            tail = template.render(marked, add_generation_prompt=False, tokenizer=tokenizer).partition(_MARK)[2]
+        except UniftError:  # e.g. a tool call whose text is no longer JSON
+            return None
+        content = turns[i]["content"]
+        if not found or before + content + after != whole or len(before) < done:
+            return None
+        end = len(before) + len(content) + (len(tail) if tail and after.startswith(tail) else 0)
+        pieces += [*_cut(whole, done, len(before), starts), (whole[len(before):end] + eos, True)]
+        done = end
+    return pieces, whole[:done], whole
+
+
+def _token_starts(tokenizer, text: str) -> list[int] | None:
+    """Where the tokens of the whole text start (None: the tokenizer gives no offsets)."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        return None
+    return sorted({start for start, end in offsets if end > start})
+
+
+def _cut(text: str, start: int, end: int, starts: list[int] | None) -> list[tuple[str, bool]]:
+    """text[start:end] as prompt pieces cut where the whole text's tokens start: a piece tokenized alone
+    then gives the tokens the whole text has there (alone, "</think>\n\n" would end in one "\n\n" token
+    where the whole text, followed by the answer, has two)."""
+    cuts = [start, *(s for s in starts or () if start < s < end), end]
+    return [(text[a:b], False) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def segments(messages: list[Message], template, tokenizer) -> list[tuple[str, bool]]:
@@ -207,8 +265,11 @@ def encode_prompt(messages: list[Message], template, tokenizer) -> list[int]:
     the earlier turns tokenized piece by piece exactly as in training, then the new prompt."""
     pieces, done = _pieces(messages, template, tokenizer)
     prompt = template.render(messages, add_generation_prompt=True, tokenizer=tokenizer)
-    if not prompt.startswith(done):
-        raise _not_prefix(template)
+    if not prompt.startswith(done):  # a template that renders the earlier turns otherwise now (see _located)
+        located = _located(messages, template, tokenizer, generation_prompt=True)
+        if located is None:
+            raise _not_prefix(template)
+        pieces, done, prompt = located
     ids: list[int] = []
     for piece_ids, _ in _encode_pieces([*pieces, (prompt[len(done):], False)], tokenizer):
         ids += piece_ids
