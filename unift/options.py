@@ -27,12 +27,29 @@ def opt(default: Any = None, help: str = "", *, group: str | None = None, aliase
     `--FIELD` (the original toolkit's `--data` of generate is the field `run_data`); `positional` makes it an
     argument without a dash; `negate` gives a boolean a flag that turns it off (`--no_example`); `env` takes
     the default from an environment variable when the flags are built; `group` titles its --help section."""
+    caller = sys._getframe(1).f_code  # where the flag is written: one place per flag (tests/test_flags.py)
     meta = {"help": help, "group": group, "aliases": aliases, "choices": choices, "nargs": nargs,
             "const": const, "check": check, "range": range, "flag": flag, "positional": positional,
-            "required": required, "negate": negate, "metavar": metavar, "env": env}
+            "required": required, "negate": negate, "metavar": metavar, "env": env,
+            "defined_in": f"{caller.co_filename}:{caller.co_qualname}"}
+    return _field(default, meta)
+
+
+def _field(default: Any, meta: dict[str, Any]) -> Any:
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def like(group: type, name: str, default: Any = dataclasses.MISSING, *, required: bool | None = None) -> Any:
+    """The flag `name` as the option group `group` defines it, for a command that takes this flag of the group
+    alone, or needs another default (train's --model_type is llama, where inference takes the run folder's)
+    or needs it given (`required`). Help, type, range and checks stay the group's one definition."""
+    f = group.__dataclass_fields__[name]
+    meta = dict(f.metadata)
+    if required is not None:
+        meta["required"] = required
+    return _field(default_of(f) if default is dataclasses.MISSING else default, meta)
 
 
 def default_of(f: dataclasses.Field) -> Any:

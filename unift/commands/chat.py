@@ -4,22 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import (
-    PRESET_NAMES,
-    ConfigOptions,
-    DecodingOptions,
-    DtypeOptions,
-    FindRunOptions,
-    load_engine,
-)
-from unift.options import opt
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.models.flags import ChatFlags, DecodingFlags
+from unift.options import like
 
 
 @dataclass
-class ChatOptions(DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
-    preset: str = opt("chat", "named decoding settings; 'original' = the original toolkit's", group="decoding",
-                      choices=PRESET_NAMES)
-    system: str | None = opt(None, "system prompt")
+class ChatOptions(ChatFlags, DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
+    preset: str = like(DecodingFlags, "preset", "chat")  # a conversation: sampled answers
 
 
 OPTIONS = ChatOptions

@@ -23,7 +23,8 @@ from unift.data.quality import Skipped, skipped_summary
 from unift.data.registry import expand_names
 from unift.data.tokenize import IGNORE_INDEX
 from unift.errors import UniftError
-from unift.options import POSITIVE_INT, Options, opt
+from unift.models.flags import DataFlags, OutputFlags
+from unift.options import Options, like, opt
 from unift.train.args import TrainArgs
 
 CHECK_FIELDS = ("stage", "model_type", "model_name_or_path", "template", "template_check", "trust_remote_code",
@@ -50,11 +51,11 @@ CheckArgs = _subset(TrainArgs, CHECK_FIELDS, "CheckArgs")
 
 @dataclass
 class ConvertOptions(Options):
-    data: list[str] = opt(None, "dataset names or paths", required=True)
+    data: list[str] = like(DataFlags, "data", required=True)
     to: str = opt(None, "the form to write", choices=TARGETS, required=True)
-    output: str = opt(None, "file to write (.json: a list; .jsonl: one per line)", required=True)
-    dataset_dir: str | None = opt(None, "folder with dataset_info.json")
-    max_samples: int | None = opt(None, "convert at most this many records per entry", range=POSITIVE_INT)
+    output: str = like(OutputFlags, "output", required=True)
+    dataset_dir: str | None = like(DataFlags, "dataset_dir")
+    max_samples: int | None = like(DataFlags, "max_samples")
 
 
 

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from unift.commands.common import ConfigOptions, DtypeOptions, ModelOptions
 from unift.evals.evaluate import EvalOptions
 from unift.models.dtypes import parse_dtype
-from unift.options import opt
+from unift.models.flags import OutputFlags
+from unift.options import like, opt
 
 
 @dataclass
 class EvalArgs(EvalOptions, DtypeOptions, ConfigOptions, ModelOptions):
-    output: str | None = opt(None, "results file (default: <adapter_dir or .>/eval_results.json)")
+    output: str | None = like(OutputFlags, "output")
     plot: bool = opt(False, "also write PNG bar charts beside the results")
 
 

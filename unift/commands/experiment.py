@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from unift.errors import UniftError
-from unift.options import Options, opt
+from unift.models.flags import OutputFlags
+from unift.options import Options, like, opt
 
 log = logging.getLogger("unift")
 RUN_REF = "run:"  # a train setting naming another run of the experiment (adapter_dir: "run:sft")
@@ -281,7 +282,7 @@ def run_experiment(path: str, preset: str = "small", output_dir: str | None = No
 class ExperimentOptions(Options):
     file: str = opt(None, "experiment YAML (see configs/experiments/)", positional=True)
     preset: str = opt("small", "which of the file's presets")
-    output_dir: str | None = opt(None, "folder of the runs and reports (default: experiments/NAME-PRESET)")
+    output_dir: str | None = like(OutputFlags, "output_dir")
     runs: list[str] | None = opt(None, "only these runs (by name)")
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.models.flags import ChatFlags
 from unift.options import opt
 
 
 @dataclass
-class GenerateOptions(DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
+class GenerateOptions(ChatFlags, DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
     prompt: str | None = opt(None, "answer this once and exit (without it: an interactive chat)")
-    system: str | None = opt(None, "system prompt")
 
 
 OPTIONS = GenerateOptions

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unift.commands.common import ModelOptions
-from unift.options import NON_NEGATIVE, opt
+from unift.models.flags import DtypeFlags, ModelFlags, OutputFlags
+from unift.options import NON_NEGATIVE, like, opt
 
 # unift.engine.fidelity.DEFAULT_MAX_KL, written here so that building the flags does not import the engine (a
 # test keeps the two equal); docs/after_training.md has the measurements behind it.
@@ -14,14 +15,12 @@ DEFAULT_MAX_KL = 1e-3
 
 @dataclass
 class MergeOptions(ModelOptions):
-    adapter_dir: str | None = opt(None, "run folder written by `unift train` (needs nothing else), or any PEFT "
-                                  "adapter folder", group="model", aliases=("--lora_dir",), required=True)
+    adapter_dir: str | None = like(ModelFlags, "adapter_dir", required=True)
     merged_dir: str = opt(None, "folder for the merged model (loads with plain transformers)",
                           aliases=("--output_dir",), required=True)
-    compute_dtype: str = opt("auto", "dtype of the saved weights (default: the base checkpoint's; QLoRA: the "
-                             "run's)", choices=("auto", "fp32", "bf16", "fp16"))
+    compute_dtype: str = like(DtypeFlags, "compute_dtype")
     export: str | None = opt(None, "also write a GGUF file (llama-type families)", choices=("gguf",))
-    overwrite: bool = opt(False, "replace a non-empty --merged_dir")
+    overwrite: bool = like(OutputFlags, "overwrite")
     max_kl: float = opt(DEFAULT_MAX_KL, "refuse the merge when the merged folder, loaded back, departs from the adapter "
                         "model by more than this mean KL per token (nats), on a few records of the run's data",
                         range=NON_NEGATIVE)

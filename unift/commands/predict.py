@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, ModelOptions, load_engine
-from unift.options import POSITIVE_INT, opt
+from unift.models.flags import DataFlags, OutputFlags
+from unift.options import like, opt
 
 
 @dataclass
@@ -13,11 +14,10 @@ class PredictOptions(DecodingOptions, DtypeOptions, ConfigOptions, ModelOptions)
     input: str = opt(None, "prompts: alpaca / sharegpt / messages / plain prompt records, JSON or JSONL (or .txt, "
                      "one prompt per line)", aliases=("--data",), required=True)
     result_dir: str = opt(None, "folder for predictions.jsonl (resumed if there)", required=True)
-    batch_size: int = opt(16, "prompts generated together, left-padded", aliases=("--predict_batch_size",),
-                          range=POSITIVE_INT)
-    cutoff_len: int | None = opt(None, "keep at most this many prompt tokens (the last ones)", range=POSITIVE_INT)
-    max_samples: int | None = opt(None, "only the first N records", range=POSITIVE_INT)
-    overwrite: bool = opt(False, "start over instead of resuming")
+    batch_size: int = like(DataFlags, "batch_size")
+    cutoff_len: int | None = like(DataFlags, "cutoff_len")
+    max_samples: int | None = like(DataFlags, "max_samples")
+    overwrite: bool = like(OutputFlags, "overwrite")
 
 
 OPTIONS = PredictOptions

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import (
-    PRESET_NAMES,
-    ConfigOptions,
-    DecodingOptions,
-    DtypeOptions,
-    FindRunOptions,
-    load_engine,
-)
-from unift.options import POSITIVE_INT, Range, opt
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.models.flags import DataFlags, DecodingFlags
+from unift.options import POSITIVE_INT, Range, like, opt
 
 
 @dataclass
 class ServeOptions(DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions):
-    preset: str = opt("chat", "named decoding settings; 'original' = the original toolkit's", group="decoding",
-                      choices=PRESET_NAMES)
+    preset: str = like(DecodingFlags, "preset", "chat")  # conversations: sampled answers
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)", group="service")
     port: int = opt(7860, "port", group="service", range=Range(0, 65535))
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (and the key as the UI password)",
@@ -32,8 +25,7 @@ class ServeOptions(DecodingOptions, DtypeOptions, ConfigOptions, FindRunOptions)
     served_model_name: str | None = opt(None, "model id in the API (default: the run folder's name)",
                                         group="service")
     max_tokens_limit: int = opt(4096, "the largest max_tokens accepted", group="service", range=POSITIVE_INT)
-    cutoff_len: int | None = opt(None, "keep at most this many prompt tokens (the last ones)", group="service",
-                                 range=POSITIVE_INT)
+    cutoff_len: int | None = like(DataFlags, "cutoff_len")
 
 
 OPTIONS = ServeOptions

@@ -24,8 +24,9 @@ from unift.engine.engine import Engine
 from unift.engine.settings import PRESETS
 from unift.errors import UniftError
 from unift.models.dtypes import dtype_name
+from unift.models.flags import DataFlags, DecodingFlags
 from unift.models.hub import is_hub_adapter
-from unift.options import NON_NEGATIVE, POSITIVE_INT, Options, opt
+from unift.options import NON_NEGATIVE, Options, like, opt
 from unift.runtime import write_json_atomic
 
 if TYPE_CHECKING:
@@ -50,8 +51,7 @@ class Setup:
 class EvalOptions(Options):
     """What `unift eval` scores and how (its flags are generated from these fields)."""
 
-    data: list[str] | None = opt(None, "held-out conversations, the last answer being the reference (default: "
-                                 "arith_test unless --exam is given)")
+    data: list[str] | None = like(DataFlags, "data")
     pairs: list[str] = opt([], "held-out preference pairs (chosen/rejected): preference accuracy (the chosen "
                            "answer more likely) and the mean log-likelihood margin, chosen minus rejected")
     exam: list[str] = opt([], "multiple-choice exam files or folders (MMCU JSON, C-Eval / CMMLU / MMLU CSV)")
@@ -65,13 +65,12 @@ class EvalOptions(Options):
                                        "data; for --exam: the other questions of the same subject)")
     choice: str = opt("letter", "exams: score the option letter (default) or the option text",
                       choices=("letter", "text"))
-    max_samples: int | None = opt(None, "score at most this many examples per task", range=POSITIVE_INT)
-    max_new_tokens: int | None = opt(None, "longest generated answer (default: the longest reference answer's "
-                                     "length and a quarter more)", range=POSITIVE_INT)
-    batch_size: int = opt(16, "examples scored or generated together", range=POSITIVE_INT)
-    cutoff_len: int = opt(2048, "longest scored sequence (tokens)", range=POSITIVE_INT)
+    max_samples: int | None = like(DataFlags, "max_samples")
+    max_new_tokens: int | None = like(DecodingFlags, "max_new_tokens")
+    batch_size: int = like(DataFlags, "batch_size")
+    cutoff_len: int = like(DataFlags, "cutoff_len", 2048)  # scored sequences: prompt and answer together
     show: int = opt(3, "print this many questions with each answer", range=NON_NEGATIVE)
-    dataset_dir: str | None = opt(None, "folder with dataset_info.json")
+    dataset_dir: str | None = like(DataFlags, "dataset_dir")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,21 +9,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from unift.accel import parse_optimizations
-from unift.data.templates import check_template
 from unift.errors import UniftError
 from unift.models import ModelSpec, get_model_spec
-from unift.models.devices import check_device
-from unift.models.overrides import attn_implementation_flag, rope_scaling_flag
+from unift.models.flags import ConfigFlags, DataFlags, DecodingFlags, DtypeFlags, ModelFlags, OutputFlags
 from unift.options import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
     PROBABILITY,
-    Options,
     Range,
     check_choices,
     check_ranges,
     default_of,
+    like,
     opt,
 )
 from unift.peft import MethodSpec, check_args, get_method, method_flag_fields
@@ -38,10 +36,6 @@ from unift.train.optim import (
 from unift.train.parent import adopt_parent
 from unift.train.progress import check_report_to
 from unift.train.stages import DPO_LOSSES, GRPO_LOSSES, apply_stage_optimizer, check_stage
-
-
-def _check_model_type(value: str) -> str:
-    return get_model_spec(value).name
 
 
 def _check_peft_type(value: str) -> str:
@@ -61,29 +55,18 @@ def _check_optimizations(value: Any) -> str:
 
 
 @dataclass
-class RunArgs(Options):
+class RunArgs(ConfigFlags, ModelFlags):
     """The general training flags; each PEFT method adds its own (MethodSpec.flags) to make TrainArgs."""
 
     # model
-    model_type: str = opt("llama", "model family", group="model", check=_check_model_type)
-    model_name_or_path: str | None = opt(
-        None, "folder or hub id of the base model (default: the embedded SmolLM2-135M-Instruct)", group="model")
-    size: str | None = opt(None, "model size label, informational (the original toolkit's --size)", group="model")
-    template: str | None = opt(None, "prompt template: a name or a FILE (.yaml/.json fields, .jinja) "
-                               "(default: the family's; 'auto' = tokenizer's; 'model' = the checkpoint's own chat "
-                               "template, kept in the run)", group="model", check=check_template)
+    model_type: str = like(ModelFlags, "model_type", "llama")  # a run needs a family before any folder is read
     template_check: str = opt("report", "at start, compare --template with the checkpoint's chat template on probe "
                               "conversations: report (one line), strict (stop when they differ), off", group="model",
                               choices=("report", "strict", "off"))
-    trust_remote_code: bool = opt(False, "allow modelling code shipped with the checkpoint", group="model")
-    rope_scaling: str | None = rope_scaling_flag()
-    attn_implementation: str | None = attn_implementation_flag()
-    device: str = opt("auto", "where training runs: auto (the first GPU, else the CPU), cpu, cuda or mps; pick "
-                      "a GPU with CUDA_VISIBLE_DEVICES", group="model", check=check_device)
+    trust_remote_code: bool = like(ModelFlags, "trust_remote_code", False)  # off unless given: it runs code
     quantization_bit: int | None = opt(None, "load the base in 4 or 8 bits (bitsandbytes)", group="model",
                                        choices=(4, 8))
-    compute_dtype: str = opt("auto", "compute dtype: auto (bf16 where the CPU/GPU supports it), fp32, bf16, fp16",
-                             group="model", choices=("auto", "fp32", "bf16", "fp16"))
+    compute_dtype: str = like(DtypeFlags, "compute_dtype")
     # method
     peft_type: str = opt("lora", "PEFT method", group="method", check=_check_peft_type)
     load_in_8bit: bool = opt(False, "load the base in 8-bit (lora, adalora, ia3; dora on GPU); = --quantization_bit 8",
@@ -104,10 +87,6 @@ class RunArgs(Options):
                                         range=POSITIVE)
     ref_model: str | None = opt(None, "dpo, kto: a separate reference model, a model or run folder (default: the "
                                 "base with the adapter switched off, no second copy in memory)", group="stage")
-    adapter_dir: str | None = opt(None, "start from an earlier run: a run folder or PEFT adapter folder whose adapter "
-                                  "(or, for full/freeze, model) trains further; its method, rank, base and template "
-                                  "come from the folder; dpo/kto/grpo: the reference is that starting point",
-                                  group="stage", aliases=("--adapter_name_or_path",))
     reward_funcs: list[str] = opt(["exact_answer"], "grpo: the rewards, built-in (exact_answer, format, length), "
                                   "FILE.py:FUNCTION, or a --stage rm run folder; several are summed (see "
                                   "--reward_weights); docs/stages.md", group="stage", nargs="+")
@@ -118,26 +97,22 @@ class RunArgs(Options):
                                group="stage", range=POSITIVE_INT)
     max_completion_length: int = opt(128, "grpo: most tokens per sampled completion", group="stage",
                                      range=POSITIVE_INT)
-    temperature: float = opt(1.0, "grpo: sampling temperature", group="stage", range=POSITIVE)
+    temperature: float = like(DecodingFlags, "temperature", 1.0)  # grpo samples; 1.0 is TRL's
     loss_type: str = opt("dapo", "grpo: TRL's loss: dapo (tokens of the whole batch), grpo (per-sequence mean), "
                          "dr_grpo, bnpo, cispo, sapo", group="stage", choices=GRPO_LOSSES)
     scale_rewards: str = opt("group", "grpo: divide advantages by the reward spread of the group, the batch, or "
                              "none (Dr. GRPO)", group="stage", choices=("group", "batch", "none"))
     # data
-    data: list[str] = opt(["arith"], "dataset names from dataset_info.json, or paths to files or folders; "
-                          "several are merged (see --data_ratios)", group="data", nargs="+", aliases=("--dataset",))
-    dataset_dir: str | None = opt(None, "folder with dataset_info.json (default: ./data, else the bundled one)",
-                                  group="data")
-    cutoff_len: int = opt(512, "maximum tokens per example (longer ones lose the prompt and earlier turns "
-                          "first, so the answer keeps its end)", group="data", range=POSITIVE_INT)
+    data: list[str] = like(DataFlags, "data", ["arith"])  # the bundled task: a run with no flags trains
+    dataset_dir: str | None = like(DataFlags, "dataset_dir")
+    cutoff_len: int = like(DataFlags, "cutoff_len", 512)
     truncation: str = opt("drop", "an answer longer than --cutoff_len on its own: drop the example, or keep it "
                           "cut at the end (it then never ends); split: cut prompt and answer each from the end, "
                           "sharing the cut between them turn by turn (as LLaMA-Factory does)", group="data",
                           choices=("drop", "keep", "split"))
     val_set_size: float = opt(0, "held-out examples for evaluation (a count, or a fraction < 1)", group="data",
                                 range=NON_NEGATIVE)
-    max_samples: int | None = opt(None, "use at most this many examples from each --data entry", group="data",
-                                    range=POSITIVE_INT)
+    max_samples: int | None = like(DataFlags, "max_samples")
     train_on_prompt: bool = opt(False, "also compute the loss on prompt tokens", group="data")
     data_ratios: list[float] | None = opt(
         None, "mixing proportions, one per --data entry (e.g. 0.7 0.3); the training size stays the sum",
@@ -149,8 +124,7 @@ class RunArgs(Options):
     strict_data: bool = opt(False, "refuse a file with any record that cannot be trained (an empty answer, a "
                             "conversation ending on a user turn) instead of skipping and reporting it", group="data")
     # training
-    output_dir: str | None = opt(None, "run folder (default: saved_models/<model_type>_<data>/<peft_type>)",
-                                 group="training")
+    output_dir: str | None = like(OutputFlags, "output_dir")
     epochs: float = opt(3.0, "training epochs", group="training", aliases=("--num_train_epochs",),
                         range=POSITIVE)
     max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs)", group="training",
@@ -210,22 +184,13 @@ class RunArgs(Options):
     save_steps: int | None = opt(None, "checkpoint every N steps (default: once per epoch)", group="training",
                                  range=POSITIVE_INT)
     save_total_limit: int = opt(2, "checkpoints to keep", group="training", range=POSITIVE_INT)
-    seed: int = opt(42, "random seed", group="training", range=NON_NEGATIVE)
+    seed: int = like(DecodingFlags, "seed", 42)
     report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training",
                          check=check_report_to)
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/; GPUs or CPU, docs/scaling.md)", group="training")
     resume_from_checkpoint: str | None = opt(
         None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
         nargs="?", const="latest")
-    plan: bool = opt(False, "print the run's predicted peak memory per process and its time per step and in all, "
-                     "from the model's shape and a short timed probe (its first steps on its longest examples), "
-                     "and exit without training (docs/plan.md)", group="plan")
-    plan_steps: int = opt(3, "--plan: optimizer steps the probe runs (the first, its warm-up, is not timed); 0: the "
-                          "estimate alone, no step", group="plan", range=NON_NEGATIVE)
-    plan_json: str | None = opt(None, "--plan: also write the plan as JSON to this file (- for standard output)",
-                                group="plan")
-    force: bool = opt(False, "train even where the predicted peak memory exceeds the memory available (RAM on a "
-                      "CPU, the GPU's on CUDA); every run checks before its first step", group="plan")
     local_rank: int = opt(-1, "set by the distributed launcher", group="training", aliases=("--local-rank",),
                           range=Range(-1))
 
