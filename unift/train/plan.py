@@ -153,6 +153,14 @@ def planned_batches(lengths: list[int], args: Any, *, padding_free: bool, multip
                    steps=steps, examples=len(lengths))
 
 
+def token_counts(dataset: Any, column: str) -> list[int]:
+    """The length of each row's `column` (a list of token ids), read by Arrow: a column of a million rows
+    made into Python lists would cost more memory than the run."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
+
+
 def example_lengths(dataset: Any, args: Any) -> list[int]:
     """Token counts of the training examples (a stream's are unknown: each counts as --cutoff_len). A
     preference pair is trained as prompt + chosen and prompt + rejected: its longer half counts, twice."""
@@ -161,13 +169,13 @@ def example_lengths(dataset: Any, args: Any) -> list[int]:
         n = max(1, args.max_steps) * args.per_gpu_train_batch_size * args.gradient_accumulation_steps
         return [args.cutoff_len] * n
     if "input_ids" in columns:
-        return [len(ids) for ids in dataset["input_ids"]]
-    prompts = [len(ids) for ids in dataset["prompt_ids"]] if "prompt_ids" in columns else [0] * len(dataset)
+        return token_counts(dataset, "input_ids")
+    prompts = token_counts(dataset, "prompt_ids") if "prompt_ids" in columns else [0] * len(dataset)
     if "chosen_ids" in columns:
-        answers = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+        answers = [max(c, r) for c, r in zip(token_counts(dataset, "chosen_ids"), token_counts(dataset, "rejected_ids"))]
         return [n for p, a in zip(prompts, answers) for n in (p + a, p + a)]
     if "completion_ids" in columns:
-        return [p + len(c) for p, c in zip(prompts, dataset["completion_ids"])]
+        return [p + c for p, c in zip(prompts, token_counts(dataset, "completion_ids"))]
     completion = getattr(args, "max_completion_length", 0)  # grpo: prompts, each sampled num_generations times
     return [p + completion for p in prompts for _ in range(getattr(args, "num_generations", 1))]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from unift.errors import UniftError
 from unift.runtime import is_main_process, peak_rss_mib
-from unift.train.plan import Batches, Estimate, planned_batches, refusal
+from unift.train.plan import Batches, Estimate, planned_batches, refusal, token_counts
 
 log = logging.getLogger("unift")
 
@@ -54,7 +54,7 @@ class Probe:
         if hasattr(train, "select") and "input_ids" in getattr(train, "column_names", ()):
             per_step = (self.args.per_gpu_train_batch_size * self.args.gradient_accumulation_steps
                         * max(1, found.world_size))
-            lengths = [len(ids) for ids in train["input_ids"]]
+            lengths = token_counts(train, "input_ids")
             longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:per_step * self.steps]
             ready["train"] = train.select(sorted(longest))
             mine = [lengths[i] for i in longest]
