@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from budget import BUCKETS, MATMUL, OPTIMIZER, PYTHON  # noqa: E402
+from budget import BUCKETS, MATMUL, OPTIMIZER, PYTHON, summarize  # noqa: E402
 from common import REPO, machine, read_records, write_workload  # noqa: E402
 from fair import BENCH_DIR, bf16_checkpoint, fp32_view, native_bf16, scale_checkpoint, write_long_records  # noqa: E402
 from vs_llamafactory import WORKLOADS, llamafactory_config, unift_args  # noqa: E402
@@ -45,7 +45,8 @@ def _run(python: str, out: Path, warmup: int, steps: int, target: list[str], env
     if proc.returncode != 0 or not out.is_file():
         sys.stderr.write((proc.stdout + proc.stderr)[-6000:])
         raise SystemExit(f"step_budget: profiling {target[0]} failed (exit {proc.returncode}; no {out.name})")
-    return json.loads(out.read_text())
+    raw = json.loads(out.read_text())
+    return {**summarize(raw), "plain_step_seconds": raw["plain_step_seconds"], "raw": raw}
 
 
 def profile_workload(name: str, ns, folder: Path, bf16: bool) -> dict:
@@ -99,6 +100,13 @@ def print_table(workloads: dict, tools: list[str]) -> None:
         row(("  " if bucket != MATMUL else "") + bucket, [r["buckets"][bucket] for r in results], walls)
     rest = [r["step_seconds"] - r["buckets"][MATMUL] for r in results]
     row("everything but matmuls", rest, walls)
+    for head, r in zip(heads, results):
+        plain = sorted(r["plain_step_seconds"])[len(r["plain_step_seconds"]) // 2]
+        if not 0.8 < r["step_seconds"] / plain < 1.25:
+            # the profiler adds a few per cent; more means the cores were shared during the run, and a
+            # shared core stalls every 2-thread op at its barrier, so small ops' times swell most
+            print(f"WARNING: {head}: profiled steps took {r['step_seconds']:.2f} s against {plain:.2f} s unprofiled: "
+                  "something else used the cores, and the split above overstates the small ops")
     for w in workloads:
         if len(tools) == 2:
             u, lf = workloads[w]["unift"], workloads[w]["llamafactory"]
