@@ -158,19 +158,17 @@ def release() -> None:
 
 def measure(folder: Path, probe: Probe, *, model_type: str, device: str | None, trust: bool,
             gguf_file: str | None = None, trained: Callable[[], Any] | None = None,
-            quantization_bit: int | None = None, max_kl: float = DEFAULT_MAX_KL) -> dict[str, Any]:
-    """The figures of the merged `folder` (and `folder/gguf_file`) against `probe.reference`. `trained`
-    loads the adapter model as it was trained where that differs from the reference: over a quantized base."""
+            quantization_bit: int | None = None, max_kl: float = DEFAULT_MAX_KL,
+            quant: str | None = None) -> dict[str, Any]:
+    """The figures of the merged `folder` (and `folder/gguf_file`, written at --quant `quant`) against
+    `probe.reference`. `trained` loads the adapter model as it was trained where that differs from the
+    reference: over a quantized base."""
     merged = _logits_of(lambda: load(None, base_model=str(folder), model_type=model_type, trust_remote_code=trust,
                                      device=device, dtype="fp32").model, probe.rows)
     figures: dict[str, Any] = {"records": probe.source, "tokens": probe.tokens, "computed_in": "fp32",
                                "max_kl": max_kl, "merged": vars(gap(probe.reference, merged))}
     if gguf_file:
-        from transformers import AutoModelForCausalLM
-
-        exported = _logits_of(lambda: AutoModelForCausalLM.from_pretrained(
-            str(folder), gguf_file=gguf_file, dtype=torch.float32).eval(), probe.rows)
-        figures["gguf"] = vars(gap(probe.reference, exported))
+        figures["gguf"] = _gguf_gap(folder, gguf_file, probe, quant)
     if trained is not None:
         figures["quantized_base"] = {"bits": quantization_bit}
         try:
@@ -182,12 +180,33 @@ def measure(folder: Path, probe: Probe, *, model_type: str, device: str | None, 
     return figures
 
 
+def _gguf_gap(folder: Path, gguf_file: str, probe: Probe, quant: str | None) -> dict[str, Any]:
+    """The GGUF file read back with transformers' GGUF reader (it dequantizes), against the adapter model; a
+    quantized file's gap is its quantization error, reported, not refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from unift.engine.gguf_quant import resolve_quant
+
+    config = AutoConfig.from_pretrained(str(folder))
+    found: dict[str, Any] = {"quant": quant or "auto", "quantized": resolve_quant(quant, False).lossy}
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        # transformers builds a llama GGUF without biases (llama.cpp reads them): nothing to compare here
+        found["not_measured"] = "transformers' GGUF reader leaves out a llama model's biases"
+        return found
+    exported = _logits_of(lambda: AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=gguf_file, dtype=torch.float32).eval(), probe.rows)
+    found.update(vars(gap(probe.reference, exported)))
+    return found
+
+
 def failure(figures: dict[str, Any]) -> str:
     """'' when the merged model (and its GGUF export) are within --max_kl of the adapter model, else why not."""
     limit = figures["max_kl"]
     for key, what in (("merged", "the merged model"), ("gguf", "the GGUF export")):
         found = figures.get(key)
-        if found and not found["mean_kl"] <= limit:  # `not <=`: a NaN fails too
+        if not found or found.get("quantized") or "not_measured" in found:
+            continue  # a quantized file's gap is what --quant chose: reported by summary, not refused
+        if not found["mean_kl"] <= limit:  # `not <=`: a NaN fails too
             return (f"{what} departs from the adapter model on {figures['records']}: mean KL "
                     f"{found['mean_kl']:.3g} nats/token > --max_kl {limit:g} (max |Δlogit| "
                     f"{found['max_abs_logit_diff']:.3g})")
@@ -198,8 +217,13 @@ def summary(figures: dict[str, Any]) -> str:
     """One line: what the check ran on and its figures."""
     parts = [f"merged vs adapter model on {figures['records']} ({figures['tokens']} tokens, fp32): "
              f"{Gap(**figures['merged'])} (--max_kl {figures['max_kl']:g})"]
-    if "gguf" in figures:
-        parts.append(f"GGUF export: {Gap(**figures['gguf'])}")
+    exported = figures.get("gguf")
+    if exported and "not_measured" in exported:
+        parts.append(f"GGUF export: not measured ({exported['not_measured']})")
+    elif exported:
+        what = Gap(exported["max_abs_logit_diff"], exported["mean_kl"])
+        parts.append(f"GGUF export ({exported['quant']}, quantized: reported, not refused): {what}"
+                     if exported.get("quantized") else f"GGUF export: {what}")
     quantized = figures.get("quantized_base")
     if quantized:
         found = (f"not measured ({quantized['not_measured']})" if "not_measured" in quantized else

@@ -24,6 +24,8 @@ from unift.data.templates import template_definition
 from unift.engine import fidelity
 from unift.engine.chat_template import install_chat_template, stop_on_end_of_turn
 from unift.engine.gguf import GGUF_NAME, export_gguf, gguf_refusal
+from unift.engine.gguf_quant import check_quant, resolve_quant
+from unift.engine.ollama import write_modelfile
 from unift.errors import UniftError
 from unift.loader import load
 from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
@@ -92,6 +94,7 @@ def merge(
     trust_remote_code: bool | None = None,
     overwrite: bool = False,
     export: str | None = None,
+    quant: str | None = None,
     device: str | None = None,
     template: str | None = None,
     check: bool = True,
@@ -100,7 +103,8 @@ def merge(
     """Fold the adapter of a run folder into its base; write `merged_dir`; return it. `template`: a name or
     a template file overriding the run card's (the merged folder then prompts with it). `check`: load the
     written folder back and compare it with the adapter model (unift.engine.fidelity); above `max_kl` nats
-    per token nothing is written."""
+    per token nothing is written. `export`: gguf (also model.gguf at `quant`, and an Ollama Modelfile) or
+    gguf-lora (instead of the merged folder: the LoRA adapter and its base as GGUF files, and a Modelfile)."""
     from peft import PeftConfig
 
     from unift import compat
@@ -123,8 +127,12 @@ def merge(
         reason = merge_refusal(card, peft_config)
         if reason:
             raise UniftError(f"cannot merge --peft_type {card.peft_type}: {reason}")
-    if export and export != "gguf":
-        raise UniftError(f"--export {export!r}: only gguf is supported")
+    if export and export not in ("gguf", "gguf-lora"):
+        raise UniftError(f"--export {export!r}: choose gguf or gguf-lora")
+    check_quant(quant, export)
+    if export == "gguf-lora" and card.holds_model:
+        raise UniftError(f"--export gguf-lora: {adapter_dir} holds a whole trained model, not an adapter; "
+                         "use --export gguf")
 
     # Merged in fp32 (merge_plan); on a GPU when the fp32 weights fit on one, else on the CPU.
     trust = card.trust_remote_code if trust_remote_code is None else trust_remote_code
@@ -136,9 +144,16 @@ def merge(
         log.info("the adapter was trained over a %d-bit base; merging it into the base re-loaded in full "
                  "precision and saving at %s", card.quantization_bit, str(saved_dtype).replace("torch.", ""))
     model.eval()
-    if export == "gguf":
+    if export:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         gguf_refusal(inner.config, tokenizer)  # refuse before the work, not after it
+    if export == "gguf-lora":
+        from unift.engine.gguf_lora import export_adapter
+
+        return export_adapter(out, model, tokenizer, template, quant=quant, card={
+            "model_type": spec.name, "template": template_definition(template), "peft_type": card.peft_type,
+            "adapter_dir": given if is_hub_adapter(given) else str(Path(adapter_dir).resolve()),
+            "base_model": card.base_model})
     # The adapter model's logits, kept for the checks: merge_and_unload folds it in place. --no_check: only
     # the fixed probe conversations, for the in-memory check.
     probe = fidelity.make_probe(card if check else None, template, tokenizer)
@@ -167,7 +182,8 @@ def merge(
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if export == "gguf":
-            export_gguf(tmp, merged, name=out.name)
+            export_gguf(tmp, merged, name=out.name, quant=quant)
+            write_modelfile(tmp, template, tokenizer, model_file=GGUF_NAME)
         del merged
         from unift.runtime import library_versions, write_json_atomic
 
@@ -177,9 +193,11 @@ def merge(
             "dtype": str(saved_dtype).replace("torch.", ""), "quantization_bit_trained": card.quantization_bit,
             "probe_max_abs_logit_diff": diff, "fidelity": None, "versions": library_versions(),
         }
+        if export:
+            merged_card["gguf_quant"] = resolve_quant(quant, saved_dtype != torch_dtype("fp32")).name
         write_json_atomic(tmp / MERGED_CARD, merged_card)
         if check:
-            merged_card["fidelity"] = _check(tmp, probe, spec.name, trust, device, export, card, max_kl,
+            merged_card["fidelity"] = _check(tmp, probe, spec.name, trust, device, export, quant, card, max_kl,
                                              lambda: load(adapter_dir, base_model=base_model, card=card,
                                                           trust_remote_code=trust, device=device).model)
             write_json_atomic(tmp / MERGED_CARD, merged_card)
@@ -197,11 +215,12 @@ def merge(
 
 
 def _check(folder: Path, probe: fidelity.Probe, model_type: str, trust: bool, device: str | None,
-           export: str | None, card: RunCard, max_kl: float, trained: Callable[[], Any]) -> dict[str, Any]:
+           export: str | None, quant: str | None, card: RunCard, max_kl: float,
+           trained: Callable[[], Any]) -> dict[str, Any]:
     """The merge check's figures, or UniftError (nothing written) when the merged model is off."""
     fidelity.release()
     figures = fidelity.measure(folder, probe, model_type=model_type, device=device, trust=trust,
-                               gguf_file=GGUF_NAME if export == "gguf" else None, max_kl=max_kl,
+                               gguf_file=GGUF_NAME if export == "gguf" else None, max_kl=max_kl, quant=quant,
                                trained=trained if card.quantization_bit else None,
                                quantization_bit=card.quantization_bit)
     why = fidelity.failure(figures)
