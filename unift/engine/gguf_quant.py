@@ -8,6 +8,7 @@ llama-cpp-python package's bindings (llama_model_quantize) when it is installed.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,6 @@ def quantize_file(source: Path, target: Path, quant: Quant) -> None:
     params = lib.llama_model_quantize_default_params()
     params.ftype = int(getattr(gguf.LlamaFileType, quant.file_type))
     params.nthread = int(os.environ.get("OMP_NUM_THREADS") or 0)  # 0: llama.cpp uses every core
-    failed = lib.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    failed = lib.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if failed or not target.exists():
         raise UniftError(f"--quant {quant.name}: llama.cpp's quantizer failed on {source.name} (code {failed})")
