@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from datetime import date
@@ -94,14 +95,13 @@ def print_table(workloads: dict, tools: list[str]) -> None:
     results = [workloads[w][t] for w, t in columns]
     walls = [r["step_seconds"] for r in results]
     row("step, profiled (wall)", walls)
-    row("step, unprofiled (median of plain steps)", [sorted(r["plain_step_seconds"])[len(r["plain_step_seconds"]) // 2]
-                                                      for r in results])
+    row("step, unprofiled (median of plain steps)", [statistics.median(r["plain_step_seconds"]) for r in results])
     for bucket in BUCKETS:
         row(("  " if bucket != MATMUL else "") + bucket, [r["buckets"][bucket] for r in results], walls)
     rest = [r["step_seconds"] - r["buckets"][MATMUL] for r in results]
     row("everything but matmuls", rest, walls)
     for head, r in zip(heads, results):
-        plain = sorted(r["plain_step_seconds"])[len(r["plain_step_seconds"]) // 2]
+        plain = statistics.median(r["plain_step_seconds"])
         if not 0.8 < r["step_seconds"] / plain < 1.25:
             # the profiler adds a few per cent; more means the cores were shared during the run, and a
             # shared core stalls every 2-thread op at its barrier, so small ops' times swell most
