@@ -191,6 +191,15 @@ class RunArgs(ConfigFlags, ModelFlags):
     resume_from_checkpoint: str | None = opt(
         None, "resume: a checkpoint folder, or no value for the latest in --output_dir", group="training",
         nargs="?", const="latest")
+    plan: bool = opt(False, "print the run's predicted peak memory per process and its time per step and in all, "
+                     "from the model's shape and a short timed probe (its first steps on its longest examples), "
+                     "and exit without training (docs/plan.md)", group="plan")
+    plan_steps: int = opt(3, "--plan: optimizer steps the probe runs (the first, its warm-up, is not timed); 0: the "
+                          "estimate alone, no step", group="plan", range=NON_NEGATIVE)
+    plan_json: str | None = opt(None, "--plan: also write the plan as JSON to this file (- for standard output)",
+                                group="plan")
+    force: bool = opt(False, "train even where the predicted peak memory exceeds the memory available (RAM on a "
+                      "CPU, the GPU's on CUDA); every run checks before its first step", group="plan")
     local_rank: int = opt(-1, "set by the distributed launcher", group="training", aliases=("--local-rank",),
                           range=Range(-1))
 
