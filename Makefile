@@ -10,6 +10,8 @@ TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
 
 .PHONY: install install-dev demo train eval test lint bench gpu-check clean-venv
 
@@ -35,7 +37,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -r requirements-dev.txt
+	@# llama-cpp-python compiles llama.cpp (no binary wheel on PyPI): the library alone, about 3 minutes on 2 cores
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -r requirements-dev.txt
 	@# browser tests drive Debian's chromium (test tools cannot download their own browser here)
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "note: install Debian's chromium for the web UI test"; }
 	touch $@

@@ -1,7 +1,7 @@
 """The GGUF exports run in llama.cpp itself (through llama-cpp-python, where it is installed): a
 tuned adapter of the embedded model merged to F16 answers as unift does, its base + the GGUF LoRA answers
 as the merged model does, and the quantized files keep their perplexity on held-out arith records (q8_0
-within 1% of F16, q4_0 and q4_k_m within 10%)."""
+at most 1% above F16, q4_k_m at most 10%, q4_0 at most 20%; unift's own q8_0 is llama.cpp's quantizer's, bit for bit)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,14 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 
 PROMPTS = ["What is 3 plus 3?", "What is 6 plus 6?", "What is 12 plus 30?"]
 NEW_TOKENS = 12
-HELD_OUT = 8  # arith_test records for the perplexities
-QUANT_BOUNDS = {"q8_0": 0.01, "q4_0": 0.10, "q4_k_m": 0.10}  # relative to F16
+HELD_OUT = 32  # arith_test records for the perplexities
+# The most a quantized file's perplexity may rise above F16's (relative). It may also fall: on the embedded
+# model q8_0 measures 1.3-1.7% *below* F16 (llama.cpp's own quantizer gives the same file), so a fall is
+# bounded only loosely, to catch a broken file.
+# q4_0 (one scale per 32 weights, no per-tensor choices) measures +15% on this 135M model in llama.cpp,
+# q4_k_m +4.5%: q4_k_m is the 4-bit file to ship (docs/after_training.md).
+QUANT_BOUNDS = {"q8_0": 0.01, "q4_0": 0.20, "q4_k_m": 0.10}
+QUANT_FALL = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +35,7 @@ def exports(embedded_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from unift.engine.gguf import export_gguf
+    from unift.engine.gguf_quant import QUANTS, quantize_file
     from unift.engine.merge import merge
 
     run = trained_run(embedded_dir)
@@ -38,7 +45,10 @@ def exports(embedded_dir, tmp_path_factory):
     files = {"f16": merged / "model.gguf"}
     for quant in QUANT_BOUNDS:
         files[quant] = export_gguf(merged, model, path=work / f"{quant}.gguf", quant=quant)
+    f32 = export_gguf(merged, model, path=work / "f32.gguf", quant="f32")
     del model
+    files["q8_0 by llama.cpp"] = work / "q8_0-llama-cpp.gguf"
+    quantize_file(f32, files["q8_0 by llama.cpp"], QUANTS["q8_0"])
     lora = merge(str(run), str(work / "lora"), export="gguf-lora", quant="f16")
     return {"run": run, "merged": merged, "files": files, "lora": lora}
 
@@ -156,5 +166,40 @@ def test_quantized_perplexity_stays_near_f16(exports, unift_answers, capsys):
         print("\nllama.cpp perplexity on", HELD_OUT, "arith_test records:", json.dumps(
             {k: round(v, 4) for k, v in figures.items()}))
     for quant, bound in QUANT_BOUNDS.items():
-        assert abs(figures[quant] / figures["f16"] - 1) <= bound, (quant, figures)
+        assert -QUANT_FALL <= figures[quant] / figures["f16"] - 1 <= bound, (quant, figures)
     assert figures["q4_0"] != figures["f16"]  # the files really differ
+    # the gguf package's q8_0 blocks are llama.cpp's: the same perplexity to rounding
+    assert figures["q8_0"] == pytest.approx(figures["q8_0 by llama.cpp"], rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "internlm"])
+def test_tiny_families_base_and_lora_in_llama_cpp(tiny_model, tmp_path, family):
+    """Every family unift writes: llama.cpp's logits from base.gguf equal the HF base's, and with adapter.gguf
+    the merged model's (F32 files; llama.cpp's own arithmetic differs by ~1e-2, the adapter moves them by ~5)."""
+    import numpy as np
+    import torch
+    from after_training_helpers import run_folder
+    from transformers import AutoModelForCausalLM
+
+    from unift.engine.merge import merge
+
+    run = run_folder(tiny_model(family), tmp_path / "run", "lora", model_type=family)
+    lora = merge(str(run), str(tmp_path / "lora"), export="gguf-lora")
+    merged = merge(str(run), str(tmp_path / "merged"), check=False)
+    ids = list(range(300, 340))
+
+    def hf(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+    def cpp(*files):
+        llm = llama_cpp.Llama(model_path=str(files[0]), lora_path=str(files[1]) if len(files) > 1 else None,
+                              n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+
+    base, tuned = hf(tiny_model(family)), hf(merged)
+    assert np.abs(cpp(lora / "base.gguf") - base).max() < 0.05
+    assert np.abs(cpp(lora / "base.gguf", lora / "adapter.gguf") - tuned).max() < 0.05
+    assert np.abs(tuned - base).max() > 1.0
