@@ -152,6 +152,7 @@ def test_preset_names_written_for_the_flags_are_the_engine_presets():
 def test_every_method_file_registers_methods_that_bring_their_flags():
     from unift.peft import METHODS, method_flag_fields
     from unift.train.args import RunArgs, TrainArgs
+    from unift.train.stages import stage_flag_fields
 
     registered = {m.name: m for m in METHODS.values()}
     by_file: dict[str, list[str]] = {}
@@ -161,10 +162,26 @@ def test_every_method_file_registers_methods_that_bring_their_flags():
     assert set(by_file) == files  # every method file registers something, every method lives in one
     general = {f.name for f in dataclasses.fields(RunArgs)}
     method_flags = {f.name for f in method_flag_fields()}
-    assert not general & method_flags  # a flag is either general or a method's, never both
-    assert {f.name for f in dataclasses.fields(TrainArgs)} == general | method_flags
+    stage_flags = {f.name for f in stage_flag_fields()}
+    # a flag is general, a stage's or a method's, never two of them
+    assert not general & method_flags and not general & stage_flags and not stage_flags & method_flags
+    assert {f.name for f in dataclasses.fields(TrainArgs)} == general | method_flags | stage_flags
     for spec in registered.values():
         assert spec.flags is None or set(spec.options) >= {f.name for f in dataclasses.fields(spec.flags)}
+
+
+def test_every_stage_file_registers_one_stage_that_brings_its_flags():
+    """A stage is one file under unift/train/stages/ (besides the registry and what stages share): it
+    registers exactly one StageSpec, whose flags `unift train` offers and no other stage defines."""
+    from unift.train.stages import STAGES
+
+    folder = PACKAGE / "train" / "stages"
+    files = {m.name for m in pkgutil.iter_modules([str(folder)])} - {"registry", "shared", "__main__"}
+    assert files == set(STAGES)  # one file per stage, named after it
+    for name in files:
+        assert (folder / f"{name}.py").read_text(encoding="utf-8").count("register_stage(StageSpec(") == 1, name
+    orders = [s.order for s in STAGES.values()]
+    assert orders == sorted(set(orders))  # listed in their order, no two in one place
 
 
 @pytest.mark.parametrize("name", sorted(m for m in modules() if m.startswith("unift.compat")))

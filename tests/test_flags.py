@@ -29,11 +29,14 @@ def all_options_classes() -> set[type]:
         module = command_module(name)
         actions = getattr(module, "SUBCOMMANDS", None)
         roots += [o for o, _, _, _ in actions.values()] if actions else [module.OPTIONS]
-    roots += [m.flags for m in METHODS.values() if m.flags]
+    from unift.train.stages import STAGES
+
+    roots += [m.flags for m in METHODS.values() if m.flags] + [s.flags for s in STAGES.values() if s.flags]
     found: set[type] = set()
     for root in roots:
         found |= {c for c in root.__mro__ if dataclasses.is_dataclass(c)}
-    return found | set(Options.__subclasses__())
+    # Options subclasses other tests define inside a function are theirs, not the product's
+    return found | {c for c in Options.__subclasses__() if "<locals>" not in c.__qualname__}
 
 
 def definitions(classes: set[type]) -> dict[str, dict[str, set[str]]]:

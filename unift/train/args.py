@@ -1,5 +1,6 @@
-"""`unift train`'s arguments: the general flags (RunArgs) plus every PEFT method's own flags, gathered from
-the method registry (a new method brings its flags with it; nothing here changes). The CLI, the --config
+"""`unift train`'s arguments: the general flags (RunArgs) plus every stage's and every PEFT method's own
+flags, gathered from their registries (a new stage or method brings its flags with it; nothing here
+changes). The CLI, the --config
 YAML, experiment files and the run card's `arguments` all use these field names."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from unift.train.optim import (
 )
 from unift.train.parent import adopt_parent
 from unift.train.progress import check_report_to
-from unift.train.stages import DPO_LOSSES, GRPO_LOSSES, apply_stage_optimizer, check_stage
+from unift.train.stages import apply_stage_optimizer, check_stage, stage_flag_fields
 
 
 def _check_peft_type(value: str) -> str:
@@ -75,33 +76,6 @@ class RunArgs(ConfigFlags, ModelFlags):
     stage: str = opt("sft", "what to train: sft (supervised), dpo, orpo, simpo (preference pairs), kto (answers "
                      "labelled good or bad), rm (a reward model over pairs), grpo (rewards on sampled answers); "
                      "docs/stages.md", group="stage", check=_check_stage)
-    pref_beta: float | None = opt(None, "the preference loss's beta (default: dpo 0.1, orpo 0.1 (its lambda), "
-                                  "simpo 2.0, kto 0.1; grpo: the KL weight, 0 = no reference)", group="stage",
-                                  range=NON_NEGATIVE)
-    pref_loss: str = opt("sigmoid", "--stage dpo's loss, one of TRL's: sigmoid (DPO), ipo, hinge, robust, "
-                         "sigmoid_norm, ...", group="stage", choices=DPO_LOSSES)
-    simpo_gamma: float = opt(0.5, "--stage simpo's target reward margin", group="stage", range=NON_NEGATIVE)
-    kto_desirable_weight: float = opt(1.0, "--stage kto's weight of desirable answers", group="stage",
-                                      range=POSITIVE)
-    kto_undesirable_weight: float = opt(1.0, "--stage kto's weight of undesirable answers", group="stage",
-                                        range=POSITIVE)
-    ref_model: str | None = opt(None, "dpo, kto: a separate reference model, a model or run folder (default: the "
-                                "base with the adapter switched off, no second copy in memory)", group="stage")
-    reward_funcs: list[str] = opt(["exact_answer"], "grpo: the rewards, built-in (exact_answer, format, length), "
-                                  "FILE.py:FUNCTION, or a --stage rm run folder; several are summed (see "
-                                  "--reward_weights); docs/stages.md", group="stage", nargs="+")
-    reward_weights: list[float] | None = opt(None, "grpo: one weight ≥ 0 per --reward_funcs entry (default: 1 each); "
-                                             "a penalty is a reward that returns negative numbers", group="stage",
-                                             range=NON_NEGATIVE)
-    num_generations: int = opt(4, "grpo: completions sampled per prompt (the group each is compared with)",
-                               group="stage", range=POSITIVE_INT)
-    max_completion_length: int = opt(128, "grpo: most tokens per sampled completion", group="stage",
-                                     range=POSITIVE_INT)
-    temperature: float = like(DecodingFlags, "temperature", 1.0)  # grpo samples; 1.0 is TRL's
-    loss_type: str = opt("dapo", "grpo: TRL's loss: dapo (tokens of the whole batch), grpo (per-sequence mean), "
-                         "dr_grpo, bnpo, cispo, sapo", group="stage", choices=GRPO_LOSSES)
-    scale_rewards: str = opt("group", "grpo: divide advantages by the reward spread of the group, the batch, or "
-                             "none (Dr. GRPO)", group="stage", choices=("group", "batch", "none"))
     # data
     data: list[str] = like(DataFlags, "data", ["arith"])  # the bundled task: a run with no flags trains
     dataset_dir: str | None = like(DataFlags, "dataset_dir")
@@ -217,7 +191,7 @@ class RunArgs(ConfigFlags, ModelFlags):
         # Cross-field checks between --model_type, --peft_type and the method flags, when the arguments are
         # built: `unift train` refuses an unsupported pair or an ignored flag before loading anything.
         adopt_parent(self)  # --adapter_dir: the folder's method, base and template, before anything reads them
-        defaults = {f.name: default_of(f) for f in dataclasses.fields(RunArgs)}
+        defaults = {f.name: default_of(f) for f in dataclasses.fields(self)}
         apply_stage_optimizer(self, defaults)  # e.g. --stage grpo trains with SGD unless --optim is given
         check_ranges(self)
         check_choices(self)
@@ -234,9 +208,10 @@ class RunArgs(ConfigFlags, ModelFlags):
 
 def _compose() -> type:
     fields = [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
-                                                metadata=f.metadata)) for f in method_flag_fields()]
+                                                metadata=f.metadata))
+              for f in [*stage_flag_fields(), *method_flag_fields()]]
     return dataclasses.make_dataclass("TrainArgs", fields, bases=(RunArgs,), namespace={"__module__": __name__})
 
 
-# RunArgs plus every method's flags: what `unift train` parses and `train()` takes.
+# RunArgs plus every stage's and every method's flags: what `unift train` parses and `train()` takes.
 TrainArgs: type[RunArgs] = _compose()

@@ -1,5 +1,6 @@
-"""The preference stages' trainers (the registry is unift.train.stages): TRL's DPOTrainer, KTOTrainer and
-RewardTrainer with unift's hooks mixed in, on rows unift tokenized itself (unift.data.preference)."""
+"""The preference stages' trainers (dpo, orpo, simpo, kto, rm in unift.train.stages): TRL's DPOTrainer,
+KTOTrainer and RewardTrainer with unift's hooks mixed in, on rows unift tokenized itself
+(unift.data.preference)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import copy
 import warnings
 from typing import Any
 
-from unift.train.stages import StageSpec
+from unift.train.stages.registry import StageSpec
 
 
 class PreferenceHooks:
     """Mixed into TRL's trainers: unift's rows are already tokenized, the reference is the base model, and
-    orpo/simpo compute their loss on DPOTrainer's batches."""
+    orpo/simpo compute their loss (StageSpec.pair_loss) on DPOTrainer's batches."""
 
     stage: StageSpec
     simpo_gamma: float = 0.5
@@ -50,17 +51,9 @@ class PreferenceHooks:
         per_token = outputs.log_probs[:, -shift.size(1):]  # prompt-learning methods prepend virtual tokens
         sums, counts = (per_token * shift).sum(1), shift.sum(1).clamp(min=1)
         chosen, rejected = (sums / counts).chunk(2)
-        if self.stage.name == "orpo":
-            from trl.experimental.orpo import ORPOTrainer
-
-            ratio, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(self, chosen, rejected)
-            chosen_sums, chosen_counts = sums.chunk(2)[0], counts.chunk(2)[0]
-            loss = -(chosen_sums.sum() / chosen_counts.sum()) - ratio.mean()  # chosen NLL minus the odds term
-        else:
-            from trl.experimental.cpo import CPOTrainer
-
-            losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(self, chosen, rejected)
-            loss = losses.mean()
+        chosen_sums, chosen_counts = sums.chunk(2)[0], counts.chunk(2)[0]
+        loss, chosen_rewards, rejected_rewards = self.stage.pair_loss(self, chosen, rejected, chosen_sums,
+                                                                      chosen_counts)
         gather = self.accelerator.gather
         metrics = self._metrics[mode]
         metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
@@ -72,23 +65,23 @@ class PreferenceHooks:
 
 
 def _trainer_class(stage: StageSpec) -> type:
-    from trl import DPOTrainer, KTOTrainer, RewardTrainer
+    import trl
 
     from unift.train.checkpoints import AtomicCheckpoints
     from unift.train.hooks import UniftHooks
 
-    base = RewardTrainer if stage.reward else KTOTrainer if stage.kind == "unpaired" else DPOTrainer
+    base = getattr(trl, stage.trl_trainer)
     return type(f"Unift{stage.name.upper()}Trainer", (PreferenceHooks, UniftHooks, AtomicCheckpoints, base),
                 {"stage": stage, "__module__": __name__})
 
 
 def _config(stage: StageSpec, settings: dict, args: Any, multiple: int):
-    from trl import DPOConfig, KTOConfig, RewardConfig
+    import trl
 
+    config = getattr(trl, stage.trl_trainer.replace("Trainer", "Config"))
     if stage.reward:
-        return RewardConfig(**settings, max_length=None, dataset_num_proc=None,
+        return config(**settings, max_length=None, dataset_num_proc=None,
                             pad_to_multiple_of=multiple if multiple > 1 else None)
-    config = KTOConfig if stage.kind == "unpaired" else DPOConfig
     # unift tokenized and cut the rows already (--cutoff_len); TRL must not cut them again. Without a
     # reference, "precomputed" reference log-probs keep TRL from loading a reference model (see
     # PreferenceHooks._precompute_ref_logps: nothing is computed).
@@ -135,9 +128,8 @@ def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict,
             processing_class=ready["tokenizer"], callbacks=callbacks, method=ready["method"],
             **({} if stage.reward else {"ref_model": reference}),
         )
-    if not stage.reference:  # what CPOTrainer.cpo_loss reads
-        trainer.loss_type, trainer.simpo_gamma, trainer.label_smoothing, trainer.alpha = \
-            "simpo", args.simpo_gamma, 0.0, 0.0  # alpha 0: no AlphaPO reward transform
+    if stage.configure is not None:
+        stage.configure(trainer, args)
     if adapter and not args.adapter_dir:  # with --adapter_dir, TRL's copy of it is the reference
         compat.trl_stages.drop_reference_adapter(model)
     if stage.reward and ready["plan"].compute == "fp32":

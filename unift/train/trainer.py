@@ -9,7 +9,6 @@ from transformers import Trainer
 
 from unift.models.runcard import RunCard
 from unift.runtime import world_size
-from unift.train.args import TrainArgs
 from unift.train.checkpoints import AtomicCheckpoints
 from unift.train.engines import deepspeed_setting
 from unift.train.hooks import UniftHooks
@@ -21,11 +20,21 @@ class UniftTrainer(UniftHooks, AtomicCheckpoints, Trainer):
     """Supervised fine-tuning."""
 
 
-def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card: RunCard,
+def supervised_trainer(settings: dict, ready: dict[str, Any], model, callbacks: list | None) -> UniftTrainer:
+    """--stage sft's trainer (unift.train.stages.sft)."""
+    from transformers import TrainingArguments
+
+    return UniftTrainer(
+        model=model, args=TrainingArguments(**settings), train_dataset=ready["train"],
+        eval_dataset=ready["val"] or None, data_collator=ready["collator"], processing_class=ready["tokenizer"],
+        callbacks=callbacks, method=ready["method"],
+    )
+
+
+def build_trainer(args: Any, ready: dict[str, Any], model, collator, card: RunCard,
                   callbacks: list | None = None):
     """The Trainer for a run: TrainingArguments from the flags, unift's progress line instead of tqdm's,
     and the run card written into every checkpoint before it appears."""
-    from transformers import TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
     device = ready["device"]
@@ -71,20 +80,7 @@ def build_trainer(args: TrainArgs, ready: dict[str, Any], model, collator, card:
         logging_first_step=True,
     )
     stage = ready["stage"]
-    if stage.kind == "sft":
-        trainer = UniftTrainer(
-            model=model, args=TrainingArguments(**settings), train_dataset=ready["train"],
-            eval_dataset=ready["val"] or None, data_collator=collator, processing_class=ready["tokenizer"],
-            callbacks=callbacks, method=ready["method"],
-        )
-    elif stage.kind == "prompts":
-        from unift.train.grpo import grpo_trainer
-
-        trainer = grpo_trainer(stage, args, settings, ready, model, callbacks)
-    else:
-        from unift.train.preference import preference_trainer
-
-        trainer = preference_trainer(stage, args, settings, ready, model, callbacks)
+    trainer = stage.build(stage, args, settings, {**ready, "collator": collator}, model, callbacks)
     if optim == "badam":
         from unift.train.badam import badam_optimizer
 
