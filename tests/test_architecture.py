@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
+import inspect
 import pkgutil
 from pathlib import Path
 
@@ -182,6 +184,50 @@ def test_every_stage_file_registers_one_stage_that_brings_its_flags():
         assert (folder / f"{name}.py").read_text(encoding="utf-8").count("register_stage(StageSpec(") == 1, name
     orders = [s.order for s in STAGES.values()]
     assert orders == sorted(set(orders))  # listed in their order, no two in one place
+
+
+# Private methods of another library that a class outside unift.compat may define, and why
+PRIVATE_OVERRIDES_ALLOWED: dict[str, str] = {
+    # peft's BaseTuner is an extension point: a custom tuner (unift's bottleneck adapters) implements these
+    "unift.peft.bottleneck.BottleneckModel._prepare_adapter_config": "peft's tuner interface",
+    "unift.peft.bottleneck.BottleneckModel._check_merge_allowed": "peft's tuner interface",
+    "unift.peft.bottleneck.BottleneckModel._unload_and_optionally_merge": "peft's tuner interface",
+}
+
+
+def private_overrides() -> list[str]:
+    """module.Class.method for each single-underscore method a unift class outside compat defines that an
+    upstream class also has: one in the class's own bases, or (for unift.train's mixins) the trainers unift
+    mixes its hooks into."""
+    import transformers
+    import trl
+
+    mixed_into = [transformers.Trainer, trl.DPOTrainer, trl.KTOTrainer, trl.RewardTrainer, trl.GRPOTrainer]
+    found = []
+    for name in sorted(modules()):
+        if name.startswith("unift.compat") or name.endswith("__main__"):
+            continue
+        module = importlib.import_module(name)
+        for cls in vars(module).values():
+            if not isinstance(cls, type) or cls.__module__ != name:
+                continue
+            upstream = [c for c in cls.__mro__ if not c.__module__.startswith("unift")]
+            upstream += mixed_into if name.startswith("unift.train") else []
+            for attr, value in vars(cls).items():
+                if not attr.startswith("_") or attr.startswith("__") or not inspect.isfunction(getattr(value, "__func__", value)):
+                    continue
+                for base in upstream:
+                    method = getattr(base, attr, None)
+                    if method is not None and not getattr(method, "__isabstractmethod__", False):
+                        found.append(f"{name}.{cls.__qualname__}.{attr}")
+                        break
+    return found
+
+
+def test_private_methods_of_other_libraries_are_overridden_only_in_compat():
+    """An override of another library's private method breaks silently when that library changes; in
+    unift.compat each has a test in tests/test_compat.py that fails first."""
+    assert sorted(set(private_overrides()) - set(PRIVATE_OVERRIDES_ALLOWED)) == []
 
 
 @pytest.mark.parametrize("name", sorted(m for m in modules() if m.startswith("unift.compat")))

@@ -358,10 +358,10 @@ def test_upstream_transformers_prints_wandb_offline_to_stdout_and_quiet_sends_it
     assert "Running in WANDB offline mode" not in quiet.stdout and "Running in WANDB offline mode" in quiet.stderr
 
 
-# ---- transformers Trainer private methods overridden by unift.train.checkpoints.AtomicCheckpoints ---------
+# ---- trainer_checkpoints: transformers Trainer private methods that staged checkpoints override ------------
 
 def test_upstream_trainer_private_methods_the_checkpoint_mixin_overrides():
-    """AtomicCheckpoints stages checkpoints by overriding `_get_output_dir(trial)`, which
+    """CheckpointOverrides stages checkpoints by overriding `_get_output_dir(trial)`, which
     `_save_checkpoint(model, trial)` must call. Fails when transformers changes either."""
     from transformers import Trainer
 
@@ -384,6 +384,48 @@ def test_checkpoint_mixin_redirects_the_output_dir():
     assert trainer._get_output_dir(None) == "/run"
     trainer._staging = True
     assert trainer._get_output_dir(None) == f"/run/{STAGING}"
+
+
+# ---- trl_preference, trl_grpo: TRL trainers' private methods the stages override ---------------------------
+
+@pytest.mark.parametrize(("trainer", "method", "parameters"), [
+    ("DPOTrainer", "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
+    ("KTOTrainer", "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
+    ("RewardTrainer", "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
+    ("DPOTrainer", "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
+    ("KTOTrainer", "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
+    ("DPOTrainer", "_compute_loss", ["self", "model", "inputs", "return_outputs"]),
+    ("KTOTrainer", "_compute_loss", ["self", "model", "inputs", "return_outputs"]),
+    ("GRPOTrainer", "_tokenize_prompts", ["self", "prompts"]),
+    ("GRPOTrainer", "_prepare_inputs", ["self", "generation_batch"]),
+])
+def test_upstream_trl_private_methods_the_stages_override(trainer, method, parameters):
+    """Fails when TRL renames one of the private methods unift.compat.trl_preference and trl_grpo override,
+    or changes its parameters."""
+    import trl
+
+    assert list(inspect.signature(getattr(getattr(trl, trainer), method)).parameters) == parameters
+
+
+def test_upstream_trl_tokenizes_prompts_in_one_place():
+    """GRPOOverrides hands TRL unift's prompt ids by answering `_tokenize_prompts`: TRL must still call it
+    for the prompts it generates from, and read (ids, images, extra fields) back."""
+    from trl import GRPOTrainer
+
+    source = inspect.getsource(GRPOTrainer._generate)
+    assert "self._tokenize_prompts(prompts)" in source
+
+
+# ---- badam_blocks: the badam package's private block order -------------------------------------------------
+
+def test_upstream_badam_block_order_and_single_process_step():
+    """BlockAdam replaces `_update_active_block_idx()` (the next block in random order) and steps with
+    `step_single_gpu`; fails when the badam package renames either or stops calling the first on a switch."""
+    from badam import BlockOptimizer
+
+    assert list(inspect.signature(BlockOptimizer._update_active_block_idx).parameters) == ["self"]
+    assert "step_single_gpu" in vars(BlockOptimizer)
+    assert "self._update_active_block_idx()" in inspect.getsource(BlockOptimizer.switch_trainable_params)
 
 
 # ---- deepspeed_cpu: no C++ op compiled when DeepSpeed runs on a CPU --------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unift.compat.trainer_checkpoints import CheckpointOverrides
 from unift.errors import UniftError
 
 # Inside the run folder; transformers' get_last_checkpoint only matches `checkpoint-<digits>`, so a
@@ -55,16 +56,12 @@ def publish(staged: Path, final: Path) -> None:
         os.replace(staged, final)
 
 
-class AtomicCheckpoints:
+class AtomicCheckpoints(CheckpointOverrides):
     """Trainer mixin: the Trainer writes each checkpoint into <run>/.staging/checkpoint-N (model, optimizer,
     scheduler, every rank's RNG state, trainer state); once all ranks are done, `before_publish` hooks run
-    (the run card) and the folder is renamed to <run>/checkpoint-N, then old ones are rotated away.
-
-    It overrides two private methods of transformers' Trainer (written against transformers 5.24.0):
-    `_save_checkpoint(model, trial)`, which writes into `self._get_output_dir(trial)`, and
-    `_get_output_dir(trial)`. Private API, but only unift's own Trainer subclass sees it (no patch of
-    transformers itself, so it stays here rather than in unift.compat); tests/test_compat.py fails when
-    those signatures or that call change."""
+    (the run card) and the folder is renamed to <run>/checkpoint-N, then old ones are rotated away. The
+    Trainer's private methods this needs are overridden in unift.compat.trainer_checkpoints, which calls
+    `checkpoint_dir` and `save_checkpoint` here."""
 
     _staging = False
     before_publish: list[Callable[[Path], None]]
@@ -72,18 +69,19 @@ class AtomicCheckpoints:
     # holds only shards (FSDP) adds the whole adapter there, so every checkpoint loads in plain peft.
     save_whole: Callable[[Path], None] | None = None
 
-    def _get_output_dir(self, trial: Any) -> str:
-        run_dir = super()._get_output_dir(trial)  # type: ignore[misc]
+    def checkpoint_dir(self, run_dir: str) -> str:
+        """Where the Trainer writes checkpoints now: the staging folder while one is being saved."""
         return os.path.join(run_dir, STAGING) if self._staging else run_dir
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def save_checkpoint(self, model: Any, trial: Any, run_dir: str, write: Callable[[], None]) -> None:
+        """Stage the checkpoint the Trainer writes (`write()`), then publish it whole."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        run_dir = Path(self._get_output_dir(trial))
+        run_dir = Path(run_dir)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"  # type: ignore[attr-defined]
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            write()
         except OSError as err:  # a disk that filled up during the run, a folder that went away
             shutil.rmtree(run_dir / STAGING / name, ignore_errors=True)
             from transformers.trainer_utils import get_last_checkpoint

@@ -68,38 +68,14 @@ def check(args: Any) -> None:
                          f"completions and must be a multiple of --num_generations ({args.num_generations})")
 
 
-class GRPOHooks:
-    """Mixed into TRL's GRPOTrainer: prompts as unift encoded them, tokens counted after generation."""
-
-    stage: StageSpec
-    prompt_ids: dict[str, list[int]]
-
-    def _tokenize_prompts(self, prompts: list):
-        # unift's own ids for the rendered prompts (BOS and piece boundaries as in supervised training);
-        # anything else (conversational prompts from a caller) goes through TRL's own tokenization
-        if prompts and all(isinstance(p, str) and p in self.prompt_ids for p in prompts):
-            return [list(self.prompt_ids[p]) for p in prompts], None, {}
-        return super()._tokenize_prompts(prompts)
-
-    def _prepare_inputs(self, generation_batch):
-        # Sampling runs on the model unwrapped from accelerate's mixed-precision forward: under the bf16
-        # plan the frozen base is bf16 and the adapter fp32, which only autocast reconciles
-        with self.accelerator.autocast():
-            inputs = super()._prepare_inputs(generation_batch)
-        if self.model.training and isinstance(inputs, dict) and "completion_mask" in inputs:
-            trained = int(inputs["completion_mask"].sum())
-            self.tokens_seen += int(inputs["prompt_mask"].sum()) + trained
-            self.tokens_trained += trained
-        return inputs
-
-
 def _trainer_class(stage: StageSpec) -> type:
     from trl import GRPOTrainer
 
+    from unift.compat.trl_grpo import GRPOOverrides
     from unift.train.checkpoints import AtomicCheckpoints
     from unift.train.hooks import UniftHooks
 
-    return type("UniftGRPOTrainer", (GRPOHooks, UniftHooks, AtomicCheckpoints, GRPOTrainer),
+    return type("UniftGRPOTrainer", (GRPOOverrides, UniftHooks, AtomicCheckpoints, GRPOTrainer),
                 {"stage": stage, "__module__": __name__})
 
 
