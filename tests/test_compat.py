@@ -370,6 +370,22 @@ def test_upstream_trainer_private_methods_the_checkpoint_mixin_overrides():
     assert "self._get_output_dir(trial" in inspect.getsource(Trainer._save_checkpoint)
 
 
+def test_upstream_trainer_private_methods_the_neutral_resume_overrides():
+    """unift.compat.trainer_resume.ResumeOverrides skips the engine's own loading by calling `_prepare_for_training`
+    without the checkpoint (which must then load nothing) and replaces `_load_from_checkpoint` and
+    `_load_rng_state`. Fails when transformers changes those signatures or where the engine's state loads."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._prepare_for_training).parameters) == [
+        "self", "max_steps", "train_dataloader", "resume_from_checkpoint"]
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == [
+        "self", "resume_from_checkpoint", "model"]
+    assert list(inspect.signature(Trainer._load_rng_state).parameters) == ["self", "checkpoint"]
+    source = inspect.getsource(Trainer._prepare_for_training)
+    assert "if resume_from_checkpoint is not None:" in source and "deepspeed_load_checkpoint(" in source
+    assert "self._load_optimizer_and_scheduler(resume_from_checkpoint)" in source
+
+
 def test_checkpoint_mixin_redirects_the_output_dir():
     from unift.train.checkpoints import STAGING, AtomicCheckpoints
 

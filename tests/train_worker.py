@@ -71,7 +71,11 @@ class Recorder(TrainerCallback):
         model.register_forward_pre_hook(see, with_kwargs=True)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        params = torch.cat([p.detach().float().flatten() for p in model.parameters() if p.requires_grad])
+        from torch.distributed.tensor import DTensor
+
+        # FSDP2's parameters are DTensors: recorded whole (a collective, every rank records every step)
+        params = torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().float().flatten()
+                            for p in model.parameters() if p.requires_grad])
         self.steps.append({"step": state.global_step, "examples": self.batch, "params": params.clone()})
         self.batch = []
 

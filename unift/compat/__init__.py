@@ -9,6 +9,10 @@ named for what it patches, each applied by an explicit call; importing a unift m
   `peft_types` (unift's bottleneck plugin), `quiet` (the CLI's logging set-up), `deepspeed_cpu` and
   `accelerate_fsdp` (DeepSpeed and FSDP runs without an accelerator), `trl_stages` (the preference stages'
   reference model).
+- mixins that override private methods of other libraries' classes, each handing over to public methods of
+  the unift class that uses it: `trainer_checkpoints` (staged checkpoints), `trainer_resume` (resuming
+  under another engine or world size), `trl_preference` and `trl_grpo` (TRL's trainers on unift's rows),
+  `badam_blocks` (the badam package's block order; imported where used, it imports badam).
 
 This package imports no other unift module but unift.errors: everything else calls into it.
 """
@@ -24,6 +28,10 @@ from unift.compat import (
     peft_adapters,
     peft_types,
     quiet,
+    trainer_checkpoints,
+    trainer_resume,
+    trl_grpo,
+    trl_preference,
     trl_stages,
 )
 
@@ -34,4 +42,5 @@ def apply() -> None:
     generation_cache.apply()
 
 
-__all__ = ["accelerate_fsdp", "apply", "bitsandbytes", "deepspeed_cpu", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet", "trl_stages"]
+__all__ = ["accelerate_fsdp", "apply", "bitsandbytes", "deepspeed_cpu", "generation_cache", "keep_out", "peft_adapters", "peft_types", "quiet",
+           "trainer_checkpoints", "trainer_resume", "trl_grpo", "trl_preference", "trl_stages"]

@@ -14,6 +14,7 @@ from typing import Any
 
 from unift.compat.trainer_checkpoints import CheckpointOverrides
 from unift.errors import UniftError
+from unift.train.resume import NeutralResume, save_neutral
 
 # Inside the run folder; transformers' get_last_checkpoint only matches `checkpoint-<digits>`, so a
 # half-written checkpoint left here by a kill is never picked for a resume.
@@ -39,8 +40,9 @@ def check_output_dir(path: str | Path, need_bytes: int = 0, flag: str = "--outpu
 
 def checkpoint_bytes(trainable: int, keep: int) -> int:
     """What the run folder needs: `keep` checkpoints (+1 being written), each the fp32 adapter plus AdamW's
-    two moments (12 bytes a trainable parameter), the final adapter, and 16 MiB for tokenizer and logs."""
-    per_checkpoint = 12 * trainable
+    two moments (12 bytes a trainable parameter) twice (the engine's own and the engine-neutral copy), the
+    final adapter, and 16 MiB for tokenizer and logs."""
+    per_checkpoint = 24 * trainable
     return per_checkpoint * (max(1, keep) + 1) + 4 * trainable + 16 * 2**20
 
 
@@ -56,11 +58,12 @@ def publish(staged: Path, final: Path) -> None:
         os.replace(staged, final)
 
 
-class AtomicCheckpoints(CheckpointOverrides):
+class AtomicCheckpoints(NeutralResume, CheckpointOverrides):
     """Trainer mixin: the Trainer writes each checkpoint into <run>/.staging/checkpoint-N (model, optimizer,
-    scheduler, every rank's RNG state, trainer state); once all ranks are done, `before_publish` hooks run
-    (the run card) and the folder is renamed to <run>/checkpoint-N, then old ones are rotated away. The
-    Trainer's private methods this needs are overridden in unift.compat.trainer_checkpoints, which calls
+    scheduler, every rank's RNG state, trainer state, and the engine-neutral state that lets another engine or
+    world size resume it: unift.train.resume); once all ranks are done, `before_publish` hooks run (the run
+    card) and the folder is renamed to <run>/checkpoint-N, then old ones are rotated away. The Trainer's
+    private methods this needs are overridden in unift.compat.trainer_checkpoints, which calls
     `checkpoint_dir` and `save_checkpoint` here."""
 
     _staging = False
@@ -93,6 +96,7 @@ class AtomicCheckpoints(CheckpointOverrides):
             self._staging = False
         if self.save_whole is not None:
             self.save_whole(run_dir / STAGING / name)
+        save_neutral(self, run_dir / STAGING / name)  # every rank: sharded engines gather the state whole
         args = self.args  # type: ignore[attr-defined]
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank wrote its RNG state
         staged = run_dir / STAGING / name

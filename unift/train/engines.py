@@ -145,13 +145,16 @@ def node_count() -> int:
     return max(1, world_size() // int(per_node)) if per_node.isdigit() and int(per_node) > 0 else 1
 
 
-def scaling_record(args: Any) -> dict[str, Any]:
+def scaling_record(trainer: Any, resumed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine, world size, node count and every process's resident memory in MiB, by rank: its peak
-    (reached while the whole model loads) and what it holds after training (the engine's sharded share). A
-    collective under torch.distributed, so every rank calls it."""
+    (reached while the whole model loads) and what it holds after training (the engine's sharded share). The
+    engine and world size are what the Trainer's accelerator ran, not what the flags or the launcher's
+    environment asked for. `resumed`: the checkpoint the run continued from and how. A collective under
+    torch.distributed, so every rank calls it."""
     import torch.distributed as dist
 
     from unift.runtime import peak_rss_mib, rss_mib
+    from unift.train.resume import live_engine
 
     now = rss_mib()
     mine = (round(peak_rss_mib(), 1), None if now is None else round(now, 1))
@@ -159,5 +162,14 @@ def scaling_record(args: Any) -> dict[str, Any]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
-    return {"engine": engine(args), "world_size": world_size(), "nodes": node_count(),
-            "peak_rss_mib": [peak for peak, _ in every], "rss_mib_after_training": [now for _, now in every]}
+    key, world = live_engine(trainer)
+    args = trainer.args
+    record = {"engine": "deepspeed" if key.startswith("zero") else key, "world_size": world, "nodes": node_count(),
+              "gradient_accumulation_steps": args.gradient_accumulation_steps,
+              "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+              "peak_rss_mib": [peak for peak, _ in every], "rss_mib_after_training": [now for _, now in every]}
+    if key.startswith("zero"):
+        record["zero_stage"] = int(key[len("zero"):])
+    if resumed:
+        record["resumed_from"] = resumed
+    return record

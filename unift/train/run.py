@@ -56,6 +56,7 @@ from unift.train.engines import (
 from unift.train.parent import parent_record
 from unift.train.plan import check_memory
 from unift.train.progress import LOSS_PLOT, plot_losses, reward_history
+from unift.train.resume import check_shapes, plan_resume, prepare_resume
 from unift.train.scaling import check_engine, describe_batch, sharded_quantized_storage
 from unift.train.stages import get_stage, stage_levers
 from unift.train.trainer import build_trainer
@@ -136,6 +137,8 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
     elif args.release_memory and not release_freed_memory():
         log.warning("warning: --release_memory needs glibc's malloc; this C library's keeps freed memory")
     resume = resolve_resume(args)
+    # Before anything counts steps or batches: a checkpoint keeps its global batch (the accumulation adjusts)
+    resuming = plan_resume(args, resume) if resume else None
     device = training_device(args.device)  # a device the machine lacks fails before any work is done
     ready = prepare(args)
     spec, method = ready["spec"], ready["method"]
@@ -157,6 +160,8 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
     # --adapter_dir: its adapter trains further (a full/freeze run folder was loaded as the model itself)
     parent_adapter = args.adapter_dir if args.adapter_dir and not method.holds_model else None
     model = wrap_model(model, method, options, spec, reward=ready["stage"].reward, adapter_dir=parent_adapter)
+    if resuming is not None:
+        check_shapes(resuming, model)  # another --lora_r or other targets: one line, before anything is logged
     accel = prepare_training(model, spec, method, wanted, device=device.split(":")[0],
                              compute=plan.compute_dtype, padding_free_asked=args.padding_free,
                              attention_asked=args.attn_implementation)
@@ -207,6 +212,7 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
     stop = StopOnSignal()
     trainer = build_trainer(args, ready, model, collator, card, [stop.callback(), *(callbacks or [])])
     prepare_engine(trainer, model)
+    prepare_resume(trainer, model, resuming)  # another engine or world size: the weights from the neutral state
     started = time.perf_counter()
     stop.install()
     try:
@@ -227,7 +233,7 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
         return TrainResult(out, model, {})
     metrics: dict[str, Any] = {}
     save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first (full: the model)
-    card.scaling = scaling_record(args)  # every rank: gathers each process's peak memory
+    card.scaling = scaling_record(trainer, resuming.record() if resuming else None)  # every rank: gathers memory
     if trainer.is_world_process_zero():
         ready["tokenizer"].save_pretrained(out)
         card.save(out)
@@ -248,8 +254,7 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             "trainable_parameters": trainable,
             "total_parameters": total,
-            "world_size": world_size(),
-            **{key: card.scaling[key] for key in ("engine", "nodes")},
+            **{key: card.scaling[key] for key in ("engine", "world_size", "nodes")},
             "peak_rss_mib_per_process": card.scaling["peak_rss_mib"],
             "compute_dtype": dtype,
             "base_dtype": base_dtype,
