@@ -1,6 +1,7 @@
 """How near `unift train --plan` comes to the run it plans: for each configuration, the plan (its own
 process), then the run itself (another process, a few more steps), and a markdown table of predicted
-against measured peak RSS and time per step (the run's wall time over its steps, its first included).
+against measured peak RSS and time per step (the whole run's time over its steps, the first included, on
+both sides: the plan predicts the first step as long as its probe's and the rest at its steady time).
 
     python bench/plan_accuracy.py [--steps 16] [--only NAME ...]
 
@@ -54,12 +55,15 @@ def main() -> None:
             metrics = json.loads((out / "metrics.json").read_text())
             step = metrics["wall_seconds"] / metrics["global_steps"]
             peak = metrics["peak_rss_mib"]
-            row = (name, plan["estimate"]["peak_mib"], plan["predicted_peak_mib"], peak, plan["seconds_per_step"], step)
+            # the whole run (its first step, as long as the probe's, then the steady time per step) over its
+            # steps, against the run's wall time over its steps: the same span on both sides
+            row = (name, plan["estimate"]["peak_mib"], plan["predicted_peak_mib"], peak,
+                   plan["train_seconds"] / metrics["global_steps"], step)
             rows.append(row)
             print(json.dumps({"config": name, "estimate_mib": row[1], "predicted_mib": row[2], "measured_mib": peak,
                               "predicted_s": row[4], "measured_s": step}), flush=True)
     print("\n| config | estimated peak RSS (no probe) | predicted peak RSS | measured | error | "
-          "predicted s/step | measured | error |")
+          "predicted s/step (the whole run's) | measured | error |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, estimate, predicted, peak, per_step, step in rows:
         print(f"| {name} | {estimate:,.0f} MiB ({estimate / peak - 1:+.0%}) | {predicted:,.0f} MiB | {peak:,.0f} MiB | "

@@ -49,7 +49,10 @@ def test_plan_prints_the_plan_and_trains_nothing(base, data_file, tmp_path, caps
     plan = json.loads(plan_file.read_text())
     assert plan["run"]["steps"] == 16  # 32 examples / batch 4 x 2 epochs
     assert plan["probe"]["steps"] == 3 and plan["probe"]["timed_steps"] == 2
-    assert plan["seconds_per_step"] > 0 and plan["train_seconds"] == pytest.approx(16 * plan["seconds_per_step"])
+    # the run's first step as long as the probe's, the other 15 at the steady time per step
+    first = plan["probe"]["first_step_seconds"]
+    assert plan["seconds_per_step"] > 0 and first > 0
+    assert plan["train_seconds"] == pytest.approx(first + 15 * plan["seconds_per_step"])
     assert plan["estimate"]["trainable"] > 0 and plan["predicted_peak_mib"] > plan["estimate"]["weights_mib"]
 
 
@@ -91,9 +94,13 @@ def test_batches_as_the_sampler_draws_them():
 def test_checkpointing_keeps_less():
     config = SimpleNamespace(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                              intermediate_size=1536, vocab_size=49152)
-    full = activation_bytes(config, 1024, compute_bytes=2, checkpointing=False, label_tokens=512)
-    lean = activation_bytes(config, 1024, compute_bytes=2, checkpointing=True, label_tokens=512)
-    assert lean < full / 4
+    def kept(checkpointing: bool, label_tokens: int) -> float:
+        return activation_bytes(config, 1024, compute_bytes=2, checkpointing=checkpointing, label_tokens=label_tokens)
+
+    # the decoder layers' share: a quarter or less once checkpointed
+    assert kept(True, 0) < kept(False, 0) / 4
+    # the head's logits (fp32, with their gradient) are not checkpointed: the same bytes either way
+    assert kept(True, 512) - kept(True, 0) == kept(False, 512) - kept(False, 0) == 512 * 49152 * 8
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:

@@ -48,7 +48,7 @@ def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, 
     trained = result.metrics["eval_loss"][-1]
     assert trained["step"] == 3  # measured after the last optimizer step, as the adapter was saved
 
-    val = prepare(args)["val"]  # the same 4 held-out rows (same seed), one evaluation batch
+    val = prepare(args).val  # the same 4 held-out rows (same seed), one evaluation batch
     rows = [(r["input_ids"], r["labels"]) for r in val]
     card = RunCard.load(result.output_dir)
     assert card.compute_dtype == dtype_plan

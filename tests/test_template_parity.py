@@ -241,7 +241,7 @@ def _pipeline_row(run: Path, data: Path | None = None) -> dict:
     arguments = dict(RunCard.load(run).arguments)
     if data is not None:
         arguments["data"] = [str(data)]
-    rows = list(prepare(TrainArgs(**arguments))["train"])
+    rows = list(prepare(TrainArgs(**arguments)).train)
     assert len(rows) == 1
     return rows[0]
 

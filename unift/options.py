@@ -19,18 +19,21 @@ from unift.errors import UniftError
 def opt(default: Any = None, help: str = "", *, group: str | None = None, aliases: tuple[str, ...] = (),
         choices: Any = None, nargs: str | None = None, const: Any = None, check: Any = None,
         range: Range | None = None, flag: str | None = None, positional: bool = False, required: bool = False,
-        negate: str | None = None, metavar: str | None = None, env: str | None = None) -> Any:
+        negate: str | None = None, metavar: str | None = None, env: str | None = None,
+        trainer: str | tuple[str, ...] = ()) -> Any:
     """A dataclass field that knows its flag.
 
     `check` validates a value and raises UniftError (it may return a normalised value); `range` bounds a
     number (checked when the options are built, before anything loads); `flag` names the flag when it is not
     `--FIELD` (the original toolkit's `--data` of generate is the field `run_data`); `positional` makes it an
     argument without a dash; `negate` gives a boolean a flag that turns it off (`--no_example`); `env` takes
-    the default from an environment variable when the flags are built; `group` titles its --help section."""
+    the default from an environment variable when the flags are built; `group` titles its --help section;
+    `trainer` names the transformers TrainingArguments field(s) the value goes to unchanged."""
     caller = sys._getframe(1).f_code  # where the flag is written: one place per flag (tests/test_flags.py)
     meta = {"help": help, "group": group, "aliases": aliases, "choices": choices, "nargs": nargs,
             "const": const, "check": check, "range": range, "flag": flag, "positional": positional,
             "required": required, "negate": negate, "metavar": metavar, "env": env,
+            "trainer": (trainer,) if isinstance(trainer, str) else tuple(trainer),
             "defined_in": f"{caller.co_filename}:{caller.co_qualname}"}
     return _field(default, meta)
 
@@ -41,15 +44,24 @@ def _field(default: Any, meta: dict[str, Any]) -> Any:
     return field(default=default, metadata=meta)
 
 
-def like(group: type, name: str, default: Any = dataclasses.MISSING, *, required: bool | None = None) -> Any:
+def like(group: type, name: str, default: Any = dataclasses.MISSING, *, required: bool | None = None,
+         trainer: str | None = None) -> Any:
     """The flag `name` as the option group `group` defines it, for a command that takes this flag of the group
     alone, or needs another default (train's --model_type is llama, where inference takes the run folder's)
-    or needs it given (`required`). Help, type, range and checks stay the group's one definition."""
+    or needs it given (`required`), or sends it to a TrainingArguments field (`trainer`). Help, type, range
+    and checks stay the group's one definition."""
     f = group.__dataclass_fields__[name]
     meta = dict(f.metadata)
     if required is not None:
         meta["required"] = required
+    if trainer is not None:
+        meta["trainer"] = (trainer,)
     return _field(default_of(f) if default is dataclasses.MISSING else default, meta)
+
+
+def trainer_fields(options: Any) -> dict[str, Any]:
+    """The TrainingArguments fields the options' flags set unchanged (`opt(..., trainer=NAME)`)."""
+    return {name: getattr(options, f.name) for f in dataclasses.fields(options) for name in f.metadata.get("trainer", ())}
 
 
 def default_of(f: dataclasses.Field) -> Any:

@@ -98,20 +98,22 @@ class RunArgs(ConfigFlags, ModelFlags):
     strict_data: bool = opt(False, "refuse a file with any record that cannot be trained (an empty answer, a "
                             "conversation ending on a user turn) instead of skipping and reporting it", group="data")
     # training
-    output_dir: str | None = like(OutputFlags, "output_dir")
+    output_dir: str | None = like(OutputFlags, "output_dir", trainer="output_dir")
     epochs: float = opt(3.0, "training epochs", group="training", aliases=("--num_train_epochs",),
-                        range=POSITIVE)
+                        range=POSITIVE, trainer="num_train_epochs")
     max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs)", group="training",
-                         range=Range(1, also=(-1,)))
+                         range=Range(1, also=(-1,)), trainer="max_steps")
     per_gpu_train_batch_size: int = opt(4, "batch size per device", group="training",
-                                        aliases=("--per_device_train_batch_size",), range=POSITIVE_INT)
-    gradient_accumulation_steps: int = opt(1, "batches per optimizer step", group="training", range=POSITIVE_INT)
+                                        aliases=("--per_device_train_batch_size",), range=POSITIVE_INT,
+                                        trainer=("per_device_train_batch_size", "per_device_eval_batch_size"))
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step", group="training", range=POSITIVE_INT,
+                                           trainer="gradient_accumulation_steps")
     learning_rate: float = opt(3e-4, "peak learning rate (--stage grpo without --optim: 0.3, for its SGD)",
-                               group="training", range=POSITIVE)
+                               group="training", range=POSITIVE, trainer="learning_rate")
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule, by transformers' name (linear, cosine, "
                                  "constant, constant_with_warmup, cosine_with_min_lr, ...; without --optim, --stage dpo, orpo, "
                                  "simpo, kto: linear, no warm-up, as TRL; grpo: constant, no warm-up)", group="training",
-                                 check=check_scheduler)
+                                 check=check_scheduler, trainer="lr_scheduler_type")
     optim: str | None = opt(None, "optimizer, by transformers' name: adamw_torch, adamw_torch_fused, adafactor, "
                             "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ...; "
                             "full/freeze on little memory: galore_adamw, galore_adamw_layerwise, apollo_adamw, ... "
@@ -121,7 +123,7 @@ class RunArgs(ConfigFlags, ModelFlags):
     optim_args: str | None = opt(None, "the optimizer's own settings as key=value,key=value (sgd: momentum, "
                                  "nesterov; rmsprop: alpha, centered; galore_*: rank, update_proj_gap, scale, "
                                  "proj_type; apollo_*: also proj, scale_type)", group="training",
-                                 check=check_optim_args)
+                                 check=check_optim_args, trainer="optim_args")
     optim_target_modules: list[str] | None = opt(
         None, "galore_*, apollo_*: the linear layers whose gradients are projected to low rank, as transformers "
         "matches them: module names (q_proj, mlp), regexes over whole names, or all-linear (default: every linear "
@@ -134,12 +136,15 @@ class RunArgs(ConfigFlags, ModelFlags):
                                  choices=("descending", "ascending", "random"))
     neftune_noise_alpha: float | None = opt(None, "NEFTune: uniform noise of this scale on the input embeddings "
                                             "while training (not in evaluation or generation); 5 is the paper's "
-                                            "usual value", group="training", range=POSITIVE)
+                                            "usual value", group="training", range=POSITIVE,
+                                            trainer="neftune_noise_alpha")
     warmup_ratio: float = opt(0.03, "fraction of steps for warm-up (0 for the preference and grpo stages "
-                              "without --optim)", group="training", range=PROBABILITY)
-    weight_decay: float = opt(0.0, "weight decay", group="training", range=NON_NEGATIVE)
+                              "without --optim)", group="training", range=PROBABILITY,
+                              trainer="warmup_steps")  # transformers 5: a float in [0, 1) is a ratio of all steps
+    weight_decay: float = opt(0.0, "weight decay", group="training", range=NON_NEGATIVE, trainer="weight_decay")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, "
-                                       "about a third slower", group="training")
+                                       "about a third slower", group="training",
+                                       trainer="gradient_checkpointing")
     optimizations: str = opt("all", "speed-ups to use: all, none, or a comma-separated subset of base_dtype, "
                              "bf16_storage, padding_free, label_loss, fused_lora, fast_dropout, lean_layers, "
                              "cpu_attention, merged_sampling (docs/performance.md)",
@@ -157,8 +162,9 @@ class RunArgs(ConfigFlags, ModelFlags):
     logging_steps: int = opt(10, "log every N steps", group="training", range=POSITIVE_INT)
     save_steps: int | None = opt(None, "checkpoint every N steps (default: once per epoch)", group="training",
                                  range=POSITIVE_INT)
-    save_total_limit: int = opt(2, "checkpoints to keep", group="training", range=POSITIVE_INT)
-    seed: int = like(DecodingFlags, "seed", 42)
+    save_total_limit: int = opt(2, "checkpoints to keep", group="training", range=POSITIVE_INT,
+                               trainer="save_total_limit")
+    seed: int = like(DecodingFlags, "seed", 42, trainer="seed")
     report_to: str = opt("none", "none, tensorboard, wandb (comma-separated)", group="training",
                          check=check_report_to)
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/; GPUs or CPU, docs/scaling.md)", group="training")

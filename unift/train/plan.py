@@ -20,6 +20,7 @@ from typing import Any
 
 from unift.errors import UniftError
 from unift.runtime import is_main_process, peak_rss_mib, rss_mib, world_size
+from unift.train.prepared import PreparedRun
 
 log = logging.getLogger("unift")
 
@@ -231,14 +232,14 @@ def available_mib(device: str) -> tuple[float | None, str]:
     return room / MIB / local_processes() + (rss_mib() or 0.0), "RAM"
 
 
-def estimate(args: Any, ready: dict[str, Any], model: Any, *, padding_free: bool, label_loss: bool,
+def estimate(args: Any, prepared: PreparedRun, model: Any, *, padding_free: bool, label_loss: bool,
              multiple: int, steps: int, optimizer: str) -> tuple[Estimate, Batches]:
     """The predicted peak of this process for the run, from the loaded model and the data's lengths."""
     import torch
 
     from unift.train.scaling import engine, zero_stage
 
-    device = ready["device"]
+    device = prepared.device
     on_gpu = device.startswith("cuda")
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
@@ -258,15 +259,15 @@ def estimate(args: Any, ready: dict[str, Any], model: Any, *, padding_free: bool
         grads, opt_state = grads / world, opt_state / world
     elif name == "deepspeed" and zero_stage(args) in (1, 2):
         grads, opt_state = (grads if zero_stage(args) == 1 else grads / world), opt_state / world
-    lengths = example_lengths(ready["train"], args)
+    lengths = example_lengths(prepared.train, args)
     batches = planned_batches(lengths, args, padding_free=padding_free, multiple=multiple, steps=steps,
                               seed=args.seed)
     label_share = 1.0
-    if label_loss and "labels" in getattr(ready["train"], "column_names", ()):
-        sample = ready["train"].select(range(min(256, len(ready["train"]))))["labels"]
+    if label_loss and "labels" in getattr(prepared.train, "column_names", ()):
+        sample = prepared.train.select(range(min(256, len(prepared.train))))["labels"]
         total = sum(len(x) for x in sample)
         label_share = sum(1 for row in sample for t in row if t >= 0) / total if total else 1.0
-    compute_bytes = ready["plan"].compute_dtype.itemsize
+    compute_bytes = prepared.plan.compute_dtype.itemsize
     rows = 1 if padding_free else args.per_gpu_train_batch_size
     eager = getattr(model.config, "_attn_implementation", None) == "eager"
     acts = activation_bytes(model.config, batches.largest, compute_bytes=compute_bytes,
@@ -296,11 +297,11 @@ def refusal(peak: float, available: float | None, what: str, *, measured: bool) 
             "see the parts with --plan, or pass --force to train anyway")
 
 
-def check_memory(args: Any, ready: dict[str, Any], model: Any, accel: Any, steps: int) -> tuple[Estimate, Batches]:
+def check_memory(args: Any, prepared: PreparedRun, model: Any, accel: Any, steps: int) -> tuple[Estimate, Batches]:
     """Every run, before the first step: the estimate, logged in one line, and the refusal unless --force."""
-    optimizer = args.optim or ready["method"].optimizer_name()
+    optimizer = args.optim or prepared.method.optimizer_name()
     label_loss = any(name.startswith("label_loss") for name in accel.applied)
-    found, batches = estimate(args, ready, model, padding_free=accel.padding_free, label_loss=label_loss,
+    found, batches = estimate(args, prepared, model, padding_free=accel.padding_free, label_loss=label_loss,
                               multiple=accel.shape_multiple, steps=steps, optimizer=optimizer)
     room = "" if found.available_mib is None else f" of {found.available_mib:,.0f} MiB {found.available_what} available"
     if is_main_process():

@@ -8,6 +8,7 @@ import copy
 import warnings
 from typing import Any
 
+from unift.train.prepared import PreparedRun
 from unift.train.stages.registry import StageSpec
 
 
@@ -40,47 +41,47 @@ def _config(stage: StageSpec, settings: dict, args: Any, multiple: int):
                   precompute_ref_log_probs=not stage.reference, pad_to_multiple_of=multiple if multiple > 1 else None)
 
 
-def _separate_reference(path: str, ready: dict):
+def _separate_reference(path: str, prepared: PreparedRun):
     """--ref_model: a model folder, or a run folder (its adapter folded in), loaded like the base."""
     from pathlib import Path
 
     from unift.loader import load
 
     is_run = (Path(path) / "adapter_config.json").exists()
-    loaded = load(path if is_run else None, base_model=None if is_run else path, model_type=ready["spec"].name,
-                  device=ready["device"], dtype=ready["plan"]).model
+    loaded = load(path if is_run else None, base_model=None if is_run else path, model_type=prepared.spec.name,
+                  device=prepared.device, dtype=prepared.plan).model
     if hasattr(loaded, "merge_and_unload"):
         loaded = loaded.merge_and_unload()
     return loaded.eval().requires_grad_(False)
 
 
-def preference_trainer(stage: StageSpec, args: Any, settings: dict, ready: dict, model, callbacks: list | None):
+def preference_trainer(stage: StageSpec, args: Any, settings: dict, prepared: PreparedRun, model, callbacks: list | None):
     """The TRL trainer of a preference stage, on unift's rows, with unift's hooks."""
     from peft import PeftModel
 
     from unift import compat
 
     compat.trl_stages.score_answer_tokens_only()
-    config = _config(stage, settings, args, ready.get("shape_multiple", 1))
+    config = _config(stage, settings, args, prepared.shape_multiple)
     adapter = isinstance(model, PeftModel)
     reference = None
     if stage.reference and args.ref_model:
-        reference = _separate_reference(args.ref_model, ready)
+        reference = _separate_reference(args.ref_model, prepared)
     elif stage.reference and not adapter:  # full or freeze: the starting weights, frozen, are the reference
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     with warnings.catch_warnings():
         # peft warns that "ref" is part of "prefix_tuning_" when TRL copies a prefix adapter; the copy goes
         warnings.filterwarnings("ignore", message="Adapter name 'ref' should not be contained")
         trainer = _trainer_class(stage)(
-            model=model, args=config, train_dataset=ready["train"], eval_dataset=ready["val"] or None,
-            processing_class=ready["tokenizer"], callbacks=callbacks, method=ready["method"],
+            model=model, args=config, train_dataset=prepared.train, eval_dataset=prepared.val or None,
+            processing_class=prepared.tokenizer, callbacks=callbacks, method=prepared.method,
             **({} if stage.reward else {"ref_model": reference}),
         )
     if stage.configure is not None:
         stage.configure(trainer, args)
     if adapter and not args.adapter_dir:  # with --adapter_dir, TRL's copy of it is the reference
         compat.trl_stages.drop_reference_adapter(model)
-    if stage.reward and ready["plan"].compute == "fp32":
+    if stage.reward and prepared.plan.compute == "fp32":
         # TRL stores a quantized model's trainable weights in bf16 (QLoRA's recipe); LoRA layers cast their
         # input, but the new scoring head is a plain linear layer that meets fp32 hidden states
         import torch

@@ -5,7 +5,8 @@ the run (model, method, dtypes, engine, batch, levers), in a temporary folder th
 on the run's longest examples: the probe's largest micro-batch is then the largest the run will meet, and
 its measured peak memory is the run's. Its steps after the first (which builds the optimizer state and
 meets every new shape) are timed; the time per step of the run is that, with the part outside the
-optimizer step scaled from the probe's tokens per step to the run's mean. Nothing is saved and nothing is
+optimizer step scaled from the probe's tokens per step to the run's mean, and the run's time is its first
+step (as long as the probe's) and that time for every other step. Nothing is saved and nothing is
 written outside the temporary folder."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from unift.errors import UniftError
 from unift.runtime import is_main_process, peak_rss_mib
 from unift.train.plan import Batches, Estimate, planned_batches, refusal, token_counts
+from unift.train.prepared import PreparedRun
 
 log = logging.getLogger("unift")
 
@@ -41,28 +43,28 @@ class Probe:
     optimizer_seconds: list[float] = field(default_factory=list)
     peak_mib: float | None = None
 
-    def attach(self, ready: dict[str, Any], found: Estimate, batches: Batches, padding_free: bool,
-               multiple: int) -> bool:
-        """Keep the estimate and put the run's longest examples under the probe; False: no steps to run."""
+    def attach(self, prepared: PreparedRun, found: Estimate, batches: Batches, padding_free: bool,
+               multiple: int) -> PreparedRun | None:
+        """Keep the estimate; the run to probe, on its longest examples (None: no steps to run)."""
         from unift.train.run import total_optimizer_steps
 
         self.estimate, self.batches = found, batches
         batches.steps = total_optimizer_steps(self.args, batches.examples)
         if self.steps == 0:
-            return False
-        train = ready["train"]
+            return None
+        train = prepared.train
         if hasattr(train, "select") and "input_ids" in getattr(train, "column_names", ()):
             per_step = (self.args.per_gpu_train_batch_size * self.args.gradient_accumulation_steps
                         * max(1, found.world_size))
             lengths = token_counts(train, "input_ids")
             longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:per_step * self.steps]
-            ready["train"] = train.select(sorted(longest))
+            prepared = dataclasses.replace(prepared, train=train.select(sorted(longest)))
             mine = [lengths[i] for i in longest]
         else:  # preference, grpo and streamed data: the probe takes the run's own batches
             mine = None
         self.probe_batches = (batches if mine is None else planned_batches(
             mine, self.args, padding_free=padding_free, multiple=multiple, steps=self.steps))
-        return True
+        return prepared
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -117,11 +119,15 @@ class Probe:
             step = sum(steps) / len(steps)
             in_optimizer = min(step, sum(optimizer) / len(optimizer)) if optimizer else 0.0
             per_step = in_optimizer + (step - in_optimizer) * run.mean_step / max(1.0, probe.mean_step)
-            whole = per_step * run.steps
+            # the run's first step costs what the probe's did (the Trainer's set-up, the optimizer state
+            # built, every new shape met), the others the steady time per step
+            first = self.step_ends[0] - (self.train_begin or self.step_ends[0])
+            whole = first + per_step * max(0, run.steps - 1)
         setup = (self.train_begin or time.perf_counter()) - self.started
         plan.update(predicted_peak_mib=peak, probe={
             "steps": len(self.step_ends), "timed_steps": len(steps), "peak_mib": self.peak_mib,
             "step_seconds": steps, "optimizer_seconds": optimizer, "tokens_per_step": probe.mean_step,
+            "first_step_seconds": self.step_ends[0] - (self.train_begin or self.step_ends[0]) if self.step_ends else None,
             "largest_batch_tokens": probe.largest},
             seconds_per_step=per_step, train_seconds=whole, setup_seconds=setup)
         return plan

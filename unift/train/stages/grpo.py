@@ -14,13 +14,16 @@ The reference of the KL term (--pref_beta > 0) is the base with the adapter swit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unift.errors import UniftError
 from unift.models.flags import DecodingFlags
 from unift.options import NON_NEGATIVE, POSITIVE_INT, like, opt
 from unift.train.stages.registry import StageSpec, register_stage
 from unift.train.stages.shared import PREFERENCE_REFUSALS, BetaFlags
+
+if TYPE_CHECKING:  # prepared.py imports the stage registry, whose package imports this file
+    from unift.train.prepared import PreparedRun
 
 # TRL 1.16's GRPO losses (GRPOConfig.loss_type) that need no other setting
 GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
@@ -132,7 +135,7 @@ def vllm_settings(device: str) -> dict[str, Any]:
     return {}
 
 
-def build(stage: StageSpec, args: Any, settings: dict, ready: Any, model, callbacks: list | None):
+def build(stage: StageSpec, args: Any, settings: dict, prepared: PreparedRun, model, callbacks: list | None):
     """The TRL GRPOTrainer of a run, with its rewards, on unift's prompt rows."""
     from peft import PeftModel
     from trl import GRPOConfig
@@ -142,12 +145,12 @@ def build(stage: StageSpec, args: Any, settings: dict, ready: Any, model, callba
 
     # TRL's fused output head scores every position on a CPU (prompt and padding too): the completion's only
     compat.trl_stages.score_answer_tokens_only()
-    rows = [*ready["train"], *(ready["val"] or [])]
+    rows = [*prepared.train, *(prepared.val or [])]
     prompt_ids = {row["prompt"]: row["prompt_ids"] for row in rows}
-    ends = end_of_turn_ids(ready["template"], ready["tokenizer"])
+    ends = end_of_turn_ids(prepared.template, prepared.tokenizer)
     model.generation_config.eos_token_id = ends  # TRL stops and masks completions at these
-    model.generation_config.pad_token_id = ready["tokenizer"].pad_token_id
-    funcs = [RewardModelScore(spec, prompt_ids, ends, ready["device"], ready["plan"]) if is_reward_model(spec)
+    model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
+    funcs = [RewardModelScore(spec, prompt_ids, ends, prepared.device, prepared.plan) if is_reward_model(spec)
              else reward_function(spec) for spec in args.reward_funcs]
     config = GRPOConfig(
         **settings, beta=args.pref_beta if args.pref_beta is not None else stage.beta,
@@ -161,13 +164,13 @@ def build(stage: StageSpec, args: Any, settings: dict, ready: Any, model, callba
         # with dropout on, a run started from an adapter trained with dropout measured a KL of 0.98 before
         # any update (TRL leaves dropout on by default)
         disable_dropout=True,
-        **vllm_settings(ready["device"]),
-        pad_to_multiple_of=ready.get("shape_multiple", 1) if ready.get("shape_multiple", 1) > 1 else None,
+        **vllm_settings(prepared.device),
+        pad_to_multiple_of=prepared.shape_multiple if prepared.shape_multiple > 1 else None,
     )
     trainer = _trainer_class(stage)(
-        model=model, reward_funcs=funcs, args=config, train_dataset=ready["train"],
-        eval_dataset=ready["val"] or None, processing_class=ready["tokenizer"], callbacks=callbacks,
-        method=ready["method"],
+        model=model, reward_funcs=funcs, args=config, train_dataset=prepared.train,
+        eval_dataset=prepared.val or None, processing_class=prepared.tokenizer, callbacks=callbacks,
+        method=prepared.method,
     )
     trainer.prompt_ids = prompt_ids
     if isinstance(model, PeftModel) and not args.adapter_dir:

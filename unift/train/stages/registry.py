@@ -21,7 +21,7 @@ FORWARD_LEVERS = {"label_loss": "the preference trainers compute answer-only log
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One --stage. `build(stage, args, settings, ready, model, callbacks)` returns its trainer, given the
+    """One --stage. `build(stage, args, settings, prepared, model, callbacks)` returns its trainer, given the
     TrainingArguments fields unift computed (`settings`) and the prepared run; `check(args)` refuses, at parse
     time, what the stage cannot train."""
 

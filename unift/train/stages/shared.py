@@ -4,11 +4,14 @@ stage trains, TRL's schedule, and the build of TRL's preference trainers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unift.errors import UniftError
 from unift.options import NON_NEGATIVE, opt
 from unift.train.stages.registry import StageSpec
+
+if TYPE_CHECKING:  # prepared.py imports the stage registry, whose package imports this file
+    from unift.train.prepared import PreparedRun
 
 
 @dataclass
@@ -47,7 +50,7 @@ def check_beta(args: Any) -> None:
         raise UniftError(f"--pref_beta must be > 0 for --stage {args.stage} (0 is for grpo: no KL term)")
 
 
-def build_preference(stage: StageSpec, args: Any, settings: dict, ready: Any, model: Any, callbacks: list | None):
+def build_preference(stage: StageSpec, args: Any, settings: dict, prepared: PreparedRun, model: Any, callbacks: list | None):
     from unift.train.preference import preference_trainer
 
-    return preference_trainer(stage, args, settings, ready, model, callbacks)
+    return preference_trainer(stage, args, settings, prepared, model, callbacks)
