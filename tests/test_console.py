@@ -34,14 +34,14 @@ def noisy_sources(then_log: bool):
 @pytest.mark.parametrize("allocator", ["system", "auto"])
 def test_other_libraries_lines_before_an_error_are_dropped(tmp_path, capsys, monkeypatch, allocator):
     monkeypatch.setenv("UNIFT_ALLOCATOR", allocator)
-    monkeypatch.setattr("unift.train.run.load_sources", noisy_sources(then_log=False))
+    monkeypatch.setattr("unift.train.prepared.load_sources", noisy_sources(then_log=False))
     code, _, err = cli_result(["train", "--data", str(tmp_path / "x.jsonl"), "--output_dir", str(tmp_path / "o")],
                               capsys)
     assert (code, err) == (2, f"unift: error: {ERROR}\n")
 
 
 def test_they_come_out_in_order_once_the_command_is_under_way(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("unift.train.run.load_sources", noisy_sources(then_log=True))
+    monkeypatch.setattr("unift.train.prepared.load_sources", noisy_sources(then_log=True))
     code, _, err = cli_result(["train", "--data", str(tmp_path / "x.jsonl"), "--output_dir", str(tmp_path / "o")],
                               capsys)
     lines = err.splitlines()
@@ -55,7 +55,7 @@ def test_a_crash_keeps_what_the_libraries_said(tmp_path, capsys, monkeypatch):
         logging.getLogger("deepspeed").warning("accelerator probed")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("unift.train.run.load_sources", crash)
+    monkeypatch.setattr("unift.train.prepared.load_sources", crash)
     with pytest.raises(RuntimeError, match="boom"):
         cli_result(["train", "--data", str(tmp_path / "x.jsonl"), "--output_dir", str(tmp_path / "o")], capsys)
     assert "accelerator probed" in capsys.readouterr().err
