@@ -130,16 +130,22 @@ def main() -> int:
             return trainer
 
         unift.train.run.build_trainer = build_with_pause
+    from unift.train.engines import leave_process_group
     from unift.train.run import train
 
+    finished = False
     try:
         train(args, callbacks=callbacks)
+        finished = True
     except UniftError as err:
         print(f"unift: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unift: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # as `unift train` does: left to the interpreter's exit, gloo's threads can abort a finished rank
+        leave_process_group(finished)
     return 0
 
 
