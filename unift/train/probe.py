@@ -113,21 +113,21 @@ class Probe:
             peak += found.activations_mib * (run.largest - probe.largest) / max(1, run.largest)
         # The first step builds the optimizer state and meets every new shape: warm-up, not timed.
         steps = [b - a for a, b in zip(self.step_ends, self.step_ends[1:])]
+        # the probe's first step, from the start of training: the Trainer's set-up, the optimizer state
+        # built, every new shape met
+        first = self.step_ends[0] - (self.train_begin or self.step_ends[0]) if self.step_ends else None
         optimizer = self.optimizer_seconds[1:]
         per_step = whole = None
         if steps:
             step = sum(steps) / len(steps)
             in_optimizer = min(step, sum(optimizer) / len(optimizer)) if optimizer else 0.0
             per_step = in_optimizer + (step - in_optimizer) * run.mean_step / max(1.0, probe.mean_step)
-            # the run's first step costs what the probe's did (the Trainer's set-up, the optimizer state
-            # built, every new shape met), the others the steady time per step
-            first = self.step_ends[0] - (self.train_begin or self.step_ends[0])
-            whole = first + per_step * max(0, run.steps - 1)
+            whole = first + per_step * max(0, run.steps - 1)  # the run's first step as the probe's, then steady
         setup = (self.train_begin or time.perf_counter()) - self.started
         plan.update(predicted_peak_mib=peak, probe={
             "steps": len(self.step_ends), "timed_steps": len(steps), "peak_mib": self.peak_mib,
             "step_seconds": steps, "optimizer_seconds": optimizer, "tokens_per_step": probe.mean_step,
-            "first_step_seconds": self.step_ends[0] - (self.train_begin or self.step_ends[0]) if self.step_ends else None,
+            "first_step_seconds": first,
             "largest_batch_tokens": probe.largest},
             seconds_per_step=per_step, train_seconds=whole, setup_seconds=setup)
         return plan

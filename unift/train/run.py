@@ -132,7 +132,7 @@ def with_batches(prepared: PreparedRun, accel: Any) -> PreparedRun:
 
 
 def save_and_report(args: TrainArgs, prepared: PreparedRun, trainer: Any, model: Any, result: Any, card: Any,
-                    accel: Any, wall: float, resuming: ResumePlan | None) -> dict[str, Any]:
+                    accel: Any, wall: float, resuming: ResumePlan | None, parameters: tuple[int, int]) -> dict[str, Any]:
     """The adapter (or model), tokenizer, run card and metrics in the run folder; the metrics (main process)."""
     out = Path(args.output_dir)
     save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first (full: the model)
@@ -141,7 +141,7 @@ def save_and_report(args: TrainArgs, prepared: PreparedRun, trainer: Any, model:
         return {}
     prepared.tokenizer.save_pretrained(out)
     card.save(out)
-    return write_metrics(out, prepared, trainer, result, card, accel, wall, trainable_parameters(model))
+    return write_metrics(out, prepared, trainer, result, card, accel, wall, parameters)
 
 
 def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> TrainResult:
@@ -197,5 +197,5 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
     if probe is not None:  # --plan: measured, nothing to keep
         probe.finish()
         return TrainResult(out, model, {})
-    metrics = save_and_report(args, prepared, trainer, model, result, card, accel, wall, resuming)
+    metrics = save_and_report(args, prepared, trainer, model, result, card, accel, wall, resuming, (trainable, total))
     return TrainResult(out, model, metrics)

@@ -13,7 +13,6 @@ from unift.train.stages.shared import (
     TRL_SCHEDULE,
     BetaFlags,
     ReferenceFlags,
-    beta_of,
     build_preference,
     check_beta,
 )
@@ -29,8 +28,8 @@ class DpoFlags(ReferenceFlags, BetaFlags):
                          "sigmoid_norm, ...", group="stage", choices=DPO_LOSSES)
 
 
-STAGE = register_stage(StageSpec(
+register_stage(StageSpec(
     "dpo", "direct preference optimisation (TRL's DPO losses, --pref_loss) over chosen/rejected pairs", "pairs",
     order=1, build=build_preference, flags=DpoFlags, beta=0.1, reference=True, trl_trainer="DPOTrainer",
-    settings=lambda args: {"beta": beta_of(args, STAGE), "loss_type": [args.pref_loss]}, check=check_beta,
+    settings=lambda args: {"loss_type": [args.pref_loss]}, check=check_beta,
     unsupported=PREFERENCE_REFUSALS, optimizer=TRL_SCHEDULE))

@@ -153,7 +153,7 @@ def build(stage: StageSpec, args: Any, settings: dict, prepared: PreparedRun, mo
     funcs = [RewardModelScore(spec, prompt_ids, ends, prepared.device, prepared.plan) if is_reward_model(spec)
              else reward_function(spec) for spec in args.reward_funcs]
     config = GRPOConfig(
-        **settings, beta=args.pref_beta if args.pref_beta is not None else stage.beta,
+        **settings, beta=stage.beta_for(args),
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         temperature=args.temperature, loss_type=args.loss_type, scale_rewards=args.scale_rewards,
         reward_weights=args.reward_weights, shuffle_dataset=True, log_completions=False,

@@ -14,7 +14,6 @@ from unift.train.stages.shared import (
     TRL_SCHEDULE,
     BetaFlags,
     ReferenceFlags,
-    beta_of,
     build_preference,
     check_beta,
 )
@@ -35,10 +34,10 @@ def check(args: Any) -> None:
                          "with another prompt of the same batch")
 
 
-STAGE = register_stage(StageSpec(
+register_stage(StageSpec(
     "kto", "Kahneman-Tversky optimisation over answers labelled desirable or not (TRL's KTO)", "unpaired",
     order=4, build=build_preference, flags=KtoFlags, beta=0.1, reference=True, trl_trainer="KTOTrainer",
-    settings=lambda args: {"beta": beta_of(args, STAGE), "desirable_weight": args.kto_desirable_weight,
+    settings=lambda args: {"desirable_weight": args.kto_desirable_weight,
                            "undesirable_weight": args.kto_undesirable_weight,
                            # KTO pairs each answer with its batch neighbour's prompt for the KL term (in
                            # _prepare_dataset): the batches must be the dataset's order, already shuffled

@@ -13,7 +13,6 @@ from unift.train.stages.shared import (
     PREFERENCE_REFUSALS,
     TRL_SCHEDULE,
     BetaFlags,
-    beta_of,
     build_preference,
     check_beta,
 )
@@ -27,8 +26,8 @@ def pair_loss(trainer: Any, chosen: Any, rejected: Any, chosen_sums: Any, chosen
     return loss, chosen_rewards, rejected_rewards
 
 
-STAGE = register_stage(StageSpec(
+register_stage(StageSpec(
     "orpo", "odds-ratio preference optimisation: the chosen answer's loss plus an odds-ratio term, no reference",
     "pairs", order=2, build=build_preference, flags=BetaFlags, beta=0.1, trl_trainer="DPOTrainer",
-    settings=lambda args: {"beta": beta_of(args, STAGE)}, pair_loss=pair_loss, check=check_beta,
+    pair_loss=pair_loss, check=check_beta,
     unsupported=PREFERENCE_REFUSALS, optimizer=TRL_SCHEDULE))

@@ -35,7 +35,7 @@ class StageSpec:
     reference: bool = False  # needs the reference model's log-probabilities
     reward: bool = False  # trains a scoring head (a reward model) instead of the language-model head
     trl_trainer: str | None = None  # TRL's trainer class it runs (its config: the same name with Config)
-    settings: Callable[[Any], dict] = lambda args: {}  # TRL config fields from the flags
+    settings: Callable[[Any], dict] = lambda args: {}  # TRL config fields from the flags, beside beta
     # orpo, simpo: (trainer, chosen, rejected, chosen log-prob sums, chosen token counts) -> (loss, chosen
     # rewards, rejected rewards), on the length-normalised answer log-probabilities of DPOTrainer's batches
     pair_loss: Callable[..., Any] | None = None
@@ -46,6 +46,10 @@ class StageSpec:
     # the optimizer settings this stage trains best with (flag -> value), taken where --optim is not given,
     # for each of these flags left at its default
     optimizer: dict[str, Any] = field(default_factory=dict)
+
+    def beta_for(self, args: Any) -> float:
+        """--pref_beta, or this stage's default."""
+        return self.beta if args.pref_beta is None else args.pref_beta
 
     @property
     def flag_names(self) -> tuple[str, ...]:

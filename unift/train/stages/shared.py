@@ -39,11 +39,6 @@ PREFERENCE_REFUSALS = {
 TRL_SCHEDULE = {"lr_scheduler_type": "linear", "warmup_ratio": 0.0}
 
 
-def beta_of(args: Any, stage: StageSpec) -> float:
-    """--pref_beta, or the stage's default."""
-    return stage.beta if args.pref_beta is None else args.pref_beta
-
-
 def check_beta(args: Any) -> None:
     """The preference losses divide by beta or scale by it: 0 would train nothing (grpo's 0 means no KL)."""
     if args.pref_beta == 0:

@@ -14,7 +14,6 @@ from unift.train.stages.shared import (
     PREFERENCE_REFUSALS,
     TRL_SCHEDULE,
     BetaFlags,
-    beta_of,
     build_preference,
     check_beta,
 )
@@ -37,9 +36,9 @@ def cpo_settings(trainer: Any, args: Any) -> None:
     trainer.loss_type, trainer.simpo_gamma, trainer.label_smoothing, trainer.alpha = "simpo", args.simpo_gamma, 0.0, 0.0
 
 
-STAGE = register_stage(StageSpec(
+register_stage(StageSpec(
     "simpo", "SimPO: length-normalised log-probability margin with a target gap (--simpo_gamma), no reference",
     "pairs", order=3, build=build_preference, flags=SimpoFlags, beta=2.0, trl_trainer="DPOTrainer",
-    settings=lambda args: {"beta": beta_of(args, STAGE)}, pair_loss=pair_loss, configure=cpo_settings,
+    pair_loss=pair_loss, configure=cpo_settings,
     check=check_beta,
     unsupported=PREFERENCE_REFUSALS, optimizer=TRL_SCHEDULE))
