@@ -1,8 +1,9 @@
 """bitsandbytes and deepspeed kept out of `unift train` processes that cannot use them.
 
-Written against peft 0.21.2, accelerate 1.16.0, transformers 5.24.0, bitsandbytes 0.50.2, deepspeed 0.19.8:
-- `import peft` imports bitsandbytes whenever it is installed (~125 MB of memory and about a second: it
-  pulls in torch's compiler stack);
+Written against peft 0.22.0, accelerate 1.16.0, transformers 5.25.0, bitsandbytes 0.50.2, deepspeed 0.19.8:
+- peft imports bitsandbytes, whenever it is installed, the first time it wraps a model in LoRA (its layer
+  dispatchers look for bitsandbytes' layers): ~125 MB of memory and about a second, as it pulls in torch's
+  compiler stack;
 - transformers' `Trainer.__init__` calls accelerate's `extract_model_from_parallel`, which imports an
   installed deepspeed whether or not the run uses it (a log line about the accelerator; peak RSS on the
   standard workload measured ~1,540 MiB with it, ~1,400 without).

@@ -1,21 +1,18 @@
-"""peft: two adapter-dtype workarounds for half-precision bases. Written against peft 0.21.2.
+"""peft: an adapter-dtype workaround for half-precision bases, and a spurious AdaLoRA warning. Written
+against peft 0.22.0.
 
-Both come from peft upcasting a half-precision (bf16/fp16) base's adapter to fp32 after building it
-(`cast_adapter_dtype` in peft/tuners/tuners_utils.py, `autocast_adapter_dtype=True` by default):
-- the upcast re-creates each adapter Parameter from `param.to(torch.float32)`, a plain tensor that
-  ParameterDict wraps into a new, trainable Parameter: AdaLoRA's `ranknum` (a constant, the rank it divides
-  by, created with requires_grad=False) becomes trainable (`freeze_ranknum`);
-- `PeftModel.from_pretrained` of a trained AdaLoRA adapter (its config has a `rank_pattern`) resizes the
-  modules to the pruned ranks with `update_layer`, which builds them in the base's dtype, and loads the saved
-  fp32 weights into those: they come back rounded to bf16 (measured: logits 0.08 away from the trained
-  model's) (`reload_saved_weights`).
-And one spurious warning: AdaLoRA saves its `rank_pattern` as {"<module path>.lora_E": [kept rank mask]}
+peft upcasts a half-precision (bf16/fp16) base's adapter to fp32 after building it (`cast_adapter_dtype`,
+`autocast_adapter_dtype=True` by default), but `PeftModel.from_pretrained` of a trained AdaLoRA adapter (its
+config has a `rank_pattern`) resizes the modules to the pruned ranks with `update_layer`, which builds them
+in the base's dtype, and loads the saved fp32 weights into those: they come back rounded to bf16 (measured:
+logits 0.08 away from the trained model's) (`reload_saved_weights`).
+And the warning: AdaLoRA saves its `rank_pattern` as {"<module path>.lora_E": [kept rank mask]}
 (the adapter name stripped), a mask per module that AdaLoRA itself applies after injecting
 (`resize_modules_by_rank_pattern`); peft's generic check in `BaseTuner.inject_adapter` reads every
 `rank_pattern` as LoRA's {module regex: rank}, finds no module named "...lora_E" and warns "The following
-rank_pattern keys did not match any targeted module and were ignored" at every reload, although nothing is
+rank_pattern keys did not match any targeted module or parameter and were ignored" at every reload, although nothing is
 ignored (`quiet_adalora_rank_pattern`: drops that warning when each key is a targeted module + ".lora_E").
-tests/test_compat.py fails once any of them is fixed upstream.
+tests/test_compat.py fails once either is fixed upstream.
 """
 
 from __future__ import annotations
@@ -30,16 +27,6 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-def freeze_ranknum(model: Any) -> int:
-    """Make AdaLoRA's `ranknum` constants untrainable again; returns how many there were."""
-    count = 0
-    for name, param in model.named_parameters():
-        if ".ranknum." in name:
-            param.requires_grad_(False)
-            count += 1
-    return count
 
 
 def reload_saved_weights(wrapped: Any, adapter_dir: str | Path) -> bool:
@@ -66,9 +53,8 @@ def reload_saved_weights(wrapped: Any, adapter_dir: str | Path) -> bool:
     return True
 
 
-
-_UNMATCHED = re.compile(r"The following rank_pattern keys did not match any targeted module and were ignored: "
-                        r"(\[.*\])\.$", re.S)
+_UNMATCHED = re.compile(r"The following rank_pattern keys did not match any targeted module or parameter and were "
+                        r"ignored: (\[.*\])\.$", re.S)
 
 
 def _adalora_mask_keys_only(message: str, model: Any) -> bool:

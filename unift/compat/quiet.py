@@ -1,17 +1,13 @@
 """Warnings of other libraries that are not the user's to act on, silenced for the command line.
 
-Written against peft 0.21.2, transformers 5.24.0 and bitsandbytes 0.50.2:
-- transformers 5 renamed gradient checkpointing (`activation_checkpointing_enable`) and warns with a
-  FutureWarning on the old `gradient_checkpointing_enable`, which peft's `prepare_model_for_kbit_training`
-  still calls;
+Written against transformers 5.25.0 and bitsandbytes 0.50.2:
 - bitsandbytes/backends/cpu/ops.py logs a warning at import on every AVX512-BF16 CPU where the optional
   `kernels` package (kernels-community/quantization-bitsandbytes) cannot be loaded;
 - transformers/integrations/integration_utils.py prints "[INFO] Running in WANDB offline mode" to stdout
   at import when WANDB_MODE=offline: sent to stderr instead, where unift.console holds it with the other
   libraries' lines (a failing command then prints its one error line and nothing else).
 Called by unift.cli.setup_logging (not by unift.compat.apply(): a library user keeps the warnings);
-tests/test_compat.py fails once peft stops calling the old name, bitsandbytes stops logging it or
-transformers stops printing.
+tests/test_compat.py fails once bitsandbytes stops logging it or transformers stops printing.
 """
 
 from __future__ import annotations
@@ -21,9 +17,7 @@ import importlib.abc
 import importlib.machinery
 import logging
 import sys
-import warnings
 
-GRADIENT_CHECKPOINTING = ".*gradient_checkpointing.* is deprecated"
 BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
 PRINTS_AT_IMPORT = "transformers.integrations.integration_utils"
 
@@ -53,7 +47,6 @@ class _PrintsToStderr(importlib.abc.MetaPathFinder):
 
 
 def apply() -> None:
-    warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING, category=FutureWarning)
     logging.getLogger(BNB_CPU_OPS_LOGGER).setLevel(logging.ERROR)
     if not any(isinstance(finder, _PrintsToStderr) for finder in sys.meta_path):
         sys.meta_path.insert(0, _PrintsToStderr())

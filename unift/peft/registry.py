@@ -228,7 +228,6 @@ def wrap_model(model: Any, method: MethodSpec, options: Any, spec: ModelSpec, re
     from unift import compat
 
     compat.apply()
-    compat.peft_adapters.freeze_ranknum(wrapped)  # peft 0.21's fp32 upcast makes AdaLoRA's ranknum trainable
     return wrapped
 
 
@@ -251,7 +250,7 @@ def merge_refusal(method: MethodSpec, peft_config: Any) -> str:
 
 
 def load_adapter(model: Any, adapter_dir: str, trainable: bool = False):
-    """PeftModel.from_pretrained, with the adapter's weights exactly as saved (peft 0.21 rounds them to a
+    """PeftModel.from_pretrained, with the adapter's weights exactly as saved (peft rounds them to a
     half-precision base's dtype: unift.compat.peft_adapters); `trainable`: to train it further."""
     from peft import PeftModel
 
@@ -264,6 +263,4 @@ def load_adapter(model: Any, adapter_dir: str, trainable: bool = False):
     except (ValueError, KeyError, RuntimeError) as err:
         raise UniftError(f"cannot load the adapter in {adapter_dir}: {str(err).splitlines()[0]}") from err
     compat.peft_adapters.reload_saved_weights(wrapped, adapter_dir)
-    if trainable:
-        compat.peft_adapters.freeze_ranknum(wrapped)
     return wrapped
