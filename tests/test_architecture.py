@@ -290,3 +290,28 @@ def test_only_the_registries_list_methods_and_families():
               for line, kind, hits in name_tables(path.read_text(encoding="utf-8"), names)
               if not (kind == "families" and str(path.relative_to(PACKAGE.parent)) in NOT_FAMILY_TABLES)]
     assert tables == []
+
+
+# Which engine a run scales out with is decided once (unift.train.scaling); compat's keep-out reads the
+# launcher's environment too, before anything is imported, to keep DeepSpeed out of runs that cannot use it.
+ENGINE_DECIDERS = {"unift/train/scaling.py", "unift/compat/keep_out.py"}
+ENGINE_INPUTS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                 "args.deepspeed")
+
+
+def test_only_the_scaling_module_decides_the_engine():
+    readers = sorted(f"{path.relative_to(PACKAGE.parent)}: {word}" for path in PACKAGE.rglob("*.py")
+                     for word in ENGINE_INPUTS
+                     if str(path.relative_to(PACKAGE.parent)) not in ENGINE_DECIDERS
+                     and any(word in line and not line.lstrip().startswith("#")
+                             for line in _code_lines(path)))
+    assert readers == []
+
+
+def _code_lines(path: Path) -> list[str]:
+    """The module's lines outside its docstrings (a docstring may name what it is about)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = {n for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+            and ast.get_docstring(node) is not None
+            for n in range(node.body[0].lineno, node.body[0].end_lineno + 1)}
+    return [line for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if i not in docs]

@@ -201,11 +201,11 @@ def test_engines_that_cannot_run_them_are_refused_before_loading(tiny_model, dat
 
 
 def test_layerwise_and_badam_are_refused_across_processes(monkeypatch):
-    from unift.train.scaling import check_engine
+    from unift.train.scaling import decide_scaling
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: DDP
     for optim, message in (("galore_adamw_layerwise", "which transformers does not support across processes"),
                            ("badam", "runs in one process")):
         with pytest.raises(UniftError, match=message):
-            check_engine(TrainArgs(peft_type="full", optim=optim))
-    check_engine(TrainArgs(peft_type="full", optim="galore_adamw"))  # measured: ranks stay equal under DDP
+            decide_scaling(TrainArgs(peft_type="full", optim=optim))
+    assert decide_scaling(TrainArgs(peft_type="full", optim="galore_adamw")).engine == "ddp"  # measured: ranks stay equal under DDP

@@ -32,8 +32,9 @@ def test_fsdp_config_builds_accelerates_fsdp2_plugin_and_takes_peft_wrap_policy(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import unift.train.engines
-    from unift.train.engines import prepare_engine
+    import unift.train.scaling
+    from unift.train.engines import prepare_engine, prepare_process
+    from unift.train.scaling import decide_scaling
 
     env = accelerate_env(REPO / "configs" / "accelerate" / "fsdp.yaml")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
@@ -42,11 +43,14 @@ def test_fsdp_config_builds_accelerates_fsdp2_plugin_and_takes_peft_wrap_policy(
     assert env["FSDP_SYNC_MODULE_STATES"] == env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: True)
-    assert unift.train.engines.prepare_process(TrainArgs()) == "fsdp"
+    monkeypatch.setattr(unift.train.scaling, "has_accelerator", lambda: True)
+    on_gpu = decide_scaling(TrainArgs())
+    assert on_gpu.engine == "fsdp" and on_gpu.accelerator and on_gpu.sharded
+    prepare_process(on_gpu)
     assert os.environ["FSDP_SYNC_MODULE_STATES"] == "true"  # a GPU run: the config as written
-    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: False)
-    unift.train.engines.prepare_process(TrainArgs())
+    monkeypatch.setattr(unift.train.scaling, "has_accelerator", lambda: False)
+    scaling = decide_scaling(TrainArgs())
+    prepare_process(scaling)
     assert os.environ["FSDP_SYNC_MODULE_STATES"] == os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
@@ -56,7 +60,7 @@ def test_fsdp_config_builds_accelerates_fsdp2_plugin_and_takes_peft_wrap_policy(
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainer = SimpleNamespace(args=TrainArgs(), accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no FSDP state to set
-    prepare_engine(trainer, model)
+    prepare_engine(trainer, model, scaling)
     policy = plugin.auto_wrap_policy
     lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
     decoder = model.base_model.model.model.layers[0]
@@ -92,28 +96,33 @@ def test_deepspeed_config_is_accepted_by_training_arguments(config, tmp_path):
 
 @pytest.mark.parametrize("config", DEEPSPEED, ids=lambda p: p.name)
 def test_on_a_cpu_deepspeed_gets_torch_adamw_and_the_file_is_otherwise_unchanged(config, monkeypatch):
-    import unift.train.engines
+    import unift.train.scaling
 
     args = TrainArgs(deepspeed=str(config))
-    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: True)
-    assert unift.train.engines.deepspeed_setting(args) == str(config)  # GPUs: the file as it is
-    monkeypatch.setattr(unift.train.engines, "has_accelerator", lambda: False)
-    setting = unift.train.engines.deepspeed_setting(args)
+    monkeypatch.setattr(unift.train.scaling, "has_accelerator", lambda: True)
+    assert unift.train.scaling.decide_scaling(args).trainer_deepspeed() == str(config)  # GPUs: the file as it is
+    monkeypatch.setattr(unift.train.scaling, "has_accelerator", lambda: False)
+    setting = unift.train.scaling.decide_scaling(args).trainer_deepspeed()
     assert setting == {**json.loads(config.read_text()), "zero_force_ds_cpu_optimizer": False}
 
 
 def test_sharding_engines_drop_the_levers_that_touch_sharded_weights(monkeypatch, tmp_path):
     from unift.accel import OPTIMIZATIONS
     from unift.train.engines import engine_optimizations
+    from unift.train.scaling import decide_scaling
 
-    assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == OPTIMIZATIONS
+    def levers(args: TrainArgs) -> tuple[str, ...]:
+        return engine_optimizations(args, decide_scaling(args), OPTIMIZATIONS)
+
+    assert levers(TrainArgs()) == OPTIMIZATIONS
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert engine_optimizations(TrainArgs(), OPTIMIZATIONS) == tuple(
+    assert levers(TrainArgs()) == tuple(
         o for o in OPTIMIZATIONS if o not in ("label_loss", "bf16_storage", "merged_sampling"))
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     config = tmp_path / "ds.json"
     config.write_text('{"zero_optimization": {"stage": 2}}')
-    assert engine_optimizations(TrainArgs(deepspeed=str(config)), OPTIMIZATIONS) == tuple(
+    assert decide_scaling(TrainArgs(deepspeed=str(config))).key == "zero2"
+    assert levers(TrainArgs(deepspeed=str(config))) == tuple(
         o for o in OPTIMIZATIONS if o not in ("bf16_storage", "merged_sampling"))
 
 
@@ -125,15 +134,15 @@ def test_bad_deepspeed_file_is_named(tmp_path, capsys):
 
 
 def test_an_8bit_base_is_refused_for_sharding_engines(monkeypatch):
-    import unift.train.scaling
+    from unift.train.scaling import decide_scaling
 
     zero3 = str(REPO / "configs" / "deepspeed" / "zero3.json")
     with pytest.raises(UniftError, match="an 8-bit base cannot be sharded by ZeRO-3"):
-        unift.train.scaling.check_engine(TrainArgs(quantization_bit=8, deepspeed=zero3))
-    assert unift.train.scaling.check_engine(TrainArgs(quantization_bit=8,
-                                                deepspeed=str(REPO / "configs/deepspeed/zero2.json"))) == "deepspeed"
-    qlora = TrainArgs(peft_type="qlora", deepspeed=zero3)
-    assert unift.train.scaling.check_engine(qlora) == "deepspeed" and unift.train.scaling.sharded_quantized_storage(qlora)
+        decide_scaling(TrainArgs(quantization_bit=8, deepspeed=zero3))
+    zero2 = decide_scaling(TrainArgs(quantization_bit=8, deepspeed=str(REPO / "configs/deepspeed/zero2.json")))
+    assert (zero2.engine, zero2.zero_stage, zero2.sharded) == ("deepspeed", 2, False)
+    qlora = decide_scaling(TrainArgs(peft_type="qlora", deepspeed=zero3))
+    assert (qlora.engine, qlora.key, qlora.sharded) == ("deepspeed", "zero3", True)
 
 
 def test_qlora_for_sharding_engines_packs_4bit_weights_in_the_compute_dtype(tiny_model):
@@ -149,3 +158,24 @@ def test_qlora_for_sharding_engines_packs_4bit_weights_in_the_compute_dtype(tiny
     assert packed and all(p.dtype == torch.bfloat16 for p in packed)
     plain = load_model(str(tiny_model("qwen2")), spec, quantization_bit=4, compute_dtype=torch.bfloat16)
     assert all(p.dtype == torch.uint8 for p in plain.parameters() if type(p).__name__ == "Params4bit")
+
+
+def test_the_engine_is_decided_once_with_its_stage_and_layout(monkeypatch, tmp_path):
+    """The engine key names the checkpoint layout: one CPU process under an FSDP config trains as a single
+    process (unift shards a CPU run only across processes), ZeRO's stage is part of the key."""
+    import unift.train.scaling
+    from unift.train.scaling import decide_scaling
+
+    monkeypatch.setattr(unift.train.scaling, "has_accelerator", lambda: False)
+    assert decide_scaling(TrainArgs()).key == "single"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert decide_scaling(TrainArgs()).key == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert decide_scaling(TrainArgs()).key == "fsdp"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert (decide_scaling(TrainArgs()).engine, decide_scaling(TrainArgs()).key) == ("fsdp", "single")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate's DeepSpeed plugin, no --deepspeed
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    ds = decide_scaling(TrainArgs())
+    assert (ds.engine, ds.zero_stage, ds.key, ds.sharded, ds.trainer_deepspeed()) == ("deepspeed", 3, "zero3", True, None)

@@ -16,35 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from unift.runtime import is_main_process, world_size
-from unift.train.scaling import deepspeed_config, engine, has_accelerator
+from unift.train.scaling import Scaling
 
 log = logging.getLogger("unift")
 
-# Speed levers that read a weight outside its module's forward: under FSDP2 that weight is still a sharded
-# DTensor there (measured: "aten.mm.default got mixed torch.Tensor and DTensor" in label_loss).
-FSDP_UNSAFE_LEVERS = {"label_loss": "it reads the output layer's weight, which FSDP shards, outside that layer"}
-# Sharding engines flatten, cast and partition the frozen weights themselves.
-SHARDED_UNSAFE_LEVERS = {"bf16_storage": "the engine stores and casts the weights it shards itself",
-                         "merged_sampling": "a copy of the policy would hold this process's shard only"}
 
-
-def prepare_process(args: Any) -> str:
-    """Before anything starts the engine (the Trainer does); returns the engine's name."""
-    name = engine(args)
-    if name == "deepspeed" and not has_accelerator():
+def prepare_process(scaling: Scaling) -> None:
+    """Before anything starts the engine (the Trainer does)."""
+    if scaling.engine == "deepspeed" and not scaling.accelerator:
         from unift.compat import deepspeed_cpu
 
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         deepspeed_cpu.skip_shm_comm_build()
-    if name == "fsdp" and not has_accelerator():
+    if scaling.engine == "fsdp" and not scaling.accelerator:
         # Both make rank 0 load the weights and broadcast them from a device; accelerate refuses them on a
         # CPU, and unift loads the same weights on every rank anyway.
         os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
-    return name
 
 
-def engine_optimizations(args: Any, wanted: tuple[str, ...]) -> tuple[str, ...]:
+def engine_optimizations(args: Any, scaling: Scaling, wanted: tuple[str, ...]) -> tuple[str, ...]:
     """The speed levers the engine and the run's flags can take (--optimizations names what may apply)."""
     if getattr(args, "neftune_noise_alpha", None) is not None and "padding_free" in wanted:
         # The Trainer's NEFTune scales its noise by 1/sqrt(row length): a packed row of several examples
@@ -53,33 +44,19 @@ def engine_optimizations(args: Any, wanted: tuple[str, ...]) -> tuple[str, ...]:
             log.info("with --neftune_noise_alpha, not applied: padding_free (NEFTune scales its noise by the "
                      "row's length, and a packed row holds several examples)")
         wanted = tuple(name for name in wanted if name != "padding_free")
-    name = engine(args)
-    unsafe = {**SHARDED_UNSAFE_LEVERS, **(FSDP_UNSAFE_LEVERS if name == "fsdp" else {})}
-    if name not in ("fsdp", "deepspeed"):
-        return wanted
+    unsafe = scaling.unsafe_levers()
     dropped = [lever for lever in wanted if lever in unsafe]
     if dropped and is_main_process():
-        log.info("under %s, not applied: %s", "FSDP" if name == "fsdp" else "DeepSpeed",
+        log.info("under %s, not applied: %s", "FSDP" if scaling.engine == "fsdp" else "DeepSpeed",
                  "; ".join(f"{n} ({unsafe[n]})" for n in dropped))
     return tuple(lever for lever in wanted if lever not in unsafe)
 
 
-def deepspeed_setting(args: Any) -> str | dict | None:
-    """What TrainingArguments(deepspeed=...) gets: the file as given on a GPU; on a CPU its contents with
-    DeepSpeed's own C++ optimizer (cpu_adam, compiled at start: ~4 minutes measured) replaced by torch's
-    AdamW, which DeepSpeed takes with `zero_force_ds_cpu_optimizer: false`."""
-    if not args.deepspeed or has_accelerator():
-        return args.deepspeed
-    config = deepspeed_config(args.deepspeed)
-    config["zero_force_ds_cpu_optimizer"] = False
-    return config
-
-
-def prepare_engine(trainer: Any, model: Any) -> None:
+def prepare_engine(trainer: Any, model: Any, scaling: Scaling) -> None:
     """After the Trainer is built, before it trains. FSDP gets PEFT's auto-wrap policy: each layer with
     trainable weights becomes its own unit, so FSDP never groups frozen and trained weights (or bf16 and
     fp32 ones) together; its checkpoints get the whole adapter beside the sharded state."""
-    if engine(trainer.args) == "fsdp" and not has_accelerator() and world_size() > 1:
+    if scaling.engine == "fsdp" and not scaling.accelerator and scaling.world_size > 1:
         from unift.compat import accelerate_fsdp
 
         accelerate_fsdp.use_fsdp_state(trainer)
@@ -88,7 +65,7 @@ def prepare_engine(trainer: Any, model: Any) -> None:
         from peft.utils.other import fsdp_auto_wrap_policy
 
         plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-        trainer.save_whole = lambda folder: save_adapter(trainer, model, folder)
+        trainer.save_whole = lambda folder: save_adapter(trainer, model, folder, scaling)
 
 
 def _gathered_adapter(model: Any) -> dict[str, Any]:
@@ -105,17 +82,16 @@ def _gathered_adapter(model: Any) -> dict[str, Any]:
     return whole
 
 
-def save_adapter(trainer: Any, model: Any, folder: str | Path) -> None:
+def save_adapter(trainer: Any, model: Any, folder: str | Path, scaling: Scaling) -> None:
     """Write the adapter whole into `folder`; every rank calls it. DeepSpeed: the Trainer's save_model (it
     gathers ZeRO-3's partitions); FSDP: the shards gathered, then written by the main process; DDP and one
     process hold the whole adapter already. A method that trains the model itself (full, freeze): the
     whole model, as the Trainer writes it into checkpoints (save_pretrained, safetensors)."""
-    name = engine(trainer.args)
     method = getattr(trainer, "method", None)
-    if name == "deepspeed" or (method is not None and method.holds_model):
+    if scaling.engine == "deepspeed" or (method is not None and method.holds_model):
         trainer.save_model(str(folder))
         return
-    state_dict = _gathered_adapter(model) if name == "fsdp" and world_size() > 1 else None
+    state_dict = _gathered_adapter(model) if scaling.engine == "fsdp" and scaling.world_size > 1 else None
     if trainer.is_world_process_zero():
         model.save_pretrained(folder, state_dict=state_dict)
 

@@ -237,8 +237,6 @@ def estimate(args: Any, prepared: PreparedRun, model: Any, *, padding_free: bool
     """The predicted peak of this process for the run, from the loaded model and the data's lengths."""
     import torch
 
-    from unift.train.scaling import engine, zero_stage
-
     device = prepared.device
     on_gpu = device.startswith("cuda")
     params = list(model.parameters())
@@ -250,15 +248,16 @@ def estimate(args: Any, prepared: PreparedRun, model: Any, *, padding_free: bool
     opt_state = optimizer_bytes(optimizer) * trainable
     if optimizer == "badam":  # AdamW over one block (decoder layer) at a time
         opt_state = 8.0 * trainable / max(1, _cfg(model.config, "num_hidden_layers", "n_layer", default=1))
-    name, world = engine(args), world_size()
+    scaling = prepared.scaling
+    name, world = scaling.engine, scaling.world_size
     extra = 0.0
     if name == "ddp":
         extra = grads  # the gradient buckets all-reduce works on: a second copy of the gradients
-    elif name == "fsdp" or (name == "deepspeed" and zero_stage(args) == 3):
+    elif scaling.sharded:
         extra = -weights * (1 - 1 / world)  # every rank loaded the whole model; each keeps its shard
         grads, opt_state = grads / world, opt_state / world
-    elif name == "deepspeed" and zero_stage(args) in (1, 2):
-        grads, opt_state = (grads if zero_stage(args) == 1 else grads / world), opt_state / world
+    elif name == "deepspeed" and scaling.zero_stage in (1, 2):
+        grads, opt_state = (grads if scaling.zero_stage == 1 else grads / world), opt_state / world
     lengths = example_lengths(prepared.train, args)
     batches = planned_batches(lengths, args, padding_free=padding_free, multiple=multiple, steps=steps,
                               seed=args.seed)

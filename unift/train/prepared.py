@@ -16,6 +16,7 @@ from unift.models.dtypes import DtypePlan
 from unift.models.loading import resolve_model_path
 from unift.peft import MethodSpec
 from unift.runtime import is_main_process, world_size
+from unift.train.scaling import Scaling
 from unift.train.stages.registry import StageSpec, get_stage
 
 log = logging.getLogger("unift")
@@ -39,10 +40,11 @@ class PreparedData:
 
 @dataclass(frozen=True)
 class PreparedRun(PreparedData):
-    """PreparedData and what the machine decided: the device, the dtype plan, the multiple every batch is
-    padded to (the speed levers' choice) and the collator that pads them."""
+    """PreparedData and what the machine decided: the device, the engine it scales out with, the dtype plan,
+    the multiple every batch is padded to (the speed levers' choice) and the collator that pads them."""
 
     device: str = "cpu"
+    scaling: Scaling = Scaling()
     plan: DtypePlan | None = None
     shape_multiple: int = 1
     collator: Any = None

@@ -22,7 +22,6 @@ from unift.runtime import library_versions, peak_rss_mib, world_size, write_json
 from unift.train.parent import parent_record
 from unift.train.prepared import PreparedRun
 from unift.train.progress import LOSS_PLOT, plot_losses, reward_history
-from unift.train.scaling import describe_batch
 
 log = logging.getLogger("unift")
 
@@ -37,7 +36,7 @@ def announce(args: Any, prepared: PreparedRun, accel: Any, trainable: int, total
         "" if args.stage == "sft" else f"--stage {args.stage}: ", prepared.path, prepared.spec.name,
         prepared.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
         len(prepared.train), len(prepared.val), stats["truncated"], args.cutoff_len,
-        prepared.template.name, prepared.plan.compute, describe_batch(args),
+        prepared.template.name, prepared.plan.compute, prepared.scaling.describe_batch(args),
     )
     accel.skipped.update(not_for_stage)
     log.info("optimizations: %s", accel.summary())

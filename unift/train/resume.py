@@ -20,8 +20,8 @@ from typing import Any
 
 from unift.compat.trainer_resume import ResumeOverrides
 from unift.errors import UniftError
-from unift.runtime import world_size, write_json_atomic
-from unift.train.scaling import engine, has_accelerator, zero_stage
+from unift.runtime import write_json_atomic
+from unift.train.scaling import Scaling
 
 log = logging.getLogger("unift")
 
@@ -41,15 +41,6 @@ def canonical(name: str) -> str:
 def engine_key(name: str, stage: int) -> str:
     """single, ddp, fsdp, zero1, zero2 or zero3: engines whose checkpoints differ in layout."""
     return f"zero{stage}" if name == "deepspeed" else name
-
-
-def planned_engine(args: Any) -> tuple[str, int]:
-    """(engine key, world size) before the Trainer exists, from the launcher and the flags. unift shards a
-    CPU run under FSDP only with several processes, so one CPU process under an FSDP config runs single."""
-    name, world = engine(args), world_size()
-    if name == "fsdp" and world == 1 and not has_accelerator():
-        name = "single"
-    return engine_key(name, zero_stage(args) if name == "deepspeed" else 0), world
 
 
 def trained_parameters(model: Any) -> list[tuple[str, Any]]:
@@ -197,7 +188,7 @@ def _read_json(path: Path) -> dict | None:
         raise UniftError(f"{path}: unreadable ({err})") from None
 
 
-def plan_resume(args: Any, checkpoint: str | Path) -> ResumePlan:
+def plan_resume(args: Any, checkpoint: str | Path, scaling: Scaling) -> ResumePlan:
     """Check that `checkpoint` can continue as this run and decide how; one clear line when it cannot. Sets
     args.gradient_accumulation_steps so that the global batch stays the checkpoint's."""
     folder = Path(checkpoint)
@@ -208,7 +199,7 @@ def plan_resume(args: Any, checkpoint: str | Path) -> ResumePlan:
             raise UniftError(f"--resume_from_checkpoint {folder}: trained with {flag} {card[field]}, this run "
                              f"asks for {flag} {mine}; resume with the flags it was trained with")
     written = _read_json(folder / CARD_FILE)
-    key, world = planned_engine(args)
+    key, world = scaling.key, scaling.world_size
     if written is None:
         ranks = len(list(folder.glob("rng_state_*.pth")))
         if ranks > 1 and ranks != world:

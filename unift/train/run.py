@@ -36,7 +36,7 @@ from unift.train.plan import check_memory
 from unift.train.prepared import PreparedData, PreparedRun, prepare
 from unift.train.report import announce, run_card, write_metrics
 from unift.train.resume import ResumePlan, check_shapes, plan_resume, prepare_resume
-from unift.train.scaling import check_engine, sharded_quantized_storage
+from unift.train.scaling import Scaling, decide_scaling
 from unift.train.stages import stage_levers
 from unift.train.trainer import build_trainer
 
@@ -78,30 +78,33 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def start_process(args: TrainArgs) -> None:
-    """Before any data or weights: the engine's checks, the process group, the run folder, the seed, the
+def start_process(args: TrainArgs) -> Scaling:
+    """Before any data or weights: the engine (decided and checked), the run folder, the seed, the
     allocator's settings."""
     from transformers import set_seed
 
     args.output_dir = args.output_dir or default_output_dir(args)
-    check_engine(args)
-    prepare_process(args)
+    scaling = decide_scaling(args)
+    prepare_process(scaling)
     check_output_dir(args.output_dir)  # before anything loads: a bad folder costs seconds, not a run
     set_seed(args.seed)
     if args.release_memory and allocator_in_use():
         log.info("--release_memory tunes glibc's malloc; %s returns freed memory by itself", allocator_in_use())
     elif args.release_memory and not release_freed_memory():
         log.warning("warning: --release_memory needs glibc's malloc; this C library's keeps freed memory")
+    return scaling
 
 
-def decide_dtypes(args: TrainArgs, data: PreparedData, device: str) -> tuple[PreparedRun, tuple[str, ...], dict]:
+def decide_dtypes(args: TrainArgs, data: PreparedData, device: str,
+                  scaling: Scaling) -> tuple[PreparedRun, tuple[str, ...], dict]:
     """The run's dtypes, decided once (the card records these, not what the loaded model reports), and the
-    speed levers the stage takes (with why the others are left out)."""
-    wanted, not_for_stage = stage_levers(data.stage, engine_optimizations(args, parse_optimizations(args.optimizations)))
+    speed levers the engine and the stage take (with why the others are left out)."""
+    levers = engine_optimizations(args, scaling, parse_optimizations(args.optimizations))
+    wanted, not_for_stage = stage_levers(data.stage, levers)
     plan = training_plan(args.compute_dtype, device, quantization_bit=args.quantization_bit,
-                         half_base="base_dtype" in wanted, sharded=sharded_quantized_storage(args),
+                         half_base="base_dtype" in wanted, sharded=scaling.sharded,
                          trains_weights=data.method.holds_model)
-    return PreparedRun.of(data, device=device, plan=plan), wanted, not_for_stage
+    return PreparedRun.of(data, device=device, scaling=scaling, plan=plan), wanted, not_for_stage
 
 
 def load_and_wrap(args: TrainArgs, prepared: PreparedRun, resuming: ResumePlan | None) -> tuple[Any, SimpleNamespace]:
@@ -135,7 +138,7 @@ def save_and_report(args: TrainArgs, prepared: PreparedRun, trainer: Any, model:
                     accel: Any, wall: float, resuming: ResumePlan | None, parameters: tuple[int, int]) -> dict[str, Any]:
     """The adapter (or model), tokenizer, run card and metrics in the run folder; the metrics (main process)."""
     out = Path(args.output_dir)
-    save_adapter(trainer, model, out)  # every rank: sharded engines gather the adapter first (full: the model)
+    save_adapter(trainer, model, out, prepared.scaling)  # every rank: sharded engines gather the adapter first (full: the model)
     card.scaling = scaling_record(trainer, resuming.record() if resuming else None)  # every rank: gathers memory
     if not trainer.is_world_process_zero():
         return {}
@@ -151,13 +154,13 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
     from unift import compat
 
     compat.apply()
-    start_process(args)
+    scaling = start_process(args)
     resume = resolve_resume(args)
     # Before anything counts steps or batches: a checkpoint keeps its global batch (the accumulation adjusts)
-    resuming = plan_resume(args, resume) if resume else None
+    resuming = plan_resume(args, resume, scaling) if resume else None
     device = training_device(args.device)  # a device the machine lacks fails before any work is done
     data = prepare(args)
-    prepared, wanted, not_for_stage = decide_dtypes(args, data, device)
+    prepared, wanted, not_for_stage = decide_dtypes(args, data, device, scaling)
     model, options = load_and_wrap(args, prepared, resuming)
     accel = prepare_training(model, prepared.spec, prepared.method, wanted, device=device.split(":")[0],
                              compute=prepared.plan.compute_dtype, padding_free_asked=args.padding_free,
@@ -177,7 +180,7 @@ def train(args: TrainArgs, callbacks: list | None = None, probe: Any = None) -> 
     card = run_card(args, prepared)
     stop = StopOnSignal()
     trainer = build_trainer(args, prepared, model, card, [stop.callback(), *(callbacks or [])])
-    prepare_engine(trainer, model)
+    prepare_engine(trainer, model, scaling)
     prepare_resume(trainer, model, resuming)  # another engine or world size: the weights from the neutral state
     started = time.perf_counter()
     stop.install()

@@ -11,7 +11,6 @@ from unift.models.runcard import RunCard
 from unift.options import trainer_fields
 from unift.runtime import world_size
 from unift.train.checkpoints import AtomicCheckpoints
-from unift.train.engines import deepspeed_setting
 from unift.train.hooks import UniftHooks
 from unift.train.optim import low_rank_targets
 from unift.train.prepared import PreparedRun
@@ -60,7 +59,7 @@ def build_trainer(args: Any, prepared: PreparedRun, model, card: RunCard,
         fp16=dtype == "fp16",
         use_cpu=not on_gpu,
         report_to=report_targets(args.report_to, args.output_dir) or "none",
-        deepspeed=deepspeed_setting(args),
+        deepspeed=prepared.scaling.trainer_deepspeed(),
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
