@@ -3,6 +3,11 @@ each optimizer, in its own process, one after the other, on the same data (--dat
 learning rate and number of steps.
 
     nice -n 10 python bench/optimizer_memory.py [--steps 20] [--batch 4] [--optims adamw_torch,galore_adamw,...]
+        [--model embedded|scale]
+
+--model scale trains a randomly initialised decoder of SmolLM2-360M's shape (bench/fair.py, stored once in
+bf16 under the bench cache) with the embedded model's tokenizer instead: the memory columns at that size
+(random weights change what the loss does, not what the optimizer holds).
 
 Per optimizer, measured inside its process (a TrainerCallback):
 - peak RSS: the process's high-water mark (loading included), and the RSS when training starts (weights
@@ -57,7 +62,19 @@ def optimizer_bytes(optimizer) -> int:
     return sum(_tensor_bytes(state) for state in inner.state.values())
 
 
-def one(optim: str, steps: int, batch: int, out: Path) -> dict:
+def model_flags(model: str) -> dict:
+    """The TrainArgs that pick the model: the embedded one, or the random 360M-shaped decoder."""
+    if model == "embedded":
+        return {}
+    sys.path.insert(0, str(REPO / "bench"))
+    from fair import scale_checkpoint
+
+    from unift.models import embedded_model_dir
+
+    return {"model_type": "llama", "model_name_or_path": str(scale_checkpoint(embedded_model_dir()))}
+
+
+def one(optim: str, steps: int, batch: int, out: Path, model: str = "embedded") -> dict:
     """Train with `optim` in this process; what the callback measured."""
     from transformers import TrainerCallback
 
@@ -89,12 +106,13 @@ def one(optim: str, steps: int, batch: int, out: Path) -> dict:
 
     measure = Measure()
     args = TrainArgs(peft_type="full", optim=optim, data=["arith"], max_steps=steps, per_gpu_train_batch_size=batch,
-                     learning_rate=1e-4, logging_steps=1, save_steps=100000, output_dir=str(out), report_to="none")
+                     learning_rate=1e-4, logging_steps=1, save_steps=100000, output_dir=str(out), report_to="none",
+                     **model_flags(model))
     result = train(args, callbacks=[measure])
     losses = [point["loss"] for point in result.metrics["loss_curve"]]
     return {"optim": optim, "peak_rss_mib": peak_rss_mib(), "start_rss_mib": measure.start_rss,
             "state_mib": measure.state_bytes / MIB, "grad_mib": measure.grad_bytes / MIB,
-            "step_s": statistics.median(measure.times[1:]), "loss_last": losses[-1],
+            "step_s": statistics.median(measure.times[1:] or measure.times), "loss_last": losses[-1],
             "loss_last5": statistics.fmean(losses[-5:]), "compute_dtype": result.metrics["compute_dtype"],
             "parameters": result.metrics["total_parameters"]}
 
@@ -119,11 +137,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--optims", default=",".join(OPTIMS))
+    parser.add_argument("--model", choices=("embedded", "scale"), default="embedded")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: train with this optimizer, print JSON
     parser.add_argument("--out", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.one:
-        print("RESULT " + json.dumps(one(opts.one, opts.steps, opts.batch, Path(opts.out))), flush=True)
+        print("RESULT " + json.dumps(one(opts.one, opts.steps, opts.batch, Path(opts.out), opts.model)), flush=True)
         return
     sys.path.insert(0, str(REPO / "bench"))
     from common import machine
@@ -133,7 +152,7 @@ def main() -> None:
         for i, optim in enumerate(opts.optims.split(",")):
             print(f"{optim} ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, "--one", optim, "--out", f"{folder}/run{i}", "--steps",
-                                   str(opts.steps), "--batch", str(opts.batch)], capture_output=True, text=True,
+                                   str(opts.steps), "--batch", str(opts.batch), "--model", opts.model], capture_output=True, text=True,
                                   cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not found:
@@ -142,7 +161,8 @@ def main() -> None:
             rows.append(json.loads(found[-1][len("RESULT "):]))
             print("  " + json.dumps(rows[-1]), file=sys.stderr, flush=True)
     first = rows[0]
-    print(f"Full tuning of the embedded SmolLM2-135M ({first['parameters']:,} parameters), --data arith, "
+    what = "the embedded SmolLM2-135M" if opts.model == "embedded" else "a random SmolLM2-360M-shaped decoder"
+    print(f"Full tuning of {what} ({first['parameters']:,} parameters), --data arith, "
           f"{opts.steps} steps of {opts.batch} examples, lr 1e-4, compute {first['compute_dtype']}; {machine()}, "
           f"{time.strftime('%Y-%m-%d')}\n")
     print(table(rows))
