@@ -80,35 +80,60 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
     """Apply the chosen optimizations to a freshly wrapped PeftModel (or the plain model a method trains
     itself), in place (`restore` undoes them). `attention_asked`: --attn_implementation, which cpu_attention
     leaves as it is."""
-    from unift.accel.attention import register
-    from unift.accel.dropout import use_fast_dropout
-    from unift.accel.forward import TrainingForward
-    from unift.accel.layers import lean_layers
-    from unift.accel.lora import fuse_lora_layers
-    from unift.accel.storage import store_frozen_linears_in_bf16
-
     done = Acceleration(shape_multiple=SHAPE_MULTIPLE.get(device, 1))
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     quantized = bool(getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False))
     on_cpu = device == "cpu"
     if "base_dtype" in wanted:
-        if inner.dtype in (torch.bfloat16, torch.float16) and not quantized:
-            done.undo.append(_keep_adapter_inputs(peft_model))
-            done.applied.append(f"base_dtype ({dtype_name(inner.dtype)} frozen base)")
-        else:
-            done.skipped["base_dtype"] = "the base runs in fp32 (fp32 compute or a quantized base)"
+        _apply_base_dtype(done, peft_model, inner, quantized)
     if "bf16_storage" in wanted:
-        if compute != torch.float32 or inner.dtype != torch.float32 or quantized:
-            done.skipped["bf16_storage"] = "only for an fp32 base under fp32 compute"
-        elif getattr(method, "holds_model", False):
-            done.skipped["bf16_storage"] = f"--peft_type {method.name} saves the whole model in its checkpoints"
+        _apply_bf16_storage(done, inner, method, compute, quantized)
+    _apply_cpu_layer_levers(done, peft_model, wanted, on_cpu)
+    if "lean_layers" in wanted:
+        _apply_lean_layers(done, inner, compute)
+    _apply_training_forward(done, inner, spec, method, wanted, padding_free_asked)
+    if "cpu_attention" in wanted:
+        _apply_cpu_attention(done, inner, on_cpu, attention_asked)
+    if "merged_sampling" in wanted:  # only --stage grpo asks for it (unift.train.stages.stage_levers)
+        _apply_merged_sampling(done, peft_model)
+    for name in wanted:  # every lever asked for is either applied or said not to be, with the reason
+        if name not in done.skipped and not any(a.split(" ")[0] == name for a in done.applied):
+            done.skipped[name] = "nothing in this model for it to act on"
+    return done
+
+
+# Each lever below is applied to the model in place and recorded in `done`: applied, or skipped and why.
+
+
+def _apply_base_dtype(done: Acceleration, peft_model, inner, quantized: bool) -> None:
+    if inner.dtype in (torch.bfloat16, torch.float16) and not quantized:
+        done.undo.append(_keep_adapter_inputs(peft_model))
+        done.applied.append(f"base_dtype ({dtype_name(inner.dtype)} frozen base)")
+    else:
+        done.skipped["base_dtype"] = "the base runs in fp32 (fp32 compute or a quantized base)"
+
+
+def _apply_bf16_storage(done: Acceleration, inner, method, compute: torch.dtype, quantized: bool) -> None:
+    from unift.accel.storage import store_frozen_linears_in_bf16
+
+    if compute != torch.float32 or inner.dtype != torch.float32 or quantized:
+        done.skipped["bf16_storage"] = "only for an fp32 base under fp32 compute"
+    elif getattr(method, "holds_model", False):
+        done.skipped["bf16_storage"] = f"--peft_type {method.name} saves the whole model in its checkpoints"
+    else:
+        count, undo = store_frozen_linears_in_bf16(inner)
+        done.undo.append(undo)
+        if count:
+            done.applied.append(f"bf16_storage ({count} layers)")
         else:
-            count, undo = store_frozen_linears_in_bf16(inner)
-            done.undo.append(undo)
-            if count:
-                done.applied.append(f"bf16_storage ({count} layers)")
-            else:
-                done.skipped["bf16_storage"] = "no frozen projection holds only bf16 values (not a bf16 checkpoint)"
+            done.skipped["bf16_storage"] = "no frozen projection holds only bf16 values (not a bf16 checkpoint)"
+
+
+def _apply_cpu_layer_levers(done: Acceleration, peft_model, wanted: tuple[str, ...], on_cpu: bool) -> None:
+    """fused_lora and fast_dropout, in that order."""
+    from unift.accel.dropout import use_fast_dropout
+    from unift.accel.lora import fuse_lora_layers
+
     for name, apply, what in (("fused_lora", fuse_lora_layers, "layers"), ("fast_dropout", use_fast_dropout, "layers")):
         if name not in wanted:
             continue
@@ -122,13 +147,25 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
         else:
             done.skipped[name] = ("no LoRA layer to fuse" if name == "fused_lora"
                                   else "no dropout to replace (dropout 0, or the method has none)")
-    if "lean_layers" in wanted:
-        count, undo = lean_layers(inner, compute)
-        done.undo.append(undo)
-        if count:
-            done.applied.append(f"lean_layers ({count} modules)")
-        else:
-            done.skipped["lean_layers"] = f"no RMSNorm or SiLU-gated MLP in {type(inner).__name__} passed the check"
+
+
+def _apply_lean_layers(done: Acceleration, inner, compute: torch.dtype) -> None:
+    from unift.accel.layers import lean_layers
+
+    count, undo = lean_layers(inner, compute)
+    done.undo.append(undo)
+    if count:
+        done.applied.append(f"lean_layers ({count} modules)")
+    else:
+        done.skipped["lean_layers"] = f"no RMSNorm or SiLU-gated MLP in {type(inner).__name__} passed the check"
+
+
+def _apply_training_forward(done: Acceleration, inner, spec, method, wanted: tuple[str, ...],
+                            padding_free_asked: str) -> None:
+    """padding_free and label_loss, which both work through one TrainingForward installed on the model;
+    --padding_free true where it cannot apply is an error."""
+    from unift.accel.forward import TrainingForward
+
     why_not = TrainingForward.supported(inner)
     packing_reason = _padding_free_refusal(spec, method, why_not)
     if padding_free_asked == "true" and packing_reason:
@@ -150,31 +187,33 @@ def prepare_training(peft_model, spec, method, wanted: tuple[str, ...], *, devic
     if padding_free:
         done.padding_free = True
         done.applied.append("padding_free")
-    if "cpu_attention" in wanted:
-        if not on_cpu:
-            done.skipped["cpu_attention"] = "only CPUs need it"
-        elif attention_asked:  # the user's explicit choice is what runs
-            done.skipped["cpu_attention"] = f"--attn_implementation {attention_asked} was asked for"
-        elif _uses_attention_interface(inner):
-            before = inner.config._attn_implementation
-            inner.set_attn_implementation(register())
-            done.undo.append(lambda: inner.set_attn_implementation(before))
-            done.applied.append("cpu_attention")
-        else:
-            done.skipped["cpu_attention"] = f"{type(inner).__name__} computes attention in its own code"
-    if "merged_sampling" in wanted:  # only --stage grpo asks for it (unift.train.stages.stage_levers)
-        from unift.accel.sampling import use_merged_sampling
 
-        why, undo = use_merged_sampling(peft_model)
-        done.undo.append(undo)
-        if why is None:
-            done.applied.append("merged_sampling")
-        else:
-            done.skipped["merged_sampling"] = why
-    for name in wanted:  # every lever asked for is either applied or said not to be, with the reason
-        if name not in done.skipped and not any(a.split(" ")[0] == name for a in done.applied):
-            done.skipped[name] = "nothing in this model for it to act on"
-    return done
+
+def _apply_cpu_attention(done: Acceleration, inner, on_cpu: bool, attention_asked: str | None) -> None:
+    from unift.accel.attention import register
+
+    if not on_cpu:
+        done.skipped["cpu_attention"] = "only CPUs need it"
+    elif attention_asked:  # the user's explicit choice is what runs
+        done.skipped["cpu_attention"] = f"--attn_implementation {attention_asked} was asked for"
+    elif _uses_attention_interface(inner):
+        before = inner.config._attn_implementation
+        inner.set_attn_implementation(register())
+        done.undo.append(lambda: inner.set_attn_implementation(before))
+        done.applied.append("cpu_attention")
+    else:
+        done.skipped["cpu_attention"] = f"{type(inner).__name__} computes attention in its own code"
+
+
+def _apply_merged_sampling(done: Acceleration, peft_model) -> None:
+    from unift.accel.sampling import use_merged_sampling
+
+    why, undo = use_merged_sampling(peft_model)
+    done.undo.append(undo)
+    if why is None:
+        done.applied.append("merged_sampling")
+    else:
+        done.skipped["merged_sampling"] = why
 
 
 def _padding_free_refusal(spec, method, forward_refusal: str) -> str:

@@ -39,6 +39,58 @@ def _block_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return logits.float()
 
 
+def _softmax_pass(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                  block: int, one_pass: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One pass over the vocabulary's blocks with the softmax accumulated online: per row the log of the
+    normaliser, the target's logit, the normaliser itself and (`one_pass`) the unnormalised softmax @ weight."""
+    n, vocab = rows.shape[0], weight.shape[0]
+    index = torch.arange(n, device=rows.device)
+    top = torch.full((n,), float("-inf"), device=rows.device)
+    total = torch.zeros(n, device=rows.device)  # sum of exp(logit - top)
+    picked = torch.zeros(n, device=rows.device)  # the target's logit
+    mixed = torch.zeros(n, weight.shape[1], device=rows.device) if one_pass else None  # sum of exp * weight
+    for start in range(0, vocab, block):
+        stop = min(start + block, vocab)
+        logits = _block_logits(rows, weight, bias, start, stop)
+        inside = (targets >= start) & (targets < stop)
+        picked[inside] = logits[index[inside], targets[inside] - start]
+        new_top = torch.maximum(top, logits.amax(1))
+        rescale = torch.exp(top - new_top)
+        probs = logits.sub_(new_top[:, None]).exp_()
+        total.mul_(rescale).add_(probs.sum(1))
+        if one_pass:
+            mixed.mul_(rescale[:, None]).add_((probs.to(weight.dtype) @ weight[start:stop]).float())
+        top = new_top
+        del logits, probs
+    return top + total.log(), picked, total, mixed
+
+
+def _gradient_pass(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   lse: torch.Tensor, real: int, block: int, needs: tuple[bool, bool, bool]
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """A second pass, once the normaliser `lse` is known: the fp32 gradients (unscaled, the hidden one still
+    with the filler rows) of whichever of hidden, weight and bias `needs` names."""
+    need_hidden, need_weight, need_bias = needs
+    n, vocab = rows.shape[0], weight.shape[0]
+    index = torch.arange(n, device=rows.device)
+    grad_hidden = torch.zeros(n, weight.shape[1], device=rows.device) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+    for start in range(0, vocab, block):
+        stop = min(start + block, vocab)
+        probs = _block_logits(rows, weight, bias, start, stop).sub_(lse[:, None]).exp_()
+        inside = (targets >= start) & (targets < stop)
+        probs[index[inside], targets[inside] - start] -= 1
+        probs[real:] = 0  # the filler rows contribute nothing
+        if need_hidden:
+            grad_hidden.add_((probs.to(weight.dtype) @ weight[start:stop]).float())
+        if need_weight:
+            grad_weight[start:stop] = probs.t() @ rows.float()
+        if need_bias:
+            grad_bias[start:stop] = probs.sum(0)
+    return grad_hidden, grad_weight, grad_bias
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(hidden @ weight.T + bias, target) * scale, gradient computed in forward."""
 
@@ -52,27 +104,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if real % ROWS_MULTIPLE:  # filler rows of zeros, their target 0, dropped from every result below
             rows = torch.cat([rows, rows.new_zeros(-real % ROWS_MULTIPLE, rows.shape[1])])
             targets = torch.cat([targets, targets.new_zeros(rows.shape[0] - real)])
-        n, vocab = rows.shape[0], weight.shape[0]
-        index = torch.arange(n, device=rows.device)
-        top = torch.full((n,), float("-inf"), device=rows.device)
-        total = torch.zeros(n, device=rows.device)  # sum of exp(logit - top)
-        picked = torch.zeros(n, device=rows.device)  # the target's logit
         one_pass = need_hidden and not (need_weight or need_bias)
-        mixed = torch.zeros(n, weight.shape[1], device=rows.device) if one_pass else None  # sum of exp * weight
-        for start in range(0, vocab, block):
-            stop = min(start + block, vocab)
-            logits = _block_logits(rows, weight, bias, start, stop)
-            inside = (targets >= start) & (targets < stop)
-            picked[inside] = logits[index[inside], targets[inside] - start]
-            new_top = torch.maximum(top, logits.amax(1))
-            rescale = torch.exp(top - new_top)
-            probs = logits.sub_(new_top[:, None]).exp_()
-            total.mul_(rescale).add_(probs.sum(1))
-            if one_pass:
-                mixed.mul_(rescale[:, None]).add_((probs.to(weight.dtype) @ weight[start:stop]).float())
-            top = new_top
-            del logits, probs
-        lse = top + total.log()
+        lse, picked, total, mixed = _softmax_pass(rows, weight, bias, targets, block, one_pass)
         loss = (lse - picked)[:real].sum() * scale
 
         grad_hidden = grad_weight = grad_bias = None
@@ -81,21 +114,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = mixed.div_(total[:, None]).sub_(weight[targets].float())
             grad_hidden = grad[:real].mul_(scale).to(hidden.dtype)
         elif need_hidden or need_weight or need_bias:
-            grad_hidden = torch.zeros(n, weight.shape[1], device=rows.device) if need_hidden else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
-            for start in range(0, vocab, block):
-                stop = min(start + block, vocab)
-                probs = _block_logits(rows, weight, bias, start, stop).sub_(lse[:, None]).exp_()
-                inside = (targets >= start) & (targets < stop)
-                probs[index[inside], targets[inside] - start] -= 1
-                probs[real:] = 0  # the filler rows contribute nothing
-                if need_hidden:
-                    grad_hidden.add_((probs.to(weight.dtype) @ weight[start:stop]).float())
-                if need_weight:
-                    grad_weight[start:stop] = probs.t() @ rows.float()
-                if need_bias:
-                    grad_bias[start:stop] = probs.sum(0)
+            grad_hidden, grad_weight, grad_bias = _gradient_pass(rows, weight, bias, targets, lse, real, block,
+                                                                 (need_hidden, need_weight, need_bias))
             if need_hidden:
                 grad_hidden = grad_hidden[:real].mul_(scale).to(hidden.dtype)
             if need_weight:

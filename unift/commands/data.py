@@ -127,13 +127,46 @@ def _template_label(template) -> str:
 
 def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
     """Print the report; return the figures (for tests)."""
+    out = out or sys.stdout
+    color = out.isatty() and not os.environ.get("NO_COLOR")
+    data = _prepare(args)
+    columns, firsts = _columns_and_firsts(data)
+    stats = data.bundle.stats
+    w = out.write
+    _write_header(w, data)
+    _write_counts(w, args, data)
+    lengths = sorted(columns["length"])
+    figures: dict[str, Any] = {"stats": stats, "lengths": lengths}
+    if lengths:
+        figures.update(_write_lengths(w, lengths, columns, stats, data.options))
+    figures["parity"] = _parity(args, data.template, data.tokenizer, w)
+    _write_skipped(w, stats)
+    figures["skipped"] = stats.get("skipped", 0)
+    _write_notes(w, stats)
+    if show:
+        _write_first_examples(w, stats, firsts, data.tokenizer, color)
+    return figures
+
+
+@dataclass
+class _Checked:
+    """What `data check` reports on: the data built as `unift train` builds it, and what built it."""
+
+    spec: Any
+    kind: str
+    options: DataOptions
+    sources: list
+    path: str
+    tokenizer: Any
+    template: Any
+    bundle: Any
+
+
+def _prepare(args: Any) -> _Checked:
     from unift.data import resolve_template
-    from unift.data.streaming import encode_row
     from unift.models import get_model_spec, load_tokenizer
     from unift.models.loading import resolve_model_path
 
-    out = out or sys.stdout
-    color = out.isatty() and not os.environ.get("NO_COLOR")
     spec = get_model_spec(args.model_type)
     from unift.train.stages import get_stage
 
@@ -144,20 +177,36 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
     tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
     template = resolve_template(args.template, spec.template, tokenizer)
     bundle = build_datasets(sources, template, tokenizer, options)
-    if options.streaming:
-        sample = _stream_sample(bundle)
-        columns = {key: [r[key] for r in sample] for key in ("length", "truncated", "trained")}
-        firsts = [encode_row(next(s.iter())[1], template, tokenizer, options) for s in sources]
+    return _Checked(spec, kind, options, sources, path, tokenizer, template, bundle)
+
+
+def _columns_and_firsts(data: _Checked) -> tuple[dict[str, list], list]:
+    """Length, truncation and trained-token columns (of a sample, when streaming), and each source's first row."""
+    from unift.data.streaming import encode_row
+
+    keys = ("length", "truncated", "trained")
+    if data.options.streaming:
+        sample = _stream_sample(data.bundle)
+        columns = {key: [r[key] for r in sample] for key in keys}
+        firsts = [encode_row(next(s.iter())[1], data.template, data.tokenizer, data.options) for s in data.sources]
     else:
-        parts = (bundle.train_full, bundle.val_full)
-        columns = {key: [v for part in parts for v in part[key]] for key in ("length", "truncated", "trained")}
-        firsts = [table[0] for table in bundle.tables]
-    stats = bundle.stats
-    w = out.write
+        parts = (data.bundle.train_full, data.bundle.val_full)
+        columns = {key: [v for part in parts for v in part[key]] for key in keys}
+        firsts = [table[0] for table in data.bundle.tables]
+    return columns, firsts
+
+
+def _write_header(w: Any, data: _Checked) -> None:
+    options = data.options
     w(f"data:      {', '.join(options.data)}\n")
-    w(f"tokenizer: {path} (model_type {spec.name})\n")
-    w(f"template:  {_template_label(template)}\n")
+    w(f"tokenizer: {data.path} (model_type {data.spec.name})\n")
+    w(f"template:  {_template_label(data.template)}\n")
     w(f"cutoff:    {options.cutoff_len} tokens; loss on {'every token' if options.train_on_prompt else 'assistant turns only'}\n\n")
+
+
+def _write_counts(w: Any, args: Any, data: _Checked) -> None:
+    """The per-source table (and its total), what a preference stage trains on, mixing and streaming."""
+    options, stats, kind, bundle = data.options, data.bundle.stats, data.kind, data.bundle
     width = max(6, *(len(s["name"]) for s in stats["sources"]))
     w(f"{'source':<{width}} {'format':<10} {'records':>8} {'dropped':>8} {'train':>7} {'val':>6}  file\n")
     for s in stats["sources"]:
@@ -178,42 +227,52 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
     if options.streaming:
         w(f"streaming: files are read lazily (counts unknown); {stats['val']} validation examples held out "
           "from the start of the stream\n")
-    lengths = sorted(columns["length"])
-    figures: dict[str, Any] = {"stats": stats, "lengths": lengths}
-    if lengths:
-        scope = f"a sample of {len(lengths)} from the stream" if options.streaming else "train + val"
-        w(f"\ntokens per example ({scope}, before the cutoff):\n")
-        w(f"  min {lengths[0]}  median {percentile(lengths, 0.5)}  mean {statistics.fmean(lengths):.1f}  "
-          f"p95 {percentile(lengths, 0.95)}  max {lengths[-1]}\n")
-        for line in histogram(lengths):
-            w(line + "\n")
-        truncated = sum(columns["truncated"])
-        kept = sum(min(n, options.cutoff_len) for n in lengths)
-        trained = sum(columns["trained"])
-        w(f"truncated by --cutoff_len {options.cutoff_len}: {truncated} of {len(lengths)} "
-          f"({100 * truncated / len(lengths):.1f}%) lost prompt or earlier turns")
-        w(f"; dropped (no answer token left): {stats['dropped']}\n" if not options.streaming else "\n")
-        fate = {"drop": "dropped", "keep": "kept cut at the end, without their end token",
-                "split": "cut at the end, sharing the cut with the prompt"}[options.truncation]
-        w(f"answers longer than the cutoff on their own: {stats.get('long_answers', 0)} ({fate}; "
-          f"--truncation {options.truncation})\n")
-        w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")
-        figures.update(truncated=truncated, trained=trained)
-    figures["parity"] = _parity(args, template, tokenizer, w)
+
+
+def _write_lengths(w: Any, lengths: list[int], columns: dict[str, list], stats: dict[str, Any],
+                   options: DataOptions) -> dict[str, int]:
+    """Token length statistics and histogram, what the cutoff truncates, and the trained share."""
+    scope = f"a sample of {len(lengths)} from the stream" if options.streaming else "train + val"
+    w(f"\ntokens per example ({scope}, before the cutoff):\n")
+    w(f"  min {lengths[0]}  median {percentile(lengths, 0.5)}  mean {statistics.fmean(lengths):.1f}  "
+      f"p95 {percentile(lengths, 0.95)}  max {lengths[-1]}\n")
+    for line in histogram(lengths):
+        w(line + "\n")
+    truncated = sum(columns["truncated"])
+    kept = sum(min(n, options.cutoff_len) for n in lengths)
+    trained = sum(columns["trained"])
+    w(f"truncated by --cutoff_len {options.cutoff_len}: {truncated} of {len(lengths)} "
+      f"({100 * truncated / len(lengths):.1f}%) lost prompt or earlier turns")
+    w(f"; dropped (no answer token left): {stats['dropped']}\n" if not options.streaming else "\n")
+    fate = {"drop": "dropped", "keep": "kept cut at the end, without their end token",
+            "split": "cut at the end, sharing the cut with the prompt"}[options.truncation]
+    w(f"answers longer than the cutoff on their own: {stats.get('long_answers', 0)} ({fate}; "
+      f"--truncation {options.truncation})\n")
+    w(f"trained tokens: {trained} of {kept} ({100 * trained / max(1, kept):.0f}%); the rest is masked\n")
+    return {"truncated": truncated, "trained": trained}
+
+
+def _write_skipped(w: Any, stats: dict[str, Any]) -> None:
     skipped = [line for s in stats["sources"] if (line := skipped_summary(s["name"], s.get("skipped")))]
     if skipped:
         w("\nskipped (--strict_data refuses them instead):\n")
         for line in skipped:
             w(f"  {line}\n")
-    figures["skipped"] = stats.get("skipped", 0)
+
+
+def _write_notes(w: Any, stats: dict[str, Any]) -> None:
     notes = [(s["name"], text, n) for s in stats["sources"] for text, n in s["notes"].items()]
     if notes:
         w("\nnotes:\n")
         for name, text, n in notes:
             w(f"  {name}: {n} {text}\n")
+
+
+def _write_first_examples(w: Any, stats: dict[str, Any], firsts: list, tokenizer: Any, color: bool) -> None:
+    """The first example of each source, the trained part marked."""
     legend = "bright" if color else f"inside {OPEN} {CLOSE}"
     for source, row in zip(stats["sources"], firsts):
-        if row is None or not show:
+        if row is None:
             continue
         if "prompt_ids" in row:
             w(f"\nfirst example of {source['name']} (prompt, then each answer {legend}):\n")
@@ -228,7 +287,6 @@ def check(args: Any, out=None, show: bool = True) -> dict[str, Any]:
         cut = f", cut from {row['length']} {where}" if row["length"] > size else ""
         w(f"\nfirst example of {source['name']} ({size} tokens{cut}; trained text {legend}, the rest masked):\n")
         w(marked(row["input_ids"], row["labels"], tokenizer, color) + "\n")
-    return figures
 
 
 def _parity(args: Any, template: Any, tokenizer: Any, w: Any) -> Any:

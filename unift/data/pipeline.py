@@ -245,14 +245,7 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
     tok_fp = tokenizer_fingerprint(tokenizer)
     tables = [tokenized_source(s, template, tokenizer, options, tok_fp) for s in sources]
     rng = random.Random(options.seed)
-    pool = []
-    dropped = []
-    long_answers = 0
-    for number, table in enumerate(tables):
-        trained = table["trained"]
-        long_answers += sum(table["long_answer"])
-        pool += [(number, i) for i, n in enumerate(trained) if n > 0]
-        dropped.append(sum(1 for n in trained if n == 0))
+    pool, dropped, long_answers = _trainable_rows(tables)
     if not pool:
         raise UniftError(f"no example has an answer token within --cutoff_len {options.cutoff_len}; raise it")
     rng.shuffle(pool)
@@ -273,11 +266,34 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
     val_index = [offsets[s] + i for s, i in val_pairs]
     every = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
     train_full, val_full = every.select(train_index), every.select(val_index)
+    stats = _bundle_stats(sources, options, train_full, val_full, dropped, long_answers, mixed, val_pairs)
+    columns = COLUMNS[options.kind]
+    return DataBundle(train_full.select_columns(columns), val_full.select_columns(columns), stats,
+                      sources, train_full, val_full, tables)
+
+
+def _trainable_rows(tables: list) -> tuple[list[tuple[int, int]], list[int], int]:
+    """(source number, row) of every row with a trained token, rows dropped per source (none left within
+    the cutoff), and how many answers were longer than the cutoff on their own."""
+    pool = []
+    dropped = []
+    long_answers = 0
+    for number, table in enumerate(tables):
+        trained = table["trained"]
+        long_answers += sum(table["long_answer"])
+        pool += [(number, i) for i, n in enumerate(trained) if n > 0]
+        dropped.append(sum(1 for n in trained if n == 0))
+    return pool, dropped, long_answers
+
+
+def _bundle_stats(sources: list[Source], options: DataOptions, train_full, val_full, dropped: list[int],
+                  long_answers: int, mixed: list[list[int]], val_pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    """The figures `data check` and the run's report show, in all and per source."""
     val_counts = Counter(s for s, _ in val_pairs)
     stats = {
-        "examples": len(train_index) + len(val_index),
-        "train": len(train_index),
-        "val": len(val_index),
+        "examples": len(train_full) + len(val_full),
+        "train": len(train_full),
+        "val": len(val_full),
         "truncated": sum(train_full["truncated"]) + sum(val_full["truncated"]),
         "dropped": sum(dropped),
         "skipped": sum(s.skipped.get("count", 0) for s in sources),
@@ -290,11 +306,9 @@ def build_datasets(sources: list[Source], template, tokenizer, options: DataOpti
             for n, s in enumerate(sources)
         ],
     }
-    columns = COLUMNS[options.kind]
     if options.kind != "sft":
         stats[{"pairs": "pairs", "unpaired": "answers", "prompts": "prompts"}[options.kind]] = stats["examples"]
-    return DataBundle(train_full.select_columns(columns), val_full.select_columns(columns), stats,
-                      sources, train_full, val_full, tables)
+    return stats
 
 
 def load_conversations(names: list[str], dataset_dir: Path | None = None,

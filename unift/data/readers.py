@@ -39,68 +39,83 @@ def _json_error(path: Path, err: json.JSONDecodeError, line_offset: int, record:
     return UniftError(f"{where}invalid JSON at line {err.lineno + line_offset} column {err.colno} ({err.msg})")
 
 
+class _JsonBuffer:
+    """A JSON file read a chunk at a time: the text not yet consumed, the position in it, and how many
+    lines came before it (error messages name the file's line)."""
+
+    def __init__(self, handle: Any, path: Path) -> None:
+        self.handle, self.path = handle, path
+        self.buf, self.pos, self.lines_before, self.eof = "", 0, 0, False
+        self.decoder = json.JSONDecoder()
+
+    def fill(self) -> bool:
+        """Read the next chunk onto what is left; False once the file is exhausted."""
+        if self.eof:
+            return False
+        chunk = self.handle.read(CHUNK)
+        self.eof = not chunk
+        self.lines_before += self.buf.count("\n", 0, self.pos)
+        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        return bool(chunk)
+
+    def skip_space(self) -> str:
+        """The next character that is not whitespace, left unconsumed ('' at the end of the file)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.fill():
+                return self.buf[self.pos] if self.pos < len(self.buf) else ""
+
+    def decode(self, number: int) -> Any:
+        """The JSON value at the position (record `number`), reading on while it continues past the buffer."""
+        while True:
+            try:
+                item, self.pos = self.decoder.raw_decode(self.buf, self.pos)
+                return item
+            except json.JSONDecodeError as err:
+                if not self.fill():  # the item may just continue past the buffer; only at EOF is it broken
+                    raise _json_error(self.path, err, self.lines_before, number) from None
+
+
 def _iter_json(path: Path) -> Iterator[Any]:
     """Items of a JSON array, decoded one at a time from a buffer (a single object is one record)."""
-    decoder = json.JSONDecoder()
     with path.open(encoding="utf-8-sig") as handle:
-        buf, pos, lines_before, eof = "", 0, 0, False
-
-        def fill() -> bool:
-            nonlocal buf, pos, lines_before, eof
-            if eof:
-                return False
-            chunk = handle.read(CHUNK)
-            eof = not chunk
-            lines_before += buf.count("\n", 0, pos)
-            buf, pos = buf[pos:] + chunk, 0
-            return bool(chunk)
-
-        def skip_space() -> str:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf) or not fill():
-                    return buf[pos] if pos < len(buf) else ""
-
-        first = skip_space()
+        text = _JsonBuffer(handle, path)
+        first = text.skip_space()
         if not first:
             raise UniftError(f"{path}: the file is empty")
         if first == "{":  # one object, not a list: read it whole
-            text = buf[pos:] + handle.read()
+            whole = text.buf[text.pos:] + handle.read()
             try:
-                yield json.loads(text)
+                yield json.loads(whole)
             except json.JSONDecodeError as err:
-                raise _json_error(path, err, lines_before, None) from None
+                raise _json_error(path, err, text.lines_before, None) from None
             return
         if first != "[":
             raise UniftError(f"{path}: invalid JSON: expected a list of records, found {first!r}")
-        pos += 1
-        number = 0
-        while True:
-            char = skip_space()
-            if char == "]":
-                break
-            if number and char == ",":
-                pos += 1
-                char = skip_space()
-            elif number:
-                raise UniftError(f"{path}: record {number}: invalid JSON after it (expected ',' or ']')")
-            if not char:
-                raise UniftError(f"{path}: invalid JSON: the file ends inside the list")
-            number += 1
-            while True:
-                try:
-                    item, end = decoder.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as err:
-                    if not fill():  # the item may just continue past the buffer; only at EOF is it broken
-                        raise _json_error(path, err, lines_before, number) from None
-            pos = end
-            yield item
-        pos += 1
-        if skip_space():
-            raise UniftError(f"{path}: invalid JSON: text after the end of the list")
+        text.pos += 1
+        yield from _json_list_items(path, text)
+
+
+def _json_list_items(path: Path, text: _JsonBuffer) -> Iterator[Any]:
+    """The items of the list whose '[' was just consumed, then a check that only whitespace follows it."""
+    number = 0
+    while True:
+        char = text.skip_space()
+        if char == "]":
+            break
+        if number and char == ",":
+            text.pos += 1
+            char = text.skip_space()
+        elif number:
+            raise UniftError(f"{path}: record {number}: invalid JSON after it (expected ',' or ']')")
+        if not char:
+            raise UniftError(f"{path}: invalid JSON: the file ends inside the list")
+        number += 1
+        yield text.decode(number)
+    text.pos += 1
+    if text.skip_space():
+        raise UniftError(f"{path}: invalid JSON: text after the end of the list")
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -107,7 +107,34 @@ def load_model(
     dtype 4-bit weights are packed in, for engines that shard them (FSDP, ZeRO-3), which place them too.
     `reward`: the same backbone with a one-output scoring head instead (a reward model, --stage rm).
     `rope_scaling`, `attn_implementation`: --rope_scaling and --attn_implementation (unift.models.overrides)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
+
+    config = _load_config(path, spec, trust_remote_code, rope_scaling)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch_dtype(weights_dtype())}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_bit:
+        kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32, quant_storage)
+        kwargs["dtype"] = compute_dtype or torch.float32
+        if device_map is None and quant_storage is None:
+            device_map = {"": _local_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if reward:
+        model = _load_reward_model(path, spec, config, kwargs, attn_implementation)
+    else:
+        with _attention_refusal(attn_implementation):
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    if quantization_bit:
+        from unift.compat.bitsandbytes import disable_cpu_bf16_repack
+
+        disable_cpu_bf16_repack(model)
+    return model
+
+
+def _load_config(path: str, spec: ModelSpec, trust_remote_code: bool, rope_scaling: str | None):
+    """The checkpoint's config, with the family's overrides and --rope_scaling applied; one-line errors."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -120,38 +147,25 @@ def load_model(
         for key, value in spec.config_overrides:  # InternLM 1 converted to llama: its projections have biases
             setattr(config, key, value)
     apply_rope_scaling(config, rope_scaling)
-    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch_dtype(weights_dtype())}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if quantization_bit:
-        kwargs["quantization_config"] = bnb_config(quantization_bit, compute_dtype or torch.float32, quant_storage)
-        kwargs["dtype"] = compute_dtype or torch.float32
-        if device_map is None and quant_storage is None:
-            device_map = {"": _local_device()}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if reward:
-        from transformers.utils import logging as hf_logging
+    return config
 
-        config.num_labels = 1
-        before = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its load report lists the new head and the unused output layer: expected
-        try:
-            with _attention_refusal(attn_implementation):
-                model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
-        except ValueError as err:  # a family without a sequence-classification class
-            raise UniftError(f"--stage rm: {spec.name} has no scoring-head model in transformers "
-                             f"({first_line(err)})") from err
-        finally:
-            hf_logging.set_verbosity(before)
-    else:
+
+def _load_reward_model(path: str, spec: ModelSpec, config, kwargs: dict, attn_implementation: str | None):
+    """The backbone with a one-output scoring head (--stage rm), without transformers' expected warnings."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    config.num_labels = 1
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the new head and the unused output layer: expected
+    try:
         with _attention_refusal(attn_implementation):
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-    if quantization_bit:
-        from unift.compat.bitsandbytes import disable_cpu_bf16_repack
-
-        disable_cpu_bf16_repack(model)
-    return model
+            return AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+    except ValueError as err:  # a family without a sequence-classification class
+        raise UniftError(f"--stage rm: {spec.name} has no scoring-head model in transformers "
+                         f"({first_line(err)})") from err
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 @contextmanager
