@@ -2,8 +2,8 @@
 streamed by server-sent events, with OpenAI-shaped errors, an optional bearer key and a bounded request
 queue (429 and Retry-After beyond it). unift.serve.app mounts the browser UI beside it.
 
-Every request drives the one Engine: concurrent requests are generated together in batches
-(unift.engine.batching), and a client that goes away stops its own answer at the next token.
+Every request drives the one Generator: concurrent requests are generated together in batches
+(unift.inference.batching), and a client that goes away stops its own answer at the next token.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from unift.data import Message
-from unift.engine.batching import TextStream
-from unift.engine.engine import Engine
-from unift.engine.settings import GenerationSettings, QueueFull
 from unift.errors import UniftError
+from unift.inference.batching import TextStream
+from unift.inference.generator import Generator
+from unift.inference.settings import GenerationSettings, QueueFull
 from unift.serve.protocol import APIError, invalid, parse_messages, parse_prompt, parse_settings
 
 log = logging.getLogger(__name__)
@@ -32,21 +32,21 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    """The served Engine and what the API allows: model ids, default settings, the key, the limits."""
+    """The served Generator and what the API allows: model ids, default settings, the key, the limits."""
 
-    def __init__(self, engine: Engine, settings: GenerationSettings, *, served_name: str | None = None,
+    def __init__(self, generator: Generator, settings: GenerationSettings, *, served_name: str | None = None,
                  api_key: str | None = None, max_tokens_limit: int = 4096,
                  max_prompt_tokens: int | None = None) -> None:
-        self.engine = engine
+        self.generator = generator
         self.settings = settings
-        self.name = served_name or engine.name
+        self.name = served_name or generator.name
         self.api_key = api_key
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_tokens = max_prompt_tokens
         self.created = int(time.time())
         # model id -> adapter on? ("base" ids only exist when an adapter is loaded)
         self.models: dict[str, bool] = {self.name: True}
-        if engine.has_adapter:
+        if generator.has_adapter:
             self.models[f"{self.name}:base"] = False
 
     def check_key(self, authorization: str | None) -> None:
@@ -72,18 +72,18 @@ class Service:
     def open(self, prompt: list[Message] | str, settings: GenerationSettings, adapter: bool) -> TextStream:
         """Admit one request and start it; the caller must close the stream and release the slot."""
         try:
-            self.engine.acquire_slot()
+            self.generator.acquire_slot()
         except QueueFull as err:
             raise APIError(429, str(err), type_="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "2"}) from None
         try:
-            return self.engine.open_stream(prompt, settings, adapter=adapter,
-                                           max_prompt_tokens=self.max_prompt_tokens)
+            return self.generator.open_stream(prompt, settings, adapter=adapter,
+                                              max_prompt_tokens=self.max_prompt_tokens)
         except UniftError as err:
-            self.engine.release_slot()
+            self.generator.release_slot()
             raise invalid(str(err)) from None
         except BaseException:
-            self.engine.release_slot()
+            self.generator.release_slot()
             raise
 
     def finish(self, stream: TextStream) -> None:
@@ -96,7 +96,7 @@ class Service:
             except Exception:  # the reader already saw it, or nobody is left to tell
                 log.debug("closing a stream failed", exc_info=True)
             finally:
-                self.engine.release_slot()
+                self.generator.release_slot()
 
         threading.Thread(target=close, daemon=True, name="unift-close").start()
 
@@ -121,14 +121,14 @@ def sse(data: dict | str) -> str:
 
 # ---- the app -----------------------------------------------------------------------------------------
 
-def create_api(engine: Engine, settings: GenerationSettings, *, api_key: str | None = None,
+def create_api(generator: Generator, settings: GenerationSettings, *, api_key: str | None = None,
                served_name: str | None = None, max_tokens_limit: int = 4096,
                max_prompt_tokens: int | None = None) -> FastAPI:
     """The /v1 routes and /health, on a FastAPI app whose `state.service` is the Service."""
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    service = Service(engine, settings, served_name=served_name, api_key=api_key,
+    service = Service(generator, settings, served_name=served_name, api_key=api_key,
                       max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens)
     app = FastAPI(title="unift", docs_url="/v1/docs" if not api_key else None, redoc_url=None,
                   openapi_url="/v1/openapi.json" if not api_key else None)
@@ -173,8 +173,8 @@ def create_api(engine: Engine, settings: GenerationSettings, *, api_key: str | N
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "queued": engine.queued, "max_queue": engine.max_queue,
-                "max_batch": engine.scheduler.max_batch, **engine.scheduler.stats}
+        return {"status": "ok", "queued": generator.queued, "max_queue": generator.max_queue,
+                "max_batch": generator.scheduler.max_batch, **generator.scheduler.stats}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

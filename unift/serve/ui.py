@@ -9,8 +9,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from unift.data import Message
-from unift.engine.settings import QueueFull
 from unift.errors import UniftError
+from unift.inference.settings import QueueFull
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -33,9 +33,9 @@ def build_ui(service: Service):
     """Chat with streaming answers, multi-turn history, a clear button, decoding sliders, base vs tuned."""
     import gradio as gr
 
-    engine, defaults = service.engine, service.settings
+    generator, defaults = service.generator, service.settings
     # a run trained whole (full, freeze) is the tuned model, with no base beside it
-    choices = [TUNED, BASE] if engine.has_adapter else [TUNED] if getattr(engine, "holds_model", False) else [BASE]
+    choices = [TUNED, BASE] if generator.has_adapter else [TUNED] if getattr(generator, "holds_model", False) else [BASE]
 
     def respond(message: str, history: list[Message], display: list[dict], model: str, temperature: float,
                 top_p: float, max_new_tokens: float, repetition_penalty: float):
@@ -49,14 +49,14 @@ def build_ui(service: Service):
                            top_p=top_p or 1.0, max_new_tokens=int(max_new_tokens),
                            repetition_penalty=repetition_penalty)
         try:
-            engine.acquire_slot()
+            generator.acquire_slot()
         except QueueFull as err:
             raise gr.Error(str(err)) from None
         text = ""
         stream = None
         try:
-            stream = engine.open_stream(history, settings, adapter=(model == TUNED),
-                                        max_prompt_tokens=service.max_prompt_tokens)
+            stream = generator.open_stream(history, settings, adapter=(model == TUNED),
+                                           max_prompt_tokens=service.max_prompt_tokens)
             yield "", history, display
             for piece in stream:
                 text += piece
@@ -67,13 +67,13 @@ def build_ui(service: Service):
         finally:
             if stream is not None:
                 stream.close()  # also when the user presses Stop: frees the model at the next token
-            engine.release_slot()
+            generator.release_slot()
         history = [*history, {"role": "assistant", "content": text.strip()}]
         yield "", history, display
 
     with gr.Blocks(title=f"unift: {service.name}", analytics_enabled=False) as demo:
         gr.Markdown(f"### unift chat: `{service.name}`" + (
-            "  \nThe fine-tuned model, or the base model without the adapter." if engine.has_adapter else ""))
+            "  \nThe fine-tuned model, or the base model without the adapter." if generator.has_adapter else ""))
         history = gr.State([])
         chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
                              feedback_options=None)
@@ -103,7 +103,7 @@ def build_ui(service: Service):
         chatbot.clear(lambda: [], None, history, cancels=[submitted, clicked])  # its own trash button
         clear.click(lambda: ("", [], []), None, outputs, cancels=[submitted, clicked])
     # UI users stream concurrently, so the scheduler can batch them with each other and with API clients
-    demo.queue(max_size=engine.max_queue, default_concurrency_limit=engine.scheduler.max_batch)
+    demo.queue(max_size=generator.max_queue, default_concurrency_limit=generator.scheduler.max_batch)
     return demo
 
 

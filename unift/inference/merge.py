@@ -4,7 +4,7 @@ The merged folder holds the weights, the run's tokenizer with a chat template th
 run's prompt template (so `apply_chat_template` prompts as training did), and unift_merged.json. The merge
 is checked twice before the folder appears: in memory (the merged model's logits must equal the adapter
 model's) and then written, loaded back as the inference commands load it, on records of the run's data
-(unift.engine.fidelity: max |Δlogit| and mean KL, refused above --max_kl; the figures go in
+(unift.inference.fidelity: max |Δlogit| and mean KL, refused above --max_kl; the figures go in
 unift_merged.json). QLoRA: the adapter is folded into the base re-loaded in full precision and saved at
 --compute_dtype (the 4-bit base cannot hold the sum), so the merged model differs from the QLoRA model by
 the base's 4-bit rounding, which the check measures and reports; docs/after_training.md says more.
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from unift.data.templates import template_definition
-from unift.engine import fidelity
-from unift.engine.chat_template import install_chat_template, stop_on_end_of_turn
-from unift.engine.gguf import GGUF_NAME, export_gguf, gguf_refusal
-from unift.engine.gguf_quant import check_quant, resolve_quant
-from unift.engine.ollama import write_modelfile
 from unift.errors import UniftError
+from unift.inference import fidelity
+from unift.inference.chat_template import install_chat_template, stop_on_end_of_turn
+from unift.inference.gguf import GGUF_NAME, export_gguf, gguf_refusal
+from unift.inference.gguf_quant import check_quant, resolve_quant
+from unift.inference.ollama import write_modelfile
 from unift.loader import load
 from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
 from unift.models.hub import is_hub_adapter, resolve_adapter_dir
@@ -102,7 +102,7 @@ def merge(
 ) -> Path:
     """Fold the adapter of a run folder into its base; write `merged_dir`; return it. `template`: a name or
     a template file overriding the run card's (the merged folder then prompts with it). `check`: load the
-    written folder back and compare it with the adapter model (unift.engine.fidelity); above `max_kl` nats
+    written folder back and compare it with the adapter model (unift.inference.fidelity); above `max_kl` nats
     per token nothing is written. `export`: gguf (also model.gguf at `quant`, and an Ollama Modelfile) or
     gguf-lora (instead of the merged folder: the LoRA adapter and its base as GGUF files, and a Modelfile)."""
     from peft import PeftConfig
@@ -148,7 +148,7 @@ def merge(
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         gguf_refusal(inner.config, tokenizer)  # refuse before the work, not after it
     if export == "gguf-lora":
-        from unift.engine.gguf_lora import export_adapter
+        from unift.inference.gguf_lora import export_adapter
 
         return export_adapter(out, model, tokenizer, template, quant=quant, card={
             "model_type": spec.name, "template": template_definition(template), "peft_type": card.peft_type,

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from unift.data import Message
-from unift.engine.engine import Engine
-from unift.engine.settings import GenerationSettings
 from unift.errors import UniftError
+from unift.inference.generator import Generator
+from unift.inference.settings import GenerationSettings
 from unift.models.hub import is_hub_adapter
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class PredictSummary:
 
 
 def predict(
-    engine: Engine,
+    generator: Generator,
     input_path: str | Path,
     result_dir: str | Path,
     settings: GenerationSettings,
@@ -247,9 +247,9 @@ def predict(
     result_dir.mkdir(parents=True, exist_ok=True)
     out = result_dir / PREDICTIONS
     state = {"input": str(input_path.resolve()),
-             "model": engine.name if not adapter_dir or is_hub_adapter(adapter_dir) else str(Path(adapter_dir).resolve()),
+             "model": generator.name if not adapter_dir or is_hub_adapter(adapter_dir) else str(Path(adapter_dir).resolve()),
              "decoding": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
-             "max_prompt_tokens": max_prompt_tokens, "dtype": str(getattr(engine.model, "dtype", ""))}
+             "max_prompt_tokens": max_prompt_tokens, "dtype": str(getattr(generator.model, "dtype", ""))}
     if overwrite:
         out.unlink(missing_ok=True)
         (result_dir / STATE).unlink(missing_ok=True)
@@ -270,8 +270,8 @@ def predict(
     with open(out, "a", encoding="utf-8") as handle:
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
-            completions = engine.generate([r.messages for r in batch], settings, batch_size=len(batch),
-                                          max_prompt_tokens=max_prompt_tokens)
+            completions = generator.generate([r.messages for r in batch], settings, batch_size=len(batch),
+                                             max_prompt_tokens=max_prompt_tokens)
             lines = []
             for row, completion in zip(batch, completions):
                 record: dict[str, Any] = {"id": row.id, "prompt": row.prompt, "prediction": completion.text}
