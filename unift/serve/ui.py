@@ -5,6 +5,7 @@ the UI is built, so the API alone (--no_ui) runs without it."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from unift.inference.settings import QueueFull
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from unift.inference.generator import Generator
     from unift.serve.api import Service
 
 
@@ -29,13 +31,19 @@ def ui_theme():
                           font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
-def build_ui(service: Service):
-    """Chat with streaming answers, multi-turn history, a clear button, decoding sliders, base vs tuned."""
+def model_choices(generator: Generator) -> list[str]:
+    """The models the radio offers: the tuned one and, with an adapter, the base beside it."""
+    if generator.has_adapter:
+        return [TUNED, BASE]
+    # a run trained whole (full, freeze) is the tuned model, with no base beside it
+    return [TUNED] if getattr(generator, "holds_model", False) else [BASE]
+
+
+def responder(service: Service) -> Callable[..., Iterator[tuple[str, list[Message], list[dict]]]]:
+    """The chat callback: streams one answer into the display, then adds it to the history."""
     import gradio as gr
 
     generator, defaults = service.generator, service.settings
-    # a run trained whole (full, freeze) is the tuned model, with no base beside it
-    choices = [TUNED, BASE] if generator.has_adapter else [TUNED] if getattr(generator, "holds_model", False) else [BASE]
 
     def respond(message: str, history: list[Message], display: list[dict], model: str, temperature: float,
                 top_p: float, max_new_tokens: float, repetition_penalty: float):
@@ -71,6 +79,34 @@ def build_ui(service: Service):
         history = [*history, {"role": "assistant", "content": text.strip()}]
         yield "", history, display
 
+    return respond
+
+
+def decoding_controls(service: Service, choices: list[str]) -> list[Any]:
+    """The model radio and the decoding sliders (inside the Blocks being built), in respond's order."""
+    import gradio as gr
+
+    defaults = service.settings
+    with gr.Accordion("Model and decoding", open=True):
+        model = gr.Radio(choices, value=choices[0], label="Model", interactive=len(choices) > 1,
+                         elem_id="model")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=defaults.temperature if defaults.do_sample else 0, step=0.05,
+                                    label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p")
+            max_new = gr.Slider(1, service.max_tokens_limit, value=min(defaults.max_new_tokens,
+                                                                        service.max_tokens_limit),
+                                step=1, label="Max new tokens")
+            penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty")
+    return [model, temperature, top_p, max_new, penalty]
+
+
+def build_ui(service: Service) -> Any:
+    """Chat with streaming answers, multi-turn history, a clear button, decoding sliders, base vs tuned."""
+    import gradio as gr
+
+    generator = service.generator
+    respond = responder(service)
     with gr.Blocks(title=f"unift: {service.name}", analytics_enabled=False) as demo:
         gr.Markdown(f"### unift chat: `{service.name}`" + (
             "  \nThe fine-tuned model, or the base model without the adapter." if generator.has_adapter else ""))
@@ -84,18 +120,7 @@ def build_ui(service: Service):
         with gr.Row():
             stop = gr.Button("Stop", scale=1, elem_id="stop")
             clear = gr.Button("Clear", scale=1, elem_id="clear")
-        with gr.Accordion("Model and decoding", open=True):
-            model = gr.Radio(choices, value=choices[0], label="Model", interactive=len(choices) > 1,
-                             elem_id="model")
-            with gr.Row():
-                temperature = gr.Slider(0, 2, value=defaults.temperature if defaults.do_sample else 0, step=0.05,
-                                        label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p")
-                max_new = gr.Slider(1, service.max_tokens_limit, value=min(defaults.max_new_tokens,
-                                                                            service.max_tokens_limit),
-                                    step=1, label="Max new tokens")
-                penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty")
-        inputs = [box, history, chatbot, model, temperature, top_p, max_new, penalty]
+        inputs = [box, history, chatbot, *decoding_controls(service, model_choices(generator))]
         outputs = [box, history, chatbot]
         submitted = box.submit(respond, inputs, outputs)
         clicked = send.click(respond, inputs, outputs)
