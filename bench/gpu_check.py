@@ -45,8 +45,8 @@ def peak_mib() -> float:
 
 def check(method: str, work: Path, steps: int) -> dict:
     from unift.cli import main
-    from unift.engine.engine import Engine
-    from unift.engine.settings import GenerationSettings
+    from unift.inference.generator import Generator
+    from unift.inference.settings import GenerationSettings
 
     run = work / f"{method}-run"
     peak_reset()
@@ -60,18 +60,18 @@ def check(method: str, work: Path, steps: int) -> dict:
            "final_loss": round(metrics["loss_curve"][-1]["loss"], 3)}
 
     peak_reset()
-    engine = Engine.load(str(run), device="cuda")
-    row["model_on"] = str(engine.model.device)
-    row["weights"] = str(engine.model.dtype).removeprefix("torch.")
+    generator = Generator.load(str(run), device="cuda")
+    row["model_on"] = str(generator.model.device)
+    row["weights"] = str(generator.model.dtype).removeprefix("torch.")
     settings = GenerationSettings(max_new_tokens=48)
     started = time.perf_counter()
-    answers = engine.generate(PROMPTS, settings, batch_size=len(PROMPTS))
+    answers = generator.generate(PROMPTS, settings, batch_size=len(PROMPTS))
     seconds = time.perf_counter() - started
     row["generate_tokens_per_s"] = round(sum(a.completion_tokens for a in answers) / seconds)
     row["generate_peak_gpu_mib"] = round(peak_mib())
     row["answer"] = answers[0].text[:60]
-    on_gpu = all(p.device.type == "cuda" for p in engine.model.parameters())
-    del engine
+    on_gpu = all(p.device.type == "cuda" for p in generator.model.parameters())
+    del generator
 
     merged = work / f"{method}-merged"
     peak_reset()

@@ -1,8 +1,8 @@
 """Batch predict throughput: the embedded SmolLM2-135M-Instruct (or a run) answering the same prompts at
-several batch sizes, in the same process, through `unift.engine.predict.predict`.
+several batch sizes, in the same process, through `unift.inference.predict.predict`.
 
 With --adapter_dir, each batch size runs twice: with the adapter merged into the weights in memory (what
-`Engine.load` does for additive adapters on fp32 bases) and with it kept apart. Prints rows/s and
+`Generator.load` does for additive adapters on fp32 bases) and with it kept apart. Prints rows/s and
 generated tokens/s per configuration, the ratio to batch 1, and whether batching or merging changed any
 greedy answer.
 
@@ -43,9 +43,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from unift.engine.engine import Engine
-    from unift.engine.predict import predict
-    from unift.engine.settings import GenerationSettings
+    from unift.inference.generator import Generator
+    from unift.inference.predict import predict
+    from unift.inference.settings import GenerationSettings
     from unift.models.dtypes import parse_dtype
 
     source = REPO / "data" / "arith" / "test.jsonl"
@@ -55,21 +55,21 @@ def main() -> None:
     data.write_text("".join(json.dumps({"instruction": r["instruction"], "output": r["output"]}) + "\n"
                             for r in rows))
     started = time.perf_counter()
-    engine = Engine.load(args.adapter_dir, dtype=parse_dtype(args.dtype))
+    generator = Generator.load(args.adapter_dir, dtype=parse_dtype(args.dtype))
     load_seconds = time.perf_counter() - started
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     # Warm-up (first-call kernel setup), so no configuration pays for it.
-    engine.generate([[{"role": "user", "content": "Hi"}]] * 2, GenerationSettings(max_new_tokens=4), batch_size=2)
+    generator.generate([[{"role": "user", "content": "Hi"}]] * 2, GenerationSettings(max_new_tokens=4), batch_size=2)
 
-    modes = ["merged", "adapter apart"] if engine.merged else ["as loaded"]
+    modes = ["merged", "adapter apart"] if generator.merged else ["as loaded"]
     results = {}
     for mode in modes:
         if mode == "adapter apart":
-            engine.model.unmerge_adapter()
-            engine.merged = False
+            generator.model.unmerge_adapter()
+            generator.merged = False
         for batch in args.batch_sizes:
             label = f"{mode}, batch {batch}"
-            summary = predict(engine, data, work / f"{mode}-{batch}".replace(" ", "-"), settings,
+            summary = predict(generator, data, work / f"{mode}-{batch}".replace(" ", "-"), settings,
                               batch_size=batch, progress=False)
             answers = [json.loads(line)["prediction"] for line in summary.path.read_text().splitlines()]
             results[label] = {"mode": mode, "batch_size": batch, "rows": summary.predicted,
@@ -82,7 +82,7 @@ def main() -> None:
     for r in results.values():
         r["identical_answers"] = sum(a == b for a, b in zip(first["answers"], r["answers"]))
     report = {
-        "model": engine.name, "dtype": args.dtype, "prompts": len(rows), "max_new_tokens": args.max_new_tokens,
+        "model": generator.name, "dtype": args.dtype, "prompts": len(rows), "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_seconds": round(load_seconds, 1),
         "load_average": os.getloadavg(),
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()},

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from unift.accel import OPTIMIZATIONS
-from unift.engine.engine import Engine
+from unift.inference.generator import Generator
 from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.train.args import TrainArgs
@@ -51,8 +51,8 @@ def run(model_dir, data, out, optimizations: str, compute: str, steps: int, answ
     if not answer:
         return metrics, -1
     card = RunCard.load(out)
-    engine = Engine.load(str(out), dtype=torch_dtype(card.base_dtype))
-    answers = engine.generate([[{"role": "user", "content": k}] for k in KEYS])
+    generator = Generator.load(str(out), dtype=torch_dtype(card.base_dtype))
+    answers = generator.generate([[{"role": "user", "content": k}] for k in KEYS])
     exact = sum(a.text.strip() == want for a, want in zip(answers, ANSWERS))
     return metrics, exact
 

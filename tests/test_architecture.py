@@ -25,11 +25,11 @@ ALLOWED = {
     "peft": BASE | {"data", "models"},
     "accel": BASE | {"data", "models"},
     "loader": BASE | {"data", "models", "peft"},
-    "engine": BASE | {"data", "models", "peft", "loader"},
+    "inference": BASE | {"data", "models", "peft", "loader"},
     "train": BASE | {"data", "models", "peft", "accel", "loader"},
-    "evals": BASE | {"data", "models", "engine"},
-    "serve": BASE | {"data", "models", "engine"},
-    "commands": BASE | {"data", "models", "peft", "accel", "loader", "engine", "train", "evals", "serve"},
+    "evals": BASE | {"data", "models", "inference"},
+    "serve": BASE | {"data", "models", "inference"},
+    "commands": BASE | {"data", "models", "peft", "accel", "loader", "inference", "train", "evals", "serve"},
     "cli": BASE,  # the commands are imported by name (importlib), only the one that runs
     "__main__": {"cli"},
     "__init__": set(),
@@ -110,8 +110,8 @@ def floor(module: str) -> str:
 def test_the_checker_sees_a_circle_and_a_function_level_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
-    # unift.commands.common imports the engine inside a function only: still an edge
-    assert "unift.engine.engine" in graph["unift.commands.common"]
+    # unift.commands.common imports the generator inside a function only: still an edge
+    assert "unift.inference.generator" in graph["unift.commands.common"]
 
 
 def test_no_import_circle():
@@ -225,9 +225,9 @@ def test_every_command_is_a_module_with_an_options_dataclass():
             assert all("help" in f.metadata for f in dataclasses.fields(options)), name
 
 
-def test_preset_names_written_for_the_flags_are_the_engine_presets():
+def test_preset_names_written_for_the_flags_are_the_generation_presets():
     from unift.commands.common import PRESET_NAMES
-    from unift.engine.settings import PRESETS
+    from unift.inference.settings import PRESETS
 
     assert sorted(PRESET_NAMES) == sorted(PRESETS)
 
@@ -324,7 +324,7 @@ REGISTRY_FILES = ("unift/models/registry.py", "unift/peft/registry.py", "unift/p
 NOT_FAMILY_TABLES = {
     # transformers' config.model_type of a merged checkpoint -> llama.cpp's architecture: a fact of the file
     # format per architecture (the llama family's Mistral checkpoints, say, are not claimed by it)
-    "unift/engine/gguf.py",
+    "unift/inference/gguf.py",
 }
 
 

@@ -17,8 +17,8 @@ import time
 import pytest
 from after_training_helpers import PYTHON, REPO, env, run_folder, trained_run
 
-from unift.engine.chat import chat_loop
-from unift.engine.settings import GenerationSettings
+from unift.inference.chat import chat_loop
+from unift.inference.settings import GenerationSettings
 
 
 @pytest.fixture(scope="module")
@@ -27,46 +27,46 @@ def run(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def engine(run):
-    from unift.engine.engine import Engine
+def generator(run):
+    from unift.inference.generator import Generator
 
-    return Engine.load(str(run))
+    return Generator.load(str(run))
 
 
 # ---- streaming frees the model -----------------------------------------------------------------------
 
-def test_stop_string_ends_generation_early(engine):
+def test_stop_string_ends_generation_early(generator):
     messages = [{"role": "user", "content": "What is 3 plus 3?"}]
-    free = "".join(engine.stream(messages, GenerationSettings(max_new_tokens=12)))
+    free = "".join(generator.stream(messages, GenerationSettings(max_new_tokens=12)))
     stop = free.strip()[3:6]  # some text the model does produce, a few tokens in
     assert stop and len(free) > 10
-    stream = engine.open_stream(messages, GenerationSettings(max_new_tokens=400, stop=(stop,)))
+    stream = generator.open_stream(messages, GenerationSettings(max_new_tokens=400, stop=(stop,)))
     text = "".join(stream)
     assert stop not in text and free.startswith(text)
     assert stream.finish_reason == "stop"
     # The criterion ends the model within a token or two of the stop, not at max_new_tokens.
     assert stream.completion_tokens <= 12, stream.completion_tokens
-    assert not engine.lock.locked()
+    assert not generator.lock.locked()
 
 
-def test_closing_a_stream_stops_the_model(engine):
-    stream = engine.open_stream([{"role": "user", "content": "Tell a long story."}],
-                                GenerationSettings(max_new_tokens=2000))
+def test_closing_a_stream_stops_the_model(generator):
+    stream = generator.open_stream([{"role": "user", "content": "Tell a long story."}],
+                                   GenerationSettings(max_new_tokens=2000))
     next(stream)
     started = time.perf_counter()
     stream.close()
     assert time.perf_counter() - started < 5
-    assert not engine.lock.locked() and stream.completion_tokens < 2000
+    assert not generator.lock.locked() and stream.completion_tokens < 2000
 
 
-# ---- the loop, with a stand-in engine ------------------------------------------------------------------
+# ---- the loop, with a stand-in generator ---------------------------------------------------------------
 
 class FakeTTY(io.StringIO):
     def isatty(self) -> bool:
         return True
 
 
-class EchoEngine:
+class EchoGenerator:
     """Answers 'answer N' and records every conversation it was given."""
 
     name, has_adapter = "fake", True
@@ -87,13 +87,13 @@ class FakeStream(list):
 def test_history_is_fed_back_and_reset_forgets_it(monkeypatch):
     lines = iter(["hello", "/help", "and then?", "/base", "third", "/reset", "fresh", "/nope", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    engine, out = EchoEngine(), io.StringIO()
-    chat_loop(engine, GenerationSettings(), system="Be kind.", stdin=FakeTTY(), out=out)
-    first, second, third, fresh = (m for m, _ in engine.seen)
+    generator, out = EchoGenerator(), io.StringIO()
+    chat_loop(generator, GenerationSettings(), system="Be kind.", stdin=FakeTTY(), out=out)
+    first, second, third, fresh = (m for m, _ in generator.seen)
     assert first == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello"}]
     assert second[1:] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "answer 1"},
                           {"role": "user", "content": "and then?"}]
-    assert len(third) == 6 and [a for _, a in engine.seen] == [True, True, False, False]
+    assert len(third) == 6 and [a for _, a in generator.seen] == [True, True, False, False]
     assert fresh == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "fresh"}]
     text = out.getvalue()
     assert "commands:" in text and "(conversation cleared)" in text and "unknown command /nope" in text
@@ -101,18 +101,18 @@ def test_history_is_fed_back_and_reset_forgets_it(monkeypatch):
 
 
 def test_base_switch_changes_the_answer_of_an_adapter_that_changes_it(monkeypatch, tiny_model, tmp_path):
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
-    engine = Engine.load(str(run_folder(tiny_model("llama"), tmp_path / "run", "lora")))
+    generator = Generator.load(str(run_folder(tiny_model("llama"), tmp_path / "run", "lora")))
     settings = GenerationSettings(max_new_tokens=6)
     question = [{"role": "user", "content": "What is 2 plus 3?"}]
-    tuned, base = (engine.generate([question], settings, adapter=a)[0].text for a in (True, False))
+    tuned, base = (generator.generate([question], settings, adapter=a)[0].text for a in (True, False))
     assert tuned != base
     lines = iter(["What is 2 plus 3?", "/reset", "/base", "What is 2 plus 3?", "/reset", "/tuned",
                   "What is 2 plus 3?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out = io.StringIO()
-    chat_loop(engine, settings, stdin=FakeTTY(), out=out)
+    chat_loop(generator, settings, stdin=FakeTTY(), out=out)
     answers = [line.removeprefix("Bot> ").strip() for line in out.getvalue().splitlines() if line.startswith("Bot> ")]
     assert answers == [tuned, base, tuned]
 

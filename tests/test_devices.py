@@ -9,8 +9,8 @@ import pytest
 import torch
 from after_training_helpers import PYTHON, REPO, env
 
-from unift.engine.engine import Engine
 from unift.errors import UniftError
+from unift.inference.generator import Generator
 from unift.models.devices import choose_device, placement, training_device
 from unift.models.dtypes import weights_dtype
 
@@ -44,16 +44,16 @@ def test_placement_spreads_only_what_does_not_fit():
     assert weights_dtype("cpu") == "fp32"
 
 
-def test_engine_sits_on_the_chosen_device(tiny_model):
-    on_cpu = Engine.load(None, base_model=str(tiny_model("llama")), device="cpu")
+def test_generator_sits_on_the_chosen_device(tiny_model):
+    on_cpu = Generator.load(None, base_model=str(tiny_model("llama")), device="cpu")
     assert on_cpu.model.device.type == "cpu" and on_cpu.model.dtype == torch.float32
     if torch.cuda.is_available():
-        on_gpu = Engine.load(None, base_model=str(tiny_model("llama")), device="auto")
+        on_gpu = Generator.load(None, base_model=str(tiny_model("llama")), device="auto")
         assert on_gpu.model.device.type == "cuda" and on_gpu.model.dtype in (torch.bfloat16, torch.float16)
         assert on_gpu.generate([[{"role": "user", "content": "Hi"}]])[0].completion_tokens > 0
     else:
         with pytest.raises(UniftError, match="--device cuda: no CUDA GPU"):
-            Engine.load(None, base_model=str(tiny_model("llama")), device="cuda")
+            Generator.load(None, base_model=str(tiny_model("llama")), device="cuda")
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "Hi"], ["train", "--max_steps", "1"]])

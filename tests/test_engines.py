@@ -123,7 +123,7 @@ def test_two_processes_killed_and_resumed_train_as_one_and_save_the_adapter_whol
     loaded = torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_" in n])
     torch.testing.assert_close(loaded.sort().values, adapter(out).sort().values, rtol=0, atol=0)
 
-    # The run folder and a checkpoint work as any other (predict and eval load through the same Engine).
+    # The run folder and a checkpoint work as any other (predict and eval load through the same Generator).
     code, text, err = cli_result(["generate", "--adapter_dir", str(out / "checkpoint-2"), "--prompt", "Hi?",
                                   "--max_new_tokens", "3"], capsys)
     assert code == 0 and text.strip(), err

@@ -45,34 +45,34 @@ def reference_logits(base, folder, ids: torch.Tensor) -> torch.Tensor:
 
 
 
-def test_engine_loads_it_exactly_and_says_what_it_guessed(foreign, caplog):
-    from unift.engine.engine import Engine
+def test_generator_loads_it_exactly_and_says_what_it_guessed(foreign, caplog):
+    from unift.inference.generator import Generator
 
     base, folder = foreign
     with caplog.at_level("INFO", logger="unift"):
-        engine = Engine.load(str(folder))
+        generator = Generator.load(str(folder))
     guesses = [r.getMessage() for r in caplog.records if "unift_run.json" in r.getMessage()]
     assert len(guesses) == 1, guesses
     assert f"base {base} (from adapter_config.json)" in guesses[0]
     assert "model_type llama (the base's config says llama)" in guesses[0]
-    assert engine.has_adapter and engine.card.peft_type == "lora" and engine.template.name == "auto"
-    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": PROMPT}])])
+    assert generator.has_adapter and generator.card.peft_type == "lora" and generator.template.name == "auto"
+    ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": PROMPT}])])
     with torch.no_grad():
-        ours = engine.model(input_ids=ids).logits
-        with engine.base_only(), engine.lock, engine._adapter_state(None):
-            base_logits = engine.model(input_ids=ids).logits
+        ours = generator.model(input_ids=ids).logits
+        with generator.base_only(), generator.lock, generator._adapter_state(None):
+            base_logits = generator.model(input_ids=ids).logits
     expected = reference_logits(base, folder, ids)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     assert (base_logits - expected).abs().max() > 1e-2  # the adapter does change the model
 
 
 def test_flags_override_the_guesses(foreign, caplog):
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
     base, folder = foreign
     with caplog.at_level("INFO", logger="unift"):
-        engine = Engine.load(str(folder), base_model=str(base), model_type="llama", template="alpaca")
-    assert engine.template.name == "alpaca"
+        generator = Generator.load(str(folder), base_model=str(base), model_type="llama", template="alpaca")
+    assert generator.template.name == "alpaca"
     assert not [r for r in caplog.records if "unift_run.json" in r.getMessage()]
 
 

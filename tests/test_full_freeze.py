@@ -13,8 +13,8 @@ import torch
 from after_training_helpers import cli_result
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from unift.engine.engine import Engine
 from unift.errors import UniftError
+from unift.inference.generator import Generator
 from unift.models.runcard import RunCard
 from unift.train.args import TrainArgs
 from unift.train.run import train
@@ -76,9 +76,9 @@ def test_full_trains_every_weight_and_the_run_folder_is_the_model(tiny_model, da
     # the trained weights stay fp32 under either plan (the optimizer's master copy); bf16 only computes
     assert card.holds_model and card.peft_type == "full" and card.base_dtype == "fp32"
     assert card.compute_dtype == dtype_plan
-    engine = Engine.load(str(run))
-    assert engine.holds_model and not engine.has_adapter
-    assert torch.allclose(logits(engine.model), logits(result.model), atol=1e-5, rtol=1e-5)
+    generator = Generator.load(str(run))
+    assert generator.holds_model and not generator.has_adapter
+    assert torch.allclose(logits(generator.model), logits(result.model), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bloom"])
@@ -97,7 +97,7 @@ def test_freeze_trains_the_last_layer_only(tiny_model, data_file, tmp_path, mode
     trained = logits(result.model)
     for where in (result.output_dir, result.output_dir / "checkpoint-2"):
         assert RunCard.load(where).holds_model
-        assert torch.allclose(logits(Engine.load(str(where)).model), trained, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(logits(Generator.load(str(where)).model), trained, atol=1e-5, rtol=1e-5)
 
 
 def test_freeze_first_layers_some_modules_and_extra_modules(tiny_model, data_file, tmp_path):
@@ -161,14 +161,14 @@ def test_after_training_commands_load_the_run_folder(tiny_model, data_file, tmp_
     # the web service offers the tuned model alone: no ":base" id, as there is no adapter to switch off
     from starlette.testclient import TestClient
 
-    from unift.engine.settings import PRESETS
+    from unift.inference.settings import PRESETS
     from unift.serve.app import create_app
 
-    engine = Engine.load(run)
-    with TestClient(create_app(engine, PRESETS["chat"], ui=False)) as client:
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [engine.name]
+    generator = Generator.load(run)
+    with TestClient(create_app(generator, PRESETS["chat"], ui=False)) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [generator.name]
         answer = client.post("/v1/chat/completions", json={
-            "model": engine.name, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+            "model": generator.name, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
 
     merged = tmp_path / "merged"
@@ -176,27 +176,27 @@ def test_after_training_commands_load_the_run_folder(tiny_model, data_file, tmp_
     assert code == 0 and "nothing to fold in, writing it as it is" in err
     card = json.loads((merged / "unift_merged.json").read_text())
     assert card["peft_type"] == "freeze" and card["probe_max_abs_logit_diff"] == 0.0
-    as_merged = Engine.load(base_model=str(merged))
+    as_merged = Generator.load(base_model=str(merged))
     assert torch.allclose(logits(as_merged.model), trained, atol=1e-5, rtol=1e-5)
 
 
 def test_terminal_chat_says_a_whole_model_has_no_base(monkeypatch):
     import io
 
-    from test_chat import EchoEngine, FakeTTY
+    from test_chat import EchoGenerator, FakeTTY
 
-    from unift.engine.chat import chat_loop
-    from unift.engine.settings import GenerationSettings
+    from unift.inference.chat import chat_loop
+    from unift.inference.settings import GenerationSettings
 
-    class WholeModel(EchoEngine):
+    class WholeModel(EchoGenerator):
         has_adapter, holds_model = False, True
 
     lines = iter(["/base", "hello", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    engine, out = WholeModel(), io.StringIO()
-    chat_loop(engine, GenerationSettings(), system=None, stdin=FakeTTY(), out=out)
+    generator, out = WholeModel(), io.StringIO()
+    chat_loop(generator, GenerationSettings(), system=None, stdin=FakeTTY(), out=out)
     assert "holds the whole fine-tuned model: there is no adapter to switch off" in out.getvalue()
-    assert [adapter for _, adapter in engine.seen] == [True]  # still the tuned model
+    assert [adapter for _, adapter in generator.seen] == [True]  # still the tuned model
 
 
 def test_full_and_freeze_are_in_the_support_table():

@@ -1,4 +1,4 @@
-"""GGUF export beyond llama F16/F32 (unift.engine.gguf, gguf_quant, gguf_lora, ollama), on tiny models and
+"""GGUF export beyond llama F16/F32 (unift.inference.gguf, gguf_quant, gguf_lora, ollama), on tiny models and
 without llama.cpp: qwen2 and InternLM (Llama layout with biases) files, the gguf package's quantizations read
 back through transformers, the LoRA adapter file, the Modelfile, and the one-line refusals.
 tests/test_gguf_llamacpp.py runs the files in llama.cpp itself."""
@@ -34,7 +34,7 @@ def test_merged_gguf_of_other_llama_like_families(lora_runs, tmp_path, family):
     merge check reads qwen2's file back through transformers, InternLM's it cannot (biases) and says so."""
     import gguf
 
-    from unift.engine.merge import merge
+    from unift.inference.merge import merge
 
     out = merge(str(lora_runs(family)), str(tmp_path / "merged"), export="gguf")
     reader = gguf.GGUFReader(str(out / "model.gguf"))
@@ -76,7 +76,7 @@ def test_gguf_lora_file_layout_and_modelfile(lora_runs, tmp_path):
     both with the run's template and stop strings."""
     import gguf
 
-    from unift.engine.merge import merge
+    from unift.inference.merge import merge
     from unift.train.args import TrainArgs
 
     out = merge(str(lora_runs("llama")), str(tmp_path / "out"), export="gguf-lora")
@@ -128,9 +128,9 @@ def test_k_quants_without_llama_cpp_name_the_package(lora_runs, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_quant_choices_match_the_engine():
+def test_quant_choices_match_the_exporter():
     from unift.commands.merge import QUANT_CHOICES
-    from unift.engine.gguf_quant import QUANTS
+    from unift.inference.gguf_quant import QUANTS
 
     assert QUANT_CHOICES == ("auto", *QUANTS)
 
@@ -139,7 +139,7 @@ def test_modelfile_templates_render_like_unift(embedded_dir):
     """The Go template written for a unift template, evaluated by a tiny interpreter of the constructs it
     uses, renders a conversation exactly as unift does (chatml, Llama 2's system-in-user, alpaca)."""
     from unift.data.templates import get_template
-    from unift.engine.ollama import go_template
+    from unift.inference.ollama import go_template
     from unift.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(embedded_dir))
@@ -151,7 +151,7 @@ def test_modelfile_templates_render_like_unift(embedded_dir):
         want = template.render(messages, add_generation_prompt=True, tokenizer=tokenizer)
         assert render_go(text, messages) == want, name
     with pytest.raises(UniftError):
-        from unift.engine.ollama import _quoted
+        from unift.inference.ollama import _quoted
 
         _quoted('a """ b')
 

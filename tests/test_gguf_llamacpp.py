@@ -34,9 +34,9 @@ def exports(embedded_dir, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from unift.engine.gguf import export_gguf
-    from unift.engine.gguf_quant import QUANTS, quantize_file
-    from unift.engine.merge import merge
+    from unift.inference.gguf import export_gguf
+    from unift.inference.gguf_quant import QUANTS, quantize_file
+    from unift.inference.merge import merge
 
     run = trained_run(embedded_dir)
     work = tmp_path_factory.mktemp("gguf-llamacpp")
@@ -79,16 +79,16 @@ def greedy(llm, ids: list[int], stops: set[int]) -> list[int]:
 def unift_answers(exports):
     """unift's greedy answers with the adapter, its prompt token ids and its stop tokens."""
     from unift.data.templates import end_of_turn
-    from unift.engine.engine import Engine
-    from unift.engine.settings import PRESETS
+    from unift.inference.generator import Generator
+    from unift.inference.settings import PRESETS
 
-    engine = Engine.load(str(exports["run"]))
+    generator = Generator.load(str(exports["run"]))
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
     settings = PRESETS["greedy"].__class__(max_new_tokens=NEW_TOKENS)
-    answers = [c.text.strip() for c in engine.generate(conversations, settings, batch_size=1)]
-    tokenizer = engine.tokenizer
-    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn(engine.template, tokenizer))}
-    return {"ids": [engine.prompt_ids(c) for c in conversations], "answers": answers, "tokenizer": tokenizer,
+    answers = [c.text.strip() for c in generator.generate(conversations, settings, batch_size=1)]
+    tokenizer = generator.tokenizer
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn(generator.template, tokenizer))}
+    return {"ids": [generator.prompt_ids(c) for c in conversations], "answers": answers, "tokenizer": tokenizer,
             "stops": stops}
 
 
@@ -181,7 +181,7 @@ def test_tiny_families_base_and_lora_in_llama_cpp(tiny_model, tmp_path, family):
     from after_training_helpers import run_folder
     from transformers import AutoModelForCausalLM
 
-    from unift.engine.merge import merge
+    from unift.inference.merge import merge
 
     run = run_folder(tiny_model(family), tmp_path / "run", "lora", model_type=family)
     lora = merge(str(run), str(tmp_path / "lora"), export="gguf-lora")

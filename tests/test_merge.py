@@ -48,7 +48,7 @@ def method_registered(name: str) -> bool:
 
 def adapter_logits(run, ids, full_precision_base: bool = False, dtype=torch.float32) -> torch.Tensor:
     """The adapter model's logits, as unift serves it (QLoRA: optionally over the fp32 base instead)."""
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
     if full_precision_base:
         from peft import PeftModel
@@ -59,7 +59,7 @@ def adapter_logits(run, ids, full_precision_base: bool = False, dtype=torch.floa
         base = AutoModelForCausalLM.from_pretrained(RunCard.load(run).base_model, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, str(run)).eval().to(dtype)
     else:
-        model = Engine.load(str(run)).model
+        model = Generator.load(str(run)).model
     with torch.inference_mode():
         return model(input_ids=torch.tensor(ids)).logits.float()
 
@@ -86,7 +86,7 @@ PLAIN_LOAD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def merged_matrix(tiny_model, tmp_path_factory):
     """Every mergeable method: run folder -> unift merge -> plain-transformers logits (one subprocess)."""
-    from unift.engine.merge import merge
+    from unift.inference.merge import merge
 
     base = tiny_model("llama")
     work = tmp_path_factory.mktemp("merge")
@@ -132,17 +132,17 @@ def test_merged_logits_equal_adapter_logits(merged_matrix, label):
     card = json.loads((merged[label] / "unift_merged.json").read_text())
     assert card["model_type"] == "llama" and card["probe_max_abs_logit_diff"] < atol
     # the merge check passed every method (the folder was written), and its figures say so
-    from unift.engine.fidelity import DEFAULT_MAX_KL
+    from unift.inference.fidelity import DEFAULT_MAX_KL
 
     assert card["fidelity"]["merged"]["mean_kl"] <= DEFAULT_MAX_KL
 
 
 def test_merged_folder_carries_the_run_template(tiny_model, tmp_path):
     """A run trained with --template alpaca: the merged tokenizer's chat template renders the same prompt,
-    and Engine.load(merged) prompts exactly as the adapter run does."""
+    and Generator.load(merged) prompts exactly as the adapter run does."""
     from unift.data import get_template
-    from unift.engine.engine import Engine
-    from unift.engine.merge import merge
+    from unift.inference.generator import Generator
+    from unift.inference.merge import merge
     from unift.models import load_tokenizer
 
     run = run_folder(tiny_model("llama"), tmp_path / "run", "lora", template="alpaca")
@@ -151,14 +151,14 @@ def test_merged_folder_carries_the_run_template(tiny_model, tmp_path):
     messages = [{"role": "user", "content": "Name a colour."}]
     want = get_template("alpaca").render(messages, add_generation_prompt=True, tokenizer=tokenizer)
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
-    engine = Engine.load(model_type=None, base_model=str(out))
-    assert engine.template.name == "alpaca"
-    assert engine.generate([messages], batch_size=1)[0].text == Engine.load(str(run)).generate([messages])[0].text
+    generator = Generator.load(model_type=None, base_model=str(out))
+    assert generator.template.name == "alpaca"
+    assert generator.generate([messages], batch_size=1)[0].text == Generator.load(str(run)).generate([messages])[0].text
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_unmergeable_methods_fail_with_the_reason(tiny_model, tmp_path, name):
-    from unift.engine.merge import merge
+    from unift.inference.merge import merge
 
     if not method_registered(name):
         pytest.skip(f"--peft_type {name} is not registered")
@@ -214,7 +214,7 @@ def test_export_gguf_round_trips_through_transformers(tiny_model, tmp_path):
 
 
 def test_export_gguf_refuses_other_architectures(tiny_model, tmp_path):
-    from unift.engine.merge import merge
+    from unift.inference.merge import merge
 
     run = run_folder(tiny_model("bloom"), tmp_path / "run", "lora", model_type="bloom")
     with pytest.raises(UniftError, match="architecture is bloom"):

@@ -1,4 +1,4 @@
-"""The merge check (unift.engine.fidelity): the merged folder, loaded back as the inference commands load it,
+"""The merge check (unift.inference.fidelity): the merged folder, loaded back as the inference commands load it,
 against the adapter model on records of the run's data; the figures in the summary line and unift_merged.json,
 a departing merge refused in one line with nothing written, and the gap a quantized base leaves."""
 
@@ -11,14 +11,14 @@ import pytest
 from after_training_helpers import cli_result, run_folder, trained_run
 
 from unift.commands.merge import DEFAULT_MAX_KL
-from unift.engine import fidelity
+from unift.inference import fidelity
 
 
 def fidelity_of(folder) -> dict:
     return json.loads((folder / "unift_merged.json").read_text())["fidelity"]
 
 
-def test_the_flag_default_is_the_engine_default():
+def test_the_flag_default_is_the_fidelity_default():
     assert DEFAULT_MAX_KL == fidelity.DEFAULT_MAX_KL
 
 

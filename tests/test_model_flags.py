@@ -127,13 +127,13 @@ def test_training_loads_the_model_with_them_and_the_run_card_records_them(scaled
 
 
 def test_a_run_folder_loads_with_its_setting_unless_a_flag_says_otherwise(scaled_run, tmp_path):
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
-    engine = Engine.load(str(scaled_run.output_dir), device="cpu")
-    model = engine.model.get_base_model()
+    generator = Generator.load(str(scaled_run.output_dir), device="cpu")
+    model = generator.model.get_base_model()
     assert rope_of(model) == ("linear", 2.0) and model.config._attn_implementation == "eager"
-    engine = Engine.load(str(scaled_run.output_dir), device="cpu", rope_scaling="none", attn_implementation="sdpa")
-    model = engine.model.get_base_model()
+    generator = Generator.load(str(scaled_run.output_dir), device="cpu", rope_scaling="none", attn_implementation="sdpa")
+    model = generator.model.get_base_model()
     assert rope_of(model) == ("default", None) and model.config._attn_implementation == "sdpa"
     # merged, the model keeps the scaling in its own config (plain transformers loads it so)
     assert main(["merge", "--adapter_dir", str(scaled_run.output_dir), "--merged_dir", str(tmp_path / "m")]) == 0
@@ -143,7 +143,7 @@ def test_a_run_folder_loads_with_its_setting_unless_a_flag_says_otherwise(scaled
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_inference_commands_pass_them_to_the_loader(command, tiny_model, monkeypatch):
-    """The flags of generate/chat/predict/serve (load_engine) and eval (evaluate) reach the loaded model."""
+    """The flags of generate/chat/predict/serve (load_generator) and eval (evaluate) reach the loaded model."""
     import unift.loader
     from unift.cli import options_and_run
 

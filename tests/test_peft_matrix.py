@@ -1,6 +1,6 @@
 """Every model_type x peft_type pair the support matrix calls "works" is proven here on a tiny random model
 of that family: a few optimizer steps through the real `unift.train.train` make the loss fall, the adapter
-saves and reloads through the inference engine to the same logits, and generation runs, with the KV-cache
+saves and reloads through the generator to the same logits, and generation runs, with the KV-cache
 path giving the same scores as a full forward pass. Pairs the matrix refuses fail at parse time with the
 reason."""
 
@@ -11,8 +11,8 @@ import torch
 
 from unift.accel import OPTIMIZATIONS
 from unift.cli import main
-from unift.engine.engine import Engine
-from unift.engine.settings import GenerationSettings
+from unift.inference.generator import Generator
+from unift.inference.settings import GenerationSettings
 from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, MethodSpec, get_method, register_method
@@ -64,27 +64,27 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return out[:, -ids.shape[1]:].float()  # prompt tuning / p-tuning also return the virtual tokens' positions
 
 
-def check_generation(engine: Engine) -> None:
+def check_generation(generator: Generator) -> None:
     """Greedy generation with the KV cache scores every new token as a full forward pass over the whole
-    sequence does (prefix tuning keeps its virtual keys in that cache), and the engine's batched,
+    sequence does (prefix tuning keeps its virtual keys in that cache), and the generator's batched,
     left-padded generation runs."""
     with torch.no_grad():
-        out = engine.model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
-                                    min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-                                    return_dict_in_generate=True)
+        out = generator.model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
+                                       min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                                       return_dict_in_generate=True)
     assert out.sequences.shape[1] == IDS.shape[1] + 4
-    full = forward_logits(engine.model, out.sequences)[:, IDS.shape[1] - 1:-1]
+    full = forward_logits(generator.model, out.sequences)[:, IDS.shape[1] - 1:-1]
     cached = torch.stack(out.logits, dim=1)
     assert torch.allclose(cached, full, atol=1e-3, rtol=1e-4), (cached - full).abs().max()
     # Batched with left padding (prompts of different lengths) = one by one, token for token: prompt-learning
     # methods put their virtual tokens before the padding, the classic place for this to break.
     settings = GenerationSettings(max_new_tokens=5)
-    batched = engine.generate(PROMPTS, settings, batch_size=len(PROMPTS))
-    alone = [engine.generate([prompt], settings)[0] for prompt in PROMPTS]
+    batched = generator.generate(PROMPTS, settings, batch_size=len(PROMPTS))
+    alone = [generator.generate([prompt], settings)[0] for prompt in PROMPTS]
     assert [(c.text, c.completion_tokens) for c in batched] == [(c.text, c.completion_tokens) for c in alone]
     # the trained question gets an answer; an untrained one may end at once (a tiny model may answer EOS)
     assert batched[0].completion_tokens >= 1
-    streams = [engine.open_stream(prompt, settings) for prompt in PROMPTS]  # batched by the scheduler
+    streams = [generator.open_stream(prompt, settings) for prompt in PROMPTS]  # batched by the scheduler
     streamed = [("".join(stream).strip(), stream.completion_tokens) for stream in streams]
     # a stream holds back half of a multi-byte character at the end (decoded at once it shows as U+FFFD)
     assert streamed == [(c.text.rstrip("\ufffd").strip(), c.completion_tokens) for c in alone]
@@ -104,18 +104,18 @@ def test_pair_trains_saves_reloads_and_generates(tiny_model, data_file, tmp_path
     assert applied.isdisjoint(skipped) and applied | set(skipped) == set(OPTIMIZATIONS), (applied, skipped)
     assert all(skipped.values())
     # reloaded in the dtype the base was trained in (bf16 under the bf16 plan), to compare like with like
-    as_trained = Engine.load(str(result.output_dir), dtype=torch_dtype(RunCard.load(result.output_dir).base_dtype))
+    as_trained = Generator.load(str(result.output_dir), dtype=torch_dtype(RunCard.load(result.output_dir).base_dtype))
     reloaded = forward_logits(as_trained.model, IDS)
-    # the engine merges the adapter into the weights it loads (W + BA rounds otherwise than x W + (x A) B):
+    # the generator merges the adapter into the weights it loads (W + BA rounds otherwise than x W + (x A) B):
     # in fp32 the two agree to about 1e-5 (measured up to 1.3e-5), far below what training moved them (below)
     assert torch.allclose(reloaded, forward_logits(unwrapped(result.model), IDS), atol=1e-4, rtol=1e-4)
     if get_method(peft_type).holds_model:  # full, freeze: the run folder is the trained model, no adapter
-        base = Engine.load(base_model=str(tiny_model(model_type)), model_type=model_type).model
+        base = Generator.load(base_model=str(tiny_model(model_type)), model_type=model_type).model
         assert not torch.allclose(forward_logits(base, IDS), reloaded)  # training changed the model
     else:
         with as_trained.model.disable_adapter():
             assert not torch.allclose(forward_logits(as_trained.model, IDS), reloaded)  # the adapter does something
-    check_generation(Engine.load(str(result.output_dir)))  # the default engine (fp32 on a CPU)
+    check_generation(Generator.load(str(result.output_dir)))  # the default generator (fp32 on a CPU)
 
 
 def test_refused_pairs_fail_at_parse_time_with_the_reason(capsys, tmp_path):

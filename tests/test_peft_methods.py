@@ -13,7 +13,7 @@ import torch
 from conftest import FAMILIES
 
 from unift.cli import main
-from unift.engine.engine import Engine
+from unift.inference.generator import Generator
 from unift.models import get_model_spec, load_model
 from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
@@ -63,8 +63,8 @@ def test_adalora_reallocates_the_rank_budget(tiny_model, data_file, tmp_path):
     # The trained model masks the pruned singular values (lora_E) and the reloaded one drops them.
     trained_E = {n: p for n, p in result.model.named_parameters() if "lora_E" in n}
     assert sum(int((p == 0).sum()) for p in trained_E.values()) == 6 * len(ranks) - sum(ranks.values())
-    engine = Engine.load(str(tmp_path / "run"))
-    reloaded_E = [p for n, p in engine.model.named_parameters() if "lora_E" in n]
+    generator = Generator.load(str(tmp_path / "run"))
+    reloaded_E = [p for n, p in generator.model.named_parameters() if "lora_E" in n]
     assert sorted(p.shape[0] for p in reloaded_E) == sorted(ranks.values())
 
 
@@ -80,14 +80,14 @@ def test_adalora_reload_keeps_the_pruned_ranks_on_every_family(family, tiny_mode
     assert pattern, "no budget allocation ran"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = Engine.load(str(tmp_path / "run"), device="cpu", dtype="fp32")
+        generator = Generator.load(str(tmp_path / "run"), device="cpu", dtype="fp32")
     assert not [w for w in caught if "rank_pattern" in str(w.message)], [str(w.message) for w in caught]
-    shapes = {n: (p.shape[0],) for n, p in engine.model.named_parameters() if "lora_E" in n}
+    shapes = {n: (p.shape[0],) for n, p in generator.model.named_parameters() if "lora_E" in n}
     wanted = {f"base_model.model.{key}.default": (sum(kept),) for key, kept in pattern.items()}
     assert shapes == wanted
     assert sum(kept for kept, *_ in shapes.values()) < 6 * len(shapes)  # something was pruned
     trained = result.model.eval()
-    assert torch.allclose(logits(engine.model.eval()), logits(trained), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(logits(generator.model.eval()), logits(trained), atol=1e-4, rtol=1e-4)
 
 
 def test_adalora_schedule_must_fit_the_run(tiny_model, data_file, tmp_path, capsys):
@@ -143,7 +143,7 @@ def test_qlora_uses_paged_adamw_only_where_it_pages():
     ("dora", {"quantization_bit": 4}),
 ])
 def test_quantized_base(tiny_model, data_file, tmp_path, peft_type, flags):
-    # fp32 compute: the engine reloads quantized bases with fp32 compute, so outputs can match exactly.
+    # fp32 compute: the generator reloads quantized bases with fp32 compute, so outputs can match exactly.
     result = train(args_for(tiny_model("llama"), data_file, tmp_path / "run", peft_type=peft_type,
                             compute_dtype="fp32", learning_rate=3e-2, **flags))
     losses = [point["loss"] for point in result.metrics["loss_curve"]]
@@ -151,8 +151,8 @@ def test_quantized_base(tiny_model, data_file, tmp_path, peft_type, flags):
     bits = 8 if flags.get("load_in_8bit") else flags["quantization_bit"]
     assert RunCard.load(tmp_path / "run").quantization_bit == bits
     assert getattr(result.model, f"is_loaded_in_{bits}bit")
-    engine = Engine.load(str(tmp_path / "run"))
-    assert torch.allclose(logits(engine.model), logits(result.model.eval()), atol=1e-5, rtol=1e-5)
+    generator = Generator.load(str(tmp_path / "run"))
+    assert torch.allclose(logits(generator.model), logits(result.model.eval()), atol=1e-5, rtol=1e-5)
 
 
 # ---- flags checked against the method, at parse time --------------------------------------------------

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 from after_training_helpers import PYTHON, REPO, env, trained_run
 
-from unift.engine.predict import read_rows
 from unift.errors import UniftError
+from unift.inference.predict import read_rows
 
 MIXED = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
@@ -110,10 +110,10 @@ def test_resume_refuses_other_settings(run, write_jsonl, tmp_path, capsys):
 # the first two batches are on disk, the third is half a line.
 CRASHING = textwrap.dedent("""
     import os, signal, sys
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
     from unift.cli import main
     calls = {"n": 0}
-    original = Engine._generate_batch
+    original = Generator._generate_batch
     def crashing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
@@ -121,7 +121,7 @@ CRASHING = textwrap.dedent("""
                 handle.write('{"id": 4, "prompt": "What is 4 pl')
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, *args, **kwargs)
-    Engine._generate_batch = crashing
+    Generator._generate_batch = crashing
     sys.exit(main(["predict", *sys.argv[2:]]))
 """)
 
@@ -147,7 +147,7 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(run, write_jsonl, tmp
 
 
 def test_input_may_name_a_registered_dataset():
-    from unift.engine.predict import resolve_input
+    from unift.inference.predict import resolve_input
 
     rows = read_rows(resolve_input("arith_test"), max_samples=2)
     assert len(rows) == 2 and "Answer:" in rows[0].reference

@@ -1,6 +1,6 @@
 """What the registries answer for code elsewhere: which method a foreign adapter folder holds (peft's
 PeftType through the methods' names and aliases), which family a transformers model type belongs to (each
-family's hf_model_types, one lookup), and which methods merge additively (the engine's in-memory merge)."""
+family's hf_model_types, one lookup), and which methods merge additively (the generator's in-memory merge)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import memorisation_rows
 
-from unift.engine.engine import Engine
 from unift.evals.likelihood import score_rows
+from unift.inference.generator import Generator
 from unift.models.dtypes import torch_dtype
 from unift.models.runcard import RunCard
 from unift.peft import METHODS, get_method
@@ -52,8 +52,8 @@ def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, 
     rows = [(r["input_ids"], r["labels"]) for r in val]
     card = RunCard.load(result.output_dir)
     assert card.compute_dtype == dtype_plan
-    engine = Engine.load(str(result.output_dir), dtype=torch_dtype(card.base_dtype))
-    scored = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, batch_size=4)
+    generator = Generator.load(str(result.output_dir), dtype=torch_dtype(card.base_dtype))
+    scored = score_rows(generator.model, rows, generator.tokenizer.pad_token_id, batch_size=4)
     reloaded = sum(s.nll for s in scored) / sum(s.tokens for s in scored)  # token mean, as the Trainer's loss
     if peft_type == "adalora":
         # PEFT adds its orthogonality penalty to every loss, evaluation's too. It is a function of the
@@ -64,10 +64,10 @@ def test_reloaded_adapter_reproduces_the_training_loss(tiny_model, write_jsonl, 
     tolerance = 2e-2 if card.base_dtype == "bf16" else 1e-4
     assert math.isclose(reloaded, trained["loss"], rel_tol=tolerance), (reloaded, trained["loss"])
     if method.holds_model:  # full, freeze: no adapter to switch off, the base is the untouched checkpoint
-        original = Engine.load(None, base_model=str(tiny_model("llama")), dtype=torch_dtype(card.base_dtype))
-        base = score_rows(original.model, rows, engine.tokenizer.pad_token_id, batch_size=4)
+        original = Generator.load(None, base_model=str(tiny_model("llama")), dtype=torch_dtype(card.base_dtype))
+        base = score_rows(original.model, rows, generator.tokenizer.pad_token_id, batch_size=4)
     else:
-        with engine.adapter_enabled(False):
-            base = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, batch_size=4)
+        with generator.adapter_enabled(False):
+            base = score_rows(generator.model, rows, generator.tokenizer.pad_token_id, batch_size=4)
     assert sum(s.nll for s in base) != pytest.approx(sum(s.nll for s in scored), rel=1e-3)  # the adapter acts
 

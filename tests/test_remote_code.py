@@ -80,34 +80,34 @@ def test_trains_with_the_checkpoints_own_linear_layers(trained):
 
 
 def test_reload_generates_with_the_cache_batched_as_one_by_one(trained):
-    from unift.engine.engine import Engine
-    from unift.engine.settings import GenerationSettings
+    from unift.inference.generator import Generator
+    from unift.inference.settings import GenerationSettings
 
-    engine = Engine.load(str(trained))
-    assert type(engine.model.get_base_model()).__module__.startswith("transformers_modules")
+    generator = Generator.load(str(trained))
+    assert type(generator.model.get_base_model()).__module__.startswith("transformers_modules")
     settings = GenerationSettings(max_new_tokens=8)
-    batched = engine.generate(QUESTIONS, settings, batch_size=3)
-    assert [c.text for c in batched] == [engine.generate([q], settings)[0].text for q in QUESTIONS]
-    ids = torch.tensor([engine.prompt_ids(QUESTIONS[0])])
+    batched = generator.generate(QUESTIONS, settings, batch_size=3)
+    assert [c.text for c in batched] == [generator.generate([q], settings)[0].text for q in QUESTIONS]
+    ids = torch.tensor([generator.prompt_ids(QUESTIONS[0])])
     with torch.no_grad():
-        cached = engine.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=True)
-        uncached = engine.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=False)
+        cached = generator.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = generator.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist()
-    with engine.base_only():
-        base = engine.generate(QUESTIONS, settings, batch_size=3)
+    with generator.base_only():
+        base = generator.generate(QUESTIONS, settings, batch_size=3)
     assert [c.text for c in base] != [c.text for c in batched]  # the adapter changed the answers
 
 
 def test_merges_and_the_merged_model_loads_with_plain_transformers(trained, tmp_path):
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter_dir", str(trained), "--merged_dir", str(merged)]) == 0
     assert (merged / "modeling_tinyglm.py").is_file()
-    engine = Engine.load(str(trained))
-    ids = engine.prompt_ids(QUESTIONS[0])
+    generator = Generator.load(str(trained))
+    ids = generator.prompt_ids(QUESTIONS[0])
     with torch.no_grad():
-        expected = engine.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        expected = generator.model(input_ids=torch.tensor([ids])).logits[0, -1]
     script = textwrap.dedent(f"""
         import json, torch
         from transformers import AutoModelForCausalLM

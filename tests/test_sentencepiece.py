@@ -126,11 +126,11 @@ def test_bos_is_added_once_without_a_chat_template(sp_dirs):
 def test_a_cut_prompt_keeps_its_bos(sp_dirs):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
     tokenizer = sp_tokenizer(sp_dirs, "plain")
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=32))
-    engine = Engine(model, tokenizer, get_template("alpaca"))
-    full = engine.prompt_ids(CONVERSATION[:2])
-    assert engine.prompt_ids(CONVERSATION[:2], max_prompt_tokens=8) == [tokenizer.bos_token_id, *full[-7:]]
+    generator = Generator(model, tokenizer, get_template("alpaca"))
+    full = generator.prompt_ids(CONVERSATION[:2])
+    assert generator.prompt_ids(CONVERSATION[:2], max_prompt_tokens=8) == [tokenizer.bos_token_id, *full[-7:]]

@@ -15,7 +15,7 @@ import openai
 import pytest
 from after_training_helpers import free_port, run_folder
 
-from unift.engine.settings import PRESETS, GenerationSettings
+from unift.inference.settings import PRESETS, GenerationSettings
 
 KEY = "sk-unift-test"
 GREEDY5 = GenerationSettings(max_new_tokens=5)
@@ -23,21 +23,21 @@ QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model, tmp_path_factory):
-    from unift.engine.engine import Engine
+def generator(tiny_model, tmp_path_factory):
+    from unift.inference.generator import Generator
 
     # An adapter moved well away from the identity, so that "run" and "run:base" answer differently (the
     # 2-step trained run's adapter leaves the greedy answers of the tiny model unchanged).
-    return Engine.load(str(run_folder(tiny_model("llama"), tmp_path_factory.mktemp("serve") / "run", "lora")))
+    return Generator.load(str(run_folder(tiny_model("llama"), tmp_path_factory.mktemp("serve") / "run", "lora")))
 
 
-def serving(engine):
-    """The web service over `engine` on a free local port, in a thread: yields its /v1 address."""
+def serving(generator):
+    """The web service over `generator` on a free local port, in a thread: yields its /v1 address."""
     import uvicorn
 
     from unift.serve.app import create_app
 
-    app = create_app(engine, PRESETS["chat"], api_key=KEY, ui=False, max_tokens_limit=2048)
+    app = create_app(generator, PRESETS["chat"], api_key=KEY, ui=False, max_tokens_limit=2048)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -52,20 +52,20 @@ def serving(engine):
 
 
 @pytest.fixture(scope="module")
-def base_url(engine):
-    yield from serving(engine)
+def base_url(generator):
+    yield from serving(generator)
 
 
 @pytest.fixture(scope="module")
 def embedded_url(embedded_dir, tmp_path_factory):
     """The embedded SmolLM2 with a LoRA adapter, served: a real model, whose greedy choices are decided by
     clear margins (a random tiny model's near-uniform logits tie often, and batching moves a tie)."""
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
-    engine = Engine.load(str(run_folder(embedded_dir, tmp_path_factory.mktemp("serve-embedded") / "run", "lora",
-                                        perturb=0.002)))
-    for url in serving(engine):
-        yield url, engine
+    generator = Generator.load(str(run_folder(embedded_dir, tmp_path_factory.mktemp("serve-embedded") / "run", "lora",
+                                              perturb=0.002)))
+    for url in serving(generator):
+        yield url, generator
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,9 @@ def test_models(client):
     assert client.models.retrieve("run:base").owned_by == "unift"
 
 
-def test_chat_completion_plain_and_streaming(client, engine):
+def test_chat_completion_plain_and_streaming(client, generator):
     reply = client.chat.completions.create(model="run", messages=QUESTION, max_tokens=5, temperature=0)
-    expected = engine.generate([QUESTION], GREEDY5)[0]
+    expected = generator.generate([QUESTION], GREEDY5)[0]
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected.text
     assert choice.finish_reason == expected.finish_reason == "length"
@@ -104,22 +104,22 @@ def test_chat_completion_plain_and_streaming(client, engine):
     assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices
 
 
-def test_base_model_id_switches_the_adapter_off(client, engine):
+def test_base_model_id_switches_the_adapter_off(client, generator):
     reply = client.chat.completions.create(model="run:base", messages=QUESTION, max_tokens=5, temperature=0)
-    base = engine.generate([QUESTION], GREEDY5, adapter=False)[0].text
+    base = generator.generate([QUESTION], GREEDY5, adapter=False)[0].text
     assert reply.choices[0].message.content == base
     tuned = client.chat.completions.create(model="run", messages=QUESTION, max_tokens=5, temperature=0)
-    assert tuned.choices[0].message.content == engine.generate([QUESTION], GREEDY5)[0].text != base
+    assert tuned.choices[0].message.content == generator.generate([QUESTION], GREEDY5)[0].text != base
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="run:base", messages=QUESTION, max_tokens=5, temperature=0, stream=True) if c.choices)
     assert streamed == base
 
 
-def test_completions_plain_and_streaming_with_stop(client, engine):
+def test_completions_plain_and_streaming_with_stop(client, generator):
     reply = client.completions.create(model="run", prompt="Once upon a time", max_tokens=6, temperature=0)
     text = reply.choices[0].text
-    # Raw text: no template, the continuation as generated (the engine's batch path strips it).
-    assert text.strip() == engine.generate(["Once upon a time"], GenerationSettings(max_new_tokens=6))[0].text
+    # Raw text: no template, the continuation as generated (the generator's batch path strips it).
+    assert text.strip() == generator.generate(["Once upon a time"], GenerationSettings(max_new_tokens=6))[0].text
     assert reply.usage.completion_tokens == 6 and reply.object == "text_completion"
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="run", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
@@ -193,31 +193,31 @@ def test_bearer_key_is_required(base_url):
     assert wrong_method.status_code in (404, 405) and "error" in wrong_method.json()
 
 
-def test_a_full_queue_answers_429(client, engine):
-    limit = engine.max_queue
-    engine.max_queue = 1
-    engine.acquire_slot()  # someone else is being served
+def test_a_full_queue_answers_429(client, generator):
+    limit = generator.max_queue
+    generator.max_queue = 1
+    generator.acquire_slot()  # someone else is being served
     try:
         with pytest.raises(openai.RateLimitError) as busy:
             client.chat.completions.create(model="run", messages=QUESTION, max_tokens=2)
         assert busy.value.status_code == 429 and busy.value.body["code"] == "queue_full"
         assert busy.value.response.headers["Retry-After"].isdigit()
     finally:
-        engine.release_slot()
-        engine.max_queue = limit
+        generator.release_slot()
+        generator.max_queue = limit
     assert client.chat.completions.create(model="run", messages=QUESTION, max_tokens=2).choices
 
 
 def test_fifty_concurrent_clients_are_all_answered_in_batches(embedded_url):
     """A burst waits in the queue instead of being refused, is answered in shared batches, and every
     answer (half of them streamed) is, but for a rounding near-tie, the one the model gives it alone."""
-    base_url, engine = embedded_url
+    base_url, generator = embedded_url
     questions = [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(50)]
     # what the server decodes a temperature-0 request with: its chat preset made greedy (repetition penalty kept)
     alone = dataclasses.replace(PRESETS["chat"], max_new_tokens=6, do_sample=False, temperature=1.0)
-    expected = [c.text for c in engine.generate(questions, alone, batch_size=1)]
+    expected = [c.text for c in generator.generate(questions, alone, batch_size=1)]
     client = openai.OpenAI(base_url=base_url, api_key=KEY, timeout=120)  # its default retries, as users run it
-    before = dict(engine.scheduler.stats)
+    before = dict(generator.scheduler.stats)
 
     def ask(i: int) -> str:
         kwargs = {"model": "run", "messages": questions[i], "max_tokens": 6, "temperature": 0}
@@ -233,12 +233,12 @@ def test_fifty_concurrent_clients_are_all_answered_in_batches(embedded_url):
     # once in a few runs on a loaded machine: its logits are nearly uniform). One near-tie is allowed.
     differ = [i for i, (a, e) in enumerate(zip(answers, expected)) if a != e]
     assert len(answers) == 50 and len(differ) <= 1, (differ, answers, expected)
-    stats = engine.scheduler.stats
+    stats = generator.scheduler.stats
     assert stats["requests"] - before["requests"] == 50
     assert stats["batches"] - before["batches"] < 50 and stats["largest_batch"] > 1
 
 
-def test_a_client_that_hangs_up_frees_the_model(base_url, engine):
+def test_a_client_that_hangs_up_frees_the_model(base_url, generator):
     body = {"model": "run", "messages": QUESTION, "max_tokens": 2000, "temperature": 0, "stream": True}
     with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
@@ -246,7 +246,7 @@ def test_a_client_that_hangs_up_frees_the_model(base_url, engine):
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
     deadline = time.monotonic() + 20
-    while engine.queued or engine.lock.locked():
+    while generator.queued or generator.lock.locked():
         assert time.monotonic() < deadline, "the generation ran on after the client left"
         time.sleep(0.05)
 

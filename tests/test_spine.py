@@ -128,7 +128,7 @@ def test_loss_falls_and_run_folder_describes_itself(trained_run):
 
 
 def test_adapter_reloads_to_identical_logits(trained_run):
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
 
     ids = torch.tensor([[5, 17, 301, 42, 7]])
     trained = trained_run.model.eval()
@@ -144,10 +144,10 @@ def test_adapter_reloads_to_identical_logits(trained_run):
                                                       dtype=torch.float32)
     with torch.no_grad():
         reloaded = load_adapter(base_model, str(trained_run.output_dir)).eval()(input_ids=ids).logits
-    engine = Engine.load(str(trained_run.output_dir))
-    assert engine.merged  # LoRA on an fp32 base is folded into the weights for inference
+    generator = Generator.load(str(trained_run.output_dir))
+    assert generator.merged  # LoRA on an fp32 base is folded into the weights for inference
     with torch.no_grad():
-        merged = engine.model(input_ids=ids).logits
+        merged = generator.model(input_ids=ids).logits
     assert not torch.allclose(expected, base, atol=1e-3)  # the adapter changes the model...
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)  # ...and reloads exactly
     # merged: fp32 rounding of W + BA (unmerging it again is no exact reload either: W + BA - BA)
@@ -190,7 +190,7 @@ def test_final_answer_extraction(text, expected):
 
 
 def test_checkpoints_describe_themselves_and_resume(tiny_model, write_jsonl, tmp_path):
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
     from unift.train.run import train
 
     data = write_jsonl(memorisation_rows(8))
@@ -200,8 +200,8 @@ def test_checkpoints_describe_themselves_and_resume(tiny_model, write_jsonl, tmp
     first = train(TrainArgs(max_steps=4, **common))
     checkpoint = tmp_path / "run" / "checkpoint-4"
     assert (checkpoint / "unift_run.json").exists() and (checkpoint / "tokenizer.json").exists()
-    engine = Engine.load(str(checkpoint))  # a checkpoint is usable on its own, e.g. mid-training
-    assert engine.has_adapter and engine.card.model_type == "qwen2"
+    generator = Generator.load(str(checkpoint))  # a checkpoint is usable on its own, e.g. mid-training
+    assert generator.has_adapter and generator.card.model_type == "qwen2"
     resumed = train(TrainArgs(max_steps=6, resume_from_checkpoint="latest", **common))
     assert resumed.metrics["global_steps"] == 6
     assert resumed.metrics["tokens_seen"] < first.metrics["tokens_seen"]  # 2 new steps, not 6
@@ -209,11 +209,11 @@ def test_checkpoints_describe_themselves_and_resume(tiny_model, write_jsonl, tmp
     assert [p["step"] for p in resumed.metrics["loss_curve"]] == [1, 2, 3, 4, 5, 6]
 
 
-def test_qlora_run_reloads_through_the_engine_to_the_same_logits(tiny_model, write_jsonl, tmp_path):
-    """The engine rebuilds a 4-bit base the way training did (quantized from the compute dtype)."""
+def test_qlora_run_reloads_through_the_generator_to_the_same_logits(tiny_model, write_jsonl, tmp_path):
+    """The generator rebuilds a 4-bit base the way training did (quantized from the compute dtype)."""
     from accelerate.utils import extract_model_from_parallel
 
-    from unift.engine.engine import Engine
+    from unift.inference.generator import Generator
     from unift.train.run import train
 
     data = write_jsonl(memorisation_rows(8))
@@ -224,7 +224,7 @@ def test_qlora_run_reloads_through_the_engine_to_the_same_logits(tiny_model, wri
     ids = torch.tensor([[5, 17, 301, 42, 7]])
     with torch.no_grad():
         expected = trained(input_ids=ids).logits.float()
-        reloaded = Engine.load(str(result.output_dir)).model(input_ids=ids).logits.float()
+        reloaded = Generator.load(str(result.output_dir)).model(input_ids=ids).logits.float()
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-4)
 
 

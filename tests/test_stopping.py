@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from unift.data import IGNORE_INDEX, TEMPLATES, encode_conversation, encode_prompt
 from unift.data.templates import end_of_turn
-from unift.engine.engine import Engine
-from unift.engine.settings import GenerationSettings
+from unift.inference.generator import Generator
+from unift.inference.settings import GenerationSettings
 from unift.models import load_tokenizer
 
 ANSWER = "Paris is the capital."
@@ -39,21 +39,21 @@ def variants(embedded_dir, tmp_path_factory):
     return folders
 
 
-def engine_for(tiny_model, tokenizer_dir, template: str) -> Engine:
+def generator_for(tiny_model, tokenizer_dir, template: str) -> Generator:
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
     tokenizer = load_tokenizer(str(tokenizer_dir), padding_side="left")
     # As in a real checkpoint, the generation config stops on the tokenizer's EOS (and nothing else).
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return Engine(model, tokenizer, TEMPLATES[template])
+    return Generator(model, tokenizer, TEMPLATES[template])
 
 
-def stop_point(engine: Engine, tokens: list[int]) -> tuple[int, str] | None:
+def stop_point(generator: Generator, tokens: list[int]) -> tuple[int, str] | None:
     """Where generation of these tokens would stop: (tokens kept, text), or None if it would run on."""
-    stops = engine.stops(GenerationSettings())
+    stops = generator.stops(GenerationSettings())
     for n, token in enumerate(tokens):
-        if token in engine.eos_ids:
-            return n, engine.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-        text = engine.tokenizer.decode(tokens[: n + 1], skip_special_tokens=True)
+        if token in generator.eos_ids:
+            return n, generator.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        text = generator.tokenizer.decode(tokens[: n + 1], skip_special_tokens=True)
         hits = [text.index(s) for s in stops if s in text]
         if hits:
             return n + 1, text[: min(hits)]
@@ -65,16 +65,16 @@ CASES = [(name, "instruct") for name in TEMPLATES] + [("auto", "base"), ("chatml
 
 @pytest.mark.parametrize(("template", "tokenizer"), CASES, ids=[f"{t}-{k}" for t, k in CASES])
 def test_trained_answer_ends_where_generation_stops(tiny_model, variants, template, tokenizer):
-    engine = engine_for(tiny_model, variants[tokenizer], template)
-    enc = encode_conversation(CONVERSATION, engine.template, engine.tokenizer, cutoff_len=512)
+    generator = generator_for(tiny_model, variants[tokenizer], template)
+    enc = encode_conversation(CONVERSATION, generator.template, generator.tokenizer, cutoff_len=512)
     trained = [t for t in enc.labels if t != IGNORE_INDEX]
-    found = stop_point(engine, trained)
-    assert found is not None, f"{template}: generation would not stop on {engine.tokenizer.decode(trained)!r}"
+    found = stop_point(generator, trained)
+    assert found is not None, f"{template}: generation would not stop on {generator.tokenizer.decode(trained)!r}"
     kept, text = found
     assert text.strip() == ANSWER
     # Nothing but the end-of-turn marker and whitespace may follow the stop.
-    assert engine.tokenizer.decode(trained[kept:], skip_special_tokens=True).strip() in ("", end_of_turn(
-        engine.template, engine.tokenizer))
+    assert generator.tokenizer.decode(trained[kept:], skip_special_tokens=True).strip() in ("", end_of_turn(
+        generator.template, generator.tokenizer))
 
 
 def scripted_lm_head(model, script: list[int]) -> dict:
@@ -96,18 +96,18 @@ def scripted_lm_head(model, script: list[int]) -> dict:
 @pytest.mark.parametrize(("template", "tokenizer"), [("auto", "base"), ("internlm", "instruct"),
                                                      ("moss", "instruct"), ("chatglm", "instruct")])
 def test_generation_stops_on_the_template_end_marker(tiny_model, variants, template, tokenizer):
-    engine = engine_for(tiny_model, variants[tokenizer], template)
-    marker = end_of_turn(engine.template, engine.tokenizer) or engine.tokenizer.eos_token
-    ids = engine.tokenizer
+    generator = generator_for(tiny_model, variants[tokenizer], template)
+    marker = end_of_turn(generator.template, generator.tokenizer) or generator.tokenizer.eos_token
+    ids = generator.tokenizer
     script = ids("Yes", add_special_tokens=False)["input_ids"] + ids(marker, add_special_tokens=False)["input_ids"]
     script += ids(" and on and on", add_special_tokens=False)["input_ids"]
-    state = scripted_lm_head(engine.model, script)
+    state = scripted_lm_head(generator.model, script)
     settings = GenerationSettings(max_new_tokens=24)
     prompt = [{"role": "user", "content": "Is it?"}]
-    done = engine.generate([prompt], settings)[0]
+    done = generator.generate([prompt], settings)[0]
     assert (done.text, done.finish_reason) == ("Yes", "stop")
     state["step"] = 0
-    stream = engine.open_stream(prompt, settings)
+    stream = generator.open_stream(prompt, settings)
     assert "".join(stream).strip() == "Yes"
     assert stream.finish_reason == "stop" and stream.completion_tokens < 12
 
@@ -122,9 +122,9 @@ def test_chatglm_template_teaches_an_end_marker(embedded_dir):
     assert encode_prompt(follow, template, tokenizer)[: len(enc.input_ids)] == enc.input_ids
 
 
-def test_engine_stop_ids_include_the_template_end_token(tiny_model, variants):
-    engine = engine_for(tiny_model, variants["base"], "auto")
-    im_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert engine.tokenizer.eos_token == "<|endoftext|>"
-    assert im_end in engine.eos_ids and engine.tokenizer.eos_token_id in engine.eos_ids
-    assert torch.tensor(engine.eos_ids).unique().numel() == len(engine.eos_ids)
+def test_generator_stop_ids_include_the_template_end_token(tiny_model, variants):
+    generator = generator_for(tiny_model, variants["base"], "auto")
+    im_end = generator.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generator.tokenizer.eos_token == "<|endoftext|>"
+    assert im_end in generator.eos_ids and generator.tokenizer.eos_token_id in generator.eos_ids
+    assert torch.tensor(generator.eos_ids).unique().numel() == len(generator.eos_ids)

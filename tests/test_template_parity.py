@@ -175,7 +175,7 @@ def test_model_is_recorded_as_its_text_and_read_back(tools_tokenizer):
 
 
 def test_a_merged_folder_carries_the_model_template_text(tools_tokenizer, tokenizer):
-    from unift.engine.chat_template import install_chat_template
+    from unift.inference.chat_template import install_chat_template
 
     model = resolve_template("model", "auto", tools_tokenizer)
     tools_tokenizer.chat_template = "{{ 'not the trained template' }}"  # e.g. the base changed since
@@ -254,17 +254,17 @@ def _prompt_of_last_answer(row: dict) -> list[int]:
     return list(row["input_ids"][:start])
 
 
-def _recording(engine) -> list[list[int]]:
-    """Every prompt's ids as the engine builds them (the real method runs; its result is kept)."""
+def _recording(generator) -> list[list[int]]:
+    """Every prompt's ids as the generator builds them (the real method runs; its result is kept)."""
     seen: list[list[int]] = []
-    build = engine.prompt_ids
+    build = generator.prompt_ids
 
     def prompt_ids(prompt, max_prompt_tokens=None):
         ids = build(prompt, max_prompt_tokens)
         seen.append(list(ids))
         return ids
 
-    engine.prompt_ids = prompt_ids
+    generator.prompt_ids = prompt_ids
     return seen
 
 
@@ -273,9 +273,9 @@ def test_serve_and_chat_prompt_with_the_tokens_training_produced(template, tiny_
                                                                  monkeypatch, caplog):
     from fastapi.testclient import TestClient
 
-    from unift.engine.chat import chat_loop
-    from unift.engine.engine import Engine
-    from unift.engine.settings import GenerationSettings
+    from unift.inference.chat import chat_loop
+    from unift.inference.generator import Generator
+    from unift.inference.settings import GenerationSettings
     from unift.models.runcard import RunCard
     from unift.serve.api import create_api
 
@@ -296,12 +296,12 @@ def test_serve_and_chat_prompt_with_the_tokens_training_produced(template, tiny_
     trained = _pipeline_row(run)
     want = _prompt_of_last_answer(trained)
 
-    engine = Engine.load(str(run))
+    generator = Generator.load(str(run))
     if template == "model":
-        assert not engine.tokenizer.chat_template  # what serves is the card's template, not the tokenizer's
-    seen = _recording(engine)
-    client = TestClient(create_api(engine, GenerationSettings(max_new_tokens=2)))
-    reply = client.post("/v1/chat/completions", json={"model": engine.name, "messages": CONVERSATION[:-1],
+        assert not generator.tokenizer.chat_template  # what serves is the card's template, not the tokenizer's
+    seen = _recording(generator)
+    client = TestClient(create_api(generator, GenerationSettings(max_new_tokens=2)))
+    reply = client.post("/v1/chat/completions", json={"model": generator.name, "messages": CONVERSATION[:-1],
                                                       "max_tokens": 2, "temperature": 0})
     assert reply.status_code == 200, reply.text
     assert seen[-1] == want and reply.json()["usage"]["prompt_tokens"] == len(want)
@@ -319,7 +319,7 @@ def test_serve_and_chat_prompt_with_the_tokens_training_produced(template, tiny_
     out = io.StringIO()
     tty = io.StringIO()
     tty.isatty = lambda: True
-    chat_loop(engine, GenerationSettings(max_new_tokens=3), system=CONVERSATION[0]["content"], stdin=tty, out=out)
+    chat_loop(generator, GenerationSettings(max_new_tokens=3), system=CONVERSATION[0]["content"], stdin=tty, out=out)
     answer = out.getvalue().split("Bot> ")[1][:-1].strip()  # as the chat keeps it in its history
     assert len(seen) == 3 and answer, out.getvalue()
     said = [*CONVERSATION[:2], {"role": "assistant", "content": answer}, CONVERSATION[3], CONVERSATION[4]]

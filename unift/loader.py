@@ -1,7 +1,7 @@
 """The one way a model is loaded: from a base model, a run folder, a foreign PEFT adapter folder or a merged
 folder, onto a device, in the dtypes of a DtypePlan (unift.models.dtypes), quantized where the plan says.
 
-Training loads its base through it (no adapter), Engine.load (generate, chat, predict, eval, serve) and
+Training loads its base through it (no adapter), Generator.load (generate, chat, predict, eval, serve) and
 merge load a base and an adapter through it. A run folder whose card says it holds the whole trained model
 (--peft_type full, freeze) is loaded as that model, with its card, and no adapter.
 """

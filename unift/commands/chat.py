@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_generator
 from unift.models.flags import ChatFlags, DecodingFlags
 from unift.options import like
 
@@ -18,6 +18,6 @@ OPTIONS = ChatOptions
 
 
 def run(options: ChatOptions) -> None:
-    from unift.engine.chat import chat_loop
+    from unift.inference.chat import chat_loop
 
-    chat_loop(load_engine(options), options.decoding(), options.system)
+    chat_loop(load_generator(options), options.decoding(), options.system)

@@ -1,7 +1,7 @@
 """The option groups of the commands that load a model for inference (generate, chat, predict, eval,
 merge, serve), made of the shared groups in unift.models.flags: which model, on which device and dtype, and
-how to decode (with the engine's settings built from those flags). Each command's options dataclass inherits
-the groups it takes."""
+how to decode (with the generation settings built from those flags). Each command's options dataclass
+inherits the groups it takes."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class DtypeOptions(Options):
 class DecodingOptions(DecodingFlags):
     def decoding(self):
         """The GenerationSettings these flags ask for: the preset, overridden by the flags given."""
-        from unift.engine.settings import settings_from
+        from unift.inference.settings import settings_from
 
         return settings_from(self.preset, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -43,16 +43,16 @@ class DecodingOptions(DecodingFlags):
                              no_repeat_ngram_size=self.no_repeat_ngram_size, stop=self.stop, seed=self.seed)
 
 
-def load_engine(options: ModelOptions):
-    """The Engine for a command's model options (a run named by --data is found first)."""
-    from unift.engine.engine import Engine
+def load_generator(options: ModelOptions):
+    """The Generator for a command's model options (a run named by --data is found first)."""
+    from unift.inference.generator import Generator
     from unift.models.runcard import find_run
 
     adapter_dir = options.adapter_dir
     if getattr(options, "run_data", None) and not adapter_dir:
         adapter_dir = options.adapter_dir = find_run(options.run_data, options.model_type)
-    return Engine.load(adapter_dir, base_model=options.model_name_or_path, model_type=options.model_type,
-                       template=options.template, trust_remote_code=options.trust_remote_code,
-                       dtype=parse_dtype(getattr(options, "dtype", None)), device=options.device,
-                       rope_scaling=getattr(options, "rope_scaling", None),
-                       attn_implementation=getattr(options, "attn_implementation", None))
+    return Generator.load(adapter_dir, base_model=options.model_name_or_path, model_type=options.model_type,
+                          template=options.template, trust_remote_code=options.trust_remote_code,
+                          dtype=parse_dtype(getattr(options, "dtype", None)), device=options.device,
+                          rope_scaling=getattr(options, "rope_scaling", None),
+                          attn_implementation=getattr(options, "attn_implementation", None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_generator
 from unift.models.flags import ChatFlags
 from unift.options import opt
 
@@ -18,10 +18,10 @@ OPTIONS = GenerateOptions
 
 
 def run(options: GenerateOptions) -> None:
-    from unift.engine.chat import answer_once, chat_loop
+    from unift.inference.chat import answer_once, chat_loop
 
-    engine = load_engine(options)
+    generator = load_generator(options)
     if options.prompt is not None:
-        answer_once(engine, options.prompt, options.decoding(), options.system)
+        answer_once(generator, options.prompt, options.decoding(), options.system)
     else:
-        chat_loop(engine, options.decoding(), options.system)
+        chat_loop(generator, options.decoding(), options.system)

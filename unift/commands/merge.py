@@ -8,10 +8,10 @@ from unift.commands.common import ModelOptions
 from unift.models.flags import DtypeFlags, ModelFlags, OutputFlags
 from unift.options import NON_NEGATIVE, like, opt
 
-# unift.engine.fidelity.DEFAULT_MAX_KL, written here so that building the flags does not import the engine (a
-# test keeps the two equal); docs/after_training.md has the measurements behind it.
+# unift.inference.fidelity.DEFAULT_MAX_KL, written here so that building the flags does not import the inference
+# package (a test keeps the two equal); docs/after_training.md has the measurements behind it.
 DEFAULT_MAX_KL = 1e-3
-# unift.engine.gguf_quant.QUANTS (the same test keeps them equal)
+# unift.inference.gguf_quant.QUANTS (the same test keeps them equal)
 QUANT_CHOICES = ("auto", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q5_k_s",
                  "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
 
@@ -38,7 +38,7 @@ OPTIONS = MergeOptions
 
 
 def run(options: MergeOptions) -> None:
-    from unift.engine.merge import merge
+    from unift.inference.merge import merge
 
     merge(options.adapter_dir, options.merged_dir, base_model=options.model_name_or_path,
           model_type=options.model_type, compute_dtype=options.compute_dtype,

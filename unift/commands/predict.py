@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, ModelOptions, load_engine
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, ModelOptions, load_generator
 from unift.models.flags import DataFlags, OutputFlags
 from unift.options import like, opt
 
@@ -24,8 +24,8 @@ OPTIONS = PredictOptions
 
 
 def run(options: PredictOptions) -> None:
-    from unift.engine.predict import predict
+    from unift.inference.predict import predict
 
-    predict(load_engine(options), options.input, options.result_dir, options.decoding(),
+    predict(load_generator(options), options.input, options.result_dir, options.decoding(),
             batch_size=options.batch_size, max_samples=options.max_samples, max_prompt_tokens=options.cutoff_len,
             overwrite=options.overwrite, adapter_dir=options.adapter_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_engine
+from unift.commands.common import ConfigOptions, DecodingOptions, DtypeOptions, FindRunOptions, load_generator
 from unift.models.flags import DataFlags, DecodingFlags
 from unift.options import POSITIVE_INT, Range, like, opt
 
@@ -34,9 +34,9 @@ OPTIONS = ServeOptions
 def run(options: ServeOptions) -> None:
     from unift.serve.app import serve
 
-    engine = load_engine(options)
-    engine.max_queue = options.max_queue
-    engine.scheduler.max_batch = options.max_batch
-    serve(engine, options.decoding(), host=options.host, port=options.port, api_key=options.api_key,
+    generator = load_generator(options)
+    generator.max_queue = options.max_queue
+    generator.scheduler.max_batch = options.max_batch
+    serve(generator, options.decoding(), host=options.host, port=options.port, api_key=options.api_key,
           ui=not options.no_ui, served_name=options.served_model_name, max_tokens_limit=options.max_tokens_limit,
           max_prompt_tokens=options.cutoff_len)

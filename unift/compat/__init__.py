@@ -3,7 +3,7 @@ named for what it patches, each applied by an explicit call; importing a unift m
 
 - `apply()`: the patches that change a library for the whole process (today the peft x transformers
   generation-cache fix). Idempotent. The entry points that build or load PEFT models call it (train(),
-  Engine.load, merge(), unift.peft's wrap_model and load_adapter).
+  Generator.load, merge(), unift.peft's wrap_model and load_adapter).
 - per model or per process, called where they are needed: `peft_adapters` (AdaLoRA after wrapping and
   loading), `bitsandbytes` (4-bit models on CPU), `keep_out` (the CLI before anything is imported),
   `peft_types` (unift's bottleneck plugin), `quiet` (the CLI's logging set-up), `deepspeed_cpu` and

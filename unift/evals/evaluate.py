@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from unift.data import IGNORE_INDEX, Message, encode_conversation, load_conversations
 from unift.data.answers import answer_line, get_extractor
-from unift.engine.engine import Engine
-from unift.engine.settings import PRESETS
 from unift.errors import UniftError
+from unift.inference.generator import Generator
+from unift.inference.settings import PRESETS
 from unift.models.dtypes import dtype_name
 from unift.models.flags import DataFlags, DecodingFlags
 from unift.models.hub import is_hub_adapter
@@ -117,8 +117,8 @@ def answer_budget(tokenizer, references: list[str]) -> int:
     return longest + max(8, longest // 4)
 
 
-def generation_task(engine: Engine, conversations: list[list[Message]], setup: Setup, pool: list[list[Message]],
-                    options: EvalOptions) -> dict[str, Any]:
+def generation_task(generator: Generator, conversations: list[list[Message]], setup: Setup,
+                    pool: list[list[Message]], options: EvalOptions) -> dict[str, Any]:
     """Exact match / BLEU / ROUGE-L of greedy answers and perplexity of the references, for one setup."""
     from unift.evals.likelihood import last_answer_labels, perplexity, score_rows
 
@@ -128,10 +128,10 @@ def generation_task(engine: Engine, conversations: list[list[Message]], setup: S
     if "ppl" in options.metrics:
         rows = []
         for c in shown:
-            encoded = encode_conversation(c, engine.template, engine.tokenizer, cutoff_len=10**9)
+            encoded = encode_conversation(c, generator.template, generator.tokenizer, cutoff_len=10**9)
             rows.append((encoded.input_ids, last_answer_labels(encoded.labels)))
-        with engine.adapter_enabled(setup.adapter):
-            scored = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, options.batch_size,
+        with generator.adapter_enabled(setup.adapter):
+            scored = score_rows(generator.model, rows, generator.tokenizer.pad_token_id, options.batch_size,
                                 options.cutoff_len)
         ppl = perplexity(scored)
         figures["perplexity"] = ppl.mean_example
@@ -140,11 +140,11 @@ def generation_task(engine: Engine, conversations: list[list[Message]], setup: S
         figures["answer_tokens"] = ppl.tokens
     if {"em", "bleu", "rouge"} & set(options.metrics):
         references = [c[-1]["content"] for c in conversations]
-        limit = options.max_new_tokens or answer_budget(engine.tokenizer, references)
+        limit = options.max_new_tokens or answer_budget(generator.tokenizer, references)
         settings = replace(PRESETS["greedy"], max_new_tokens=limit)
         prompts = [c[:-1] for c in shown]
-        outputs = [c.text for c in engine.generate(prompts, settings, batch_size=options.batch_size,
-                                                   adapter=setup.adapter, max_prompt_tokens=options.cutoff_len)]
+        outputs = [c.text for c in generator.generate(prompts, settings, batch_size=options.batch_size,
+                                                      adapter=setup.adapter, max_prompt_tokens=options.cutoff_len)]
         figures["max_new_tokens"] = limit
         figures["predictions"] = outputs
         if "em" in options.metrics:
@@ -169,7 +169,7 @@ def _pair_figures(margins: list[float], margin_key: str, started: float) -> dict
             margin_key: sum(margins) / len(margins), "margins": margins, "seconds": time.perf_counter() - started}
 
 
-def pairs_task(engine: Engine, conversations: list[list[Message]], setup: Setup,
+def pairs_task(generator: Generator, conversations: list[list[Message]], setup: Setup,
                options: EvalOptions) -> dict[str, Any]:
     """How often, and by how much, the model finds each chosen answer more likely than its rejected one:
     the summed log-likelihood of each answer after the same prompt, the rows encoded as the preference
@@ -177,22 +177,23 @@ def pairs_task(engine: Engine, conversations: list[list[Message]], setup: Setup,
     from unift.data.preference import encode_preference
     from unift.evals.likelihood import score_rows
 
-    if engine.card is not None and engine.card.stage == "rm":
-        return reward_pairs_task(engine, conversations, options)
+    if generator.card is not None and generator.card.stage == "rm":
+        return reward_pairs_task(generator, conversations, options)
     started = time.perf_counter()
     rows = []
     for c in conversations:
-        row = encode_preference(c, engine.template, engine.tokenizer, cutoff_len=10**9)
+        row = encode_preference(c, generator.template, generator.tokenizer, cutoff_len=10**9)
         prompt = row["prompt_ids"]
         rows += [(prompt + row[key], [IGNORE_INDEX] * len(prompt) + row[key]) for key in ("chosen_ids", "rejected_ids")]
-    with engine.adapter_enabled(setup.adapter):
-        scored = score_rows(engine.model, rows, engine.tokenizer.pad_token_id, options.batch_size,
+    with generator.adapter_enabled(setup.adapter):
+        scored = score_rows(generator.model, rows, generator.tokenizer.pad_token_id, options.batch_size,
                             options.cutoff_len)
     return _pair_figures([rejected.nll - chosen.nll for chosen, rejected in zip(scored[0::2], scored[1::2])],
                          "margin", started)
 
 
-def reward_pairs_task(engine: Engine, conversations: list[list[Message]], options: EvalOptions) -> dict[str, Any]:
+def reward_pairs_task(generator: Generator, conversations: list[list[Message]],
+                      options: EvalOptions) -> dict[str, Any]:
     """A reward model's pairwise accuracy: how often it scores the chosen answer above the rejected one, and
     the mean reward margin (chosen minus rejected)."""
     import torch
@@ -201,10 +202,10 @@ def reward_pairs_task(engine: Engine, conversations: list[list[Message]], option
 
     started = time.perf_counter()
     margins = []
-    model, pad = engine.model, engine.tokenizer.pad_token_id
+    model, pad = generator.model, generator.tokenizer.pad_token_id
     device = next(model.parameters()).device
     for start in range(0, len(conversations), options.batch_size):
-        rows = [encode_preference(c, engine.template, engine.tokenizer, options.cutoff_len, "split")
+        rows = [encode_preference(c, generator.template, generator.tokenizer, options.cutoff_len, "split")
                 for c in conversations[start:start + options.batch_size]]
         sequences = [r["prompt_ids"] + r[key] for key in ("chosen_ids", "rejected_ids") for r in rows]
         width = max(len(s) for s in sequences)
@@ -217,21 +218,21 @@ def reward_pairs_task(engine: Engine, conversations: list[list[Message]], option
     return _pair_figures(margins, "reward_margin", started)
 
 
-def exam_task(engine: Engine, questions, pool, setup: Setup, options: EvalOptions) -> dict[str, Any]:
+def exam_task(generator: Generator, questions, pool, setup: Setup, options: EvalOptions) -> dict[str, Any]:
     from unift.evals.exams import score_exam
 
     started = time.perf_counter()
-    with engine.adapter_enabled(setup.adapter):
-        result = score_exam(engine.model, engine.tokenizer, engine.template, questions, shots_pool=pool,
+    with generator.adapter_enabled(setup.adapter):
+        result = score_exam(generator.model, generator.tokenizer, generator.template, questions, shots_pool=pool,
                             num_shots=setup.shots, batch_size=options.batch_size, choice=options.choice,
                             max_len=options.cutoff_len)
     return {**result.as_dict(), "predictions": result.predictions, "seconds": time.perf_counter() - started}
 
 
-def shot_pool(engine: Engine, options: EvalOptions) -> list[list[Message]]:
+def shot_pool(generator: Generator, options: EvalOptions) -> list[list[Message]]:
     if not options.num_shots or not options.data:
         return []
-    names = options.shots_from or (engine.card.arguments.get("data") if engine.card else None)
+    names = options.shots_from or (generator.card.arguments.get("data") if generator.card else None)
     if not names:
         raise UniftError("--num_shots needs examples to show: pass --shots_from DATA (a run folder uses its "
                          "training data by default)")
@@ -258,31 +259,32 @@ def load_tasks(options: EvalOptions) -> tuple[dict[str, list], dict[str, tuple]]
     return tasks, exams
 
 
-def run_evaluation(engine: Engine, options: EvalOptions, loaded: tuple[dict, dict] | None = None) -> dict[str, Any]:
+def run_evaluation(generator: Generator, options: EvalOptions,
+                   loaded: tuple[dict, dict] | None = None) -> dict[str, Any]:
     """Every setup on every task; returns the results document (what eval_results.json holds)."""
     tasks, exams = loaded or load_tasks(options)
-    pool = shot_pool(engine, options)
+    pool = shot_pool(generator, options)
     document: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": engine.name, "peft_type": engine.card.peft_type if engine.card else None,
-        "dtype": dtype_name(next(engine.model.parameters()).dtype),  # the weights as scored (--dtype)
+        "model": generator.name, "peft_type": generator.card.peft_type if generator.card else None,
+        "dtype": dtype_name(next(generator.model.parameters()).dtype),  # the weights as scored (--dtype)
         "options": {k: v for k, v in options.__dict__.items()}, "setups": [],
     }
-    for setup in setups(engine.has_adapter, options, engine.holds_model):
+    for setup in setups(generator.has_adapter, options, generator.holds_model):
         row: dict[str, Any] = {"label": setup.label, "adapter": setup.adapter, "shots": setup.shots, "tasks": {}}
         for name, conversations in tasks.items():
             paired = conversations and "rejected" in conversations[0][-1]
-            row["tasks"][name] = (pairs_task(engine, conversations, setup, options) if paired
-                                  else generation_task(engine, conversations, setup, pool, options))
+            row["tasks"][name] = (pairs_task(generator, conversations, setup, options) if paired
+                                  else generation_task(generator, conversations, setup, pool, options))
         for name, (questions, exam_pool) in exams.items():
-            row["tasks"][name] = exam_task(engine, questions, exam_pool, setup, options)
+            row["tasks"][name] = exam_task(generator, questions, exam_pool, setup, options)
         document["setups"].append(row)
     return document
 
 
 def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str | None = None,
              model_type: str | None = None, output: str | None = None, plot: bool = False,
-             engine: Engine | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+             generator: Generator | None = None, device: str | None = None, dtype: torch.dtype | None = None,
              template: str | None = None, trust_remote_code: bool | None = None,
              rope_scaling: str | None = None, attn_implementation: str | None = None) -> dict[str, Any]:
     """Load, evaluate, print the table, write eval_results.json (and PNGs with plot); returns the document."""
@@ -291,11 +293,11 @@ def evaluate(adapter_dir: str | None, options: EvalOptions, *, base_model: str |
     if not options.data and not options.exam and not options.pairs:
         raise UniftError("nothing to evaluate: pass --data, --pairs and/or --exam")
     loaded = load_tasks(options)  # bad data fails in a second, before the model loads
-    engine = engine or Engine.load(adapter_dir, base_model=base_model, model_type=model_type, device=device,
-                                   allow_reward=bool(options.pairs),
-                                   dtype=dtype, template=template, trust_remote_code=trust_remote_code,
-                                   rope_scaling=rope_scaling, attn_implementation=attn_implementation)
-    document = run_evaluation(engine, options, loaded)
+    generator = generator or Generator.load(adapter_dir, base_model=base_model, model_type=model_type,
+                                            device=device, allow_reward=bool(options.pairs),
+                                            dtype=dtype, template=template, trust_remote_code=trust_remote_code,
+                                            rope_scaling=rope_scaling, attn_implementation=attn_implementation)
+    document = run_evaluation(generator, options, loaded)
     document["adapter_dir"] = adapter_dir
     # the questions already read (and cut to --max_samples), which the predictions line up with
     print_examples(document, {n: loaded[0][n] for n in options.data[:1]}, options.show)

@@ -15,8 +15,8 @@ from unift.models.overrides import attn_implementation_flag, rope_scaling_flag
 from unift.models.registry import get_model_spec
 from unift.options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Options, Range, opt
 
-# Names of the decoding presets (unift.engine.settings.PRESETS; a test keeps the two equal): written here so
-# that building the flags does not import the engine.
+# Names of the decoding presets (unift.inference.settings.PRESETS; a test keeps the two equal): written here so
+# that building the flags does not import the inference package.
 PRESET_NAMES = ("chat", "greedy", "original")
 DTYPES = ("fp32", "bf16", "fp16")
 

@@ -1,5 +1,5 @@
 """The OpenAI wire format of the web service: errors shaped as OpenAI's, and the parsing and validation of
-chat and completion requests (messages, prompt, decoding settings) into what the Engine takes."""
+chat and completion requests (messages, prompt, decoding settings) into what the Generator takes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from unift.data import Message
-from unift.engine.settings import GenerationSettings
+from unift.inference.settings import GenerationSettings
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4  # as OpenAI's API

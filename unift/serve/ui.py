@@ -5,16 +5,18 @@ the UI is built, so the API alone (--no_ui) runs without it."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from unift.data import Message
-from unift.engine.settings import QueueFull
 from unift.errors import UniftError
+from unift.inference.settings import QueueFull
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from unift.inference.generator import Generator
     from unift.serve.api import Service
 
 
@@ -29,13 +31,19 @@ def ui_theme():
                           font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
-def build_ui(service: Service):
-    """Chat with streaming answers, multi-turn history, a clear button, decoding sliders, base vs tuned."""
+def model_choices(generator: Generator) -> list[str]:
+    """The models the radio offers: the tuned one and, with an adapter, the base beside it."""
+    if generator.has_adapter:
+        return [TUNED, BASE]
+    # a run trained whole (full, freeze) is the tuned model, with no base beside it
+    return [TUNED] if getattr(generator, "holds_model", False) else [BASE]
+
+
+def responder(service: Service) -> Callable[..., Iterator[tuple[str, list[Message], list[dict]]]]:
+    """The chat callback: streams one answer into the display, then adds it to the history."""
     import gradio as gr
 
-    engine, defaults = service.engine, service.settings
-    # a run trained whole (full, freeze) is the tuned model, with no base beside it
-    choices = [TUNED, BASE] if engine.has_adapter else [TUNED] if getattr(engine, "holds_model", False) else [BASE]
+    generator, defaults = service.generator, service.settings
 
     def respond(message: str, history: list[Message], display: list[dict], model: str, temperature: float,
                 top_p: float, max_new_tokens: float, repetition_penalty: float):
@@ -49,14 +57,14 @@ def build_ui(service: Service):
                            top_p=top_p or 1.0, max_new_tokens=int(max_new_tokens),
                            repetition_penalty=repetition_penalty)
         try:
-            engine.acquire_slot()
+            generator.acquire_slot()
         except QueueFull as err:
             raise gr.Error(str(err)) from None
         text = ""
         stream = None
         try:
-            stream = engine.open_stream(history, settings, adapter=(model == TUNED),
-                                        max_prompt_tokens=service.max_prompt_tokens)
+            stream = generator.open_stream(history, settings, adapter=(model == TUNED),
+                                           max_prompt_tokens=service.max_prompt_tokens)
             yield "", history, display
             for piece in stream:
                 text += piece
@@ -67,13 +75,41 @@ def build_ui(service: Service):
         finally:
             if stream is not None:
                 stream.close()  # also when the user presses Stop: frees the model at the next token
-            engine.release_slot()
+            generator.release_slot()
         history = [*history, {"role": "assistant", "content": text.strip()}]
         yield "", history, display
 
+    return respond
+
+
+def decoding_controls(service: Service, choices: list[str]) -> list[Any]:
+    """The model radio and the decoding sliders (inside the Blocks being built), in respond's order."""
+    import gradio as gr
+
+    defaults = service.settings
+    with gr.Accordion("Model and decoding", open=True):
+        model = gr.Radio(choices, value=choices[0], label="Model", interactive=len(choices) > 1,
+                         elem_id="model")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=defaults.temperature if defaults.do_sample else 0, step=0.05,
+                                    label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p")
+            max_new = gr.Slider(1, service.max_tokens_limit, value=min(defaults.max_new_tokens,
+                                                                        service.max_tokens_limit),
+                                step=1, label="Max new tokens")
+            penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty")
+    return [model, temperature, top_p, max_new, penalty]
+
+
+def build_ui(service: Service) -> Any:
+    """Chat with streaming answers, multi-turn history, a clear button, decoding sliders, base vs tuned."""
+    import gradio as gr
+
+    generator = service.generator
+    respond = responder(service)
     with gr.Blocks(title=f"unift: {service.name}", analytics_enabled=False) as demo:
         gr.Markdown(f"### unift chat: `{service.name}`" + (
-            "  \nThe fine-tuned model, or the base model without the adapter." if engine.has_adapter else ""))
+            "  \nThe fine-tuned model, or the base model without the adapter." if generator.has_adapter else ""))
         history = gr.State([])
         chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
                              feedback_options=None)
@@ -84,18 +120,7 @@ def build_ui(service: Service):
         with gr.Row():
             stop = gr.Button("Stop", scale=1, elem_id="stop")
             clear = gr.Button("Clear", scale=1, elem_id="clear")
-        with gr.Accordion("Model and decoding", open=True):
-            model = gr.Radio(choices, value=choices[0], label="Model", interactive=len(choices) > 1,
-                             elem_id="model")
-            with gr.Row():
-                temperature = gr.Slider(0, 2, value=defaults.temperature if defaults.do_sample else 0, step=0.05,
-                                        label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p")
-                max_new = gr.Slider(1, service.max_tokens_limit, value=min(defaults.max_new_tokens,
-                                                                            service.max_tokens_limit),
-                                    step=1, label="Max new tokens")
-                penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty")
-        inputs = [box, history, chatbot, model, temperature, top_p, max_new, penalty]
+        inputs = [box, history, chatbot, *decoding_controls(service, model_choices(generator))]
         outputs = [box, history, chatbot]
         submitted = box.submit(respond, inputs, outputs)
         clicked = send.click(respond, inputs, outputs)
@@ -103,7 +128,7 @@ def build_ui(service: Service):
         chatbot.clear(lambda: [], None, history, cancels=[submitted, clicked])  # its own trash button
         clear.click(lambda: ("", [], []), None, outputs, cancels=[submitted, clicked])
     # UI users stream concurrently, so the scheduler can batch them with each other and with API clients
-    demo.queue(max_size=engine.max_queue, default_concurrency_limit=engine.scheduler.max_batch)
+    demo.queue(max_size=generator.max_queue, default_concurrency_limit=generator.scheduler.max_batch)
     return demo
 
 

@@ -11,27 +11,27 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from unift.data import Message
-from unift.engine.engine import Engine
-from unift.engine.settings import GenerationSettings
+from unift.inference.generator import Generator
+from unift.inference.settings import GenerationSettings
 
 HELP = ("commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this; "
         "Ctrl-C stops an answer")
 ADAPTER_HELP = "; /base and /tuned switch between the base model and the fine-tuned one"
 
 
-def answer_once(engine: Engine, prompt: str, settings: GenerationSettings, system: str | None = None,
+def answer_once(generator: Generator, prompt: str, settings: GenerationSettings, system: str | None = None,
                 out: TextIO | None = None) -> str:
     out = out or sys.stdout  # looked up per call: callers (and tests) may have replaced it since import
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
-    return _stream_answer(engine, messages, settings, out, adapter=None)
+    return _stream_answer(generator, messages, settings, out, adapter=None)
 
 
-def _stream_answer(engine: Engine, messages: list[Message], settings: GenerationSettings, out: TextIO,
+def _stream_answer(generator: Generator, messages: list[Message], settings: GenerationSettings, out: TextIO,
                    adapter: bool | None) -> str:
     """Print the answer as it comes; Ctrl-C stops it (and the model) and keeps what was said so far."""
     pieces: list[str] = []
-    stream = engine.open_stream(messages, settings, adapter=adapter)
+    stream = generator.open_stream(messages, settings, adapter=adapter)
     try:
         for piece in stream:
             if not pieces:
@@ -66,28 +66,28 @@ def ctrl_c_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
-def chat_loop(engine: Engine, settings: GenerationSettings, system: str | None = None,
+def chat_loop(generator: Generator, settings: GenerationSettings, system: str | None = None,
               stdin: TextIO | None = None, out: TextIO | None = None) -> None:
     stdin, out = stdin or sys.stdin, out or sys.stdout
     if not stdin.isatty():
         # Piped input: the whole of stdin is one prompt, answered once.
         prompt = stdin.read().strip()
         if prompt:
-            answer_once(engine, prompt, settings, system, out)
+            answer_once(generator, prompt, settings, system, out)
         return
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     with ctrl_c_interrupts():
-        _interactive(engine, settings, system, out)
+        _interactive(generator, settings, system, out)
 
 
-def _interactive(engine: Engine, settings: GenerationSettings, system: str | None, out: TextIO) -> None:
-    help_text = HELP + (ADAPTER_HELP if engine.has_adapter else "")
+def _interactive(generator: Generator, settings: GenerationSettings, system: str | None, out: TextIO) -> None:
+    help_text = HELP + (ADAPTER_HELP if generator.has_adapter else "")
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     use_adapter = True
-    out.write(f"Chatting with {engine.name}. {help_text}\n")
+    out.write(f"Chatting with {generator.name}. {help_text}\n")
     out.flush()
     while True:
         try:
@@ -108,10 +108,10 @@ def _interactive(engine: Engine, settings: GenerationSettings, system: str | Non
             out.write("(conversation cleared)\n")
             continue
         if text in ("/base", "/tuned"):
-            if getattr(engine, "holds_model", False):  # duck-typed engines (tests) may lack it
+            if getattr(generator, "holds_model", False):  # duck-typed generators (tests) may lack it
                 out.write("(this run folder holds the whole fine-tuned model: there is no adapter to switch off)\n")
                 continue
-            if not engine.has_adapter:
+            if not generator.has_adapter:
                 out.write("(no adapter loaded: this is the base model)\n")
                 continue
             use_adapter = text == "/tuned"
@@ -123,5 +123,5 @@ def _interactive(engine: Engine, settings: GenerationSettings, system: str | Non
         history.append({"role": "user", "content": text})
         out.write("Bot> ")
         out.flush()
-        answer = _stream_answer(engine, history, settings, out, adapter=use_adapter)
+        answer = _stream_answer(generator, history, settings, out, adapter=use_adapter)
         history.append({"role": "assistant", "content": answer})

@@ -1,6 +1,6 @@
 """GGUF export of a merged model (llama, InternLM in the Llama layout, qwen2; byte-level BPE tokenizers): one
 file that llama.cpp, Ollama and transformers' `from_pretrained(..., gguf_file=)` read, in F32/F16/BF16 or
-quantized (unift.engine.gguf_quant). The tokenizer, its special tokens and the chat template go into the
+quantized (unift.inference.gguf_quant). The tokenizer, its special tokens and the chat template go into the
 file's metadata."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from unift.engine.gguf_quant import Quant, quantize_file, resolve_quant, tensor_array
 from unift.errors import UniftError
+from unift.inference.gguf_quant import Quant, quantize_file, resolve_quant, tensor_array
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _add_tokenizer(writer: Any, folder: Path, tokenizer: Any, vocab_size: int) -
 def export_gguf(folder: Path, model: Any, path: Path | None = None, name: str | None = None,
                 quant: str | Quant | None = None) -> Path:
     """Write `folder/model.gguf` from a merged model and the tokenizer saved in `folder`: F32, or F16 for
-    half-precision weights, unless `quant` names another type (unift.engine.gguf_quant.QUANTS)."""
+    half-precision weights, unless `quant` names another type (unift.inference.gguf_quant.QUANTS)."""
     try:
         import gguf
     except ImportError as err:

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from unift.engine.chat_template import install_chat_template
-from unift.engine.gguf import export_gguf, gguf_refusal, gguf_tensor_names, new_writer, to_gguf_layout
-from unift.engine.ollama import write_modelfile
 from unift.errors import UniftError
+from unift.inference.chat_template import install_chat_template
+from unift.inference.gguf import export_gguf, gguf_refusal, gguf_tensor_names, new_writer, to_gguf_layout
+from unift.inference.ollama import write_modelfile
 
 log = logging.getLogger(__name__)
 

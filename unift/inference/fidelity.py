@@ -185,7 +185,7 @@ def _gguf_gap(folder: Path, gguf_file: str, probe: Probe, quant: str | None) -> 
     quantized file's gap is its quantization error, reported, not refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unift.engine.gguf_quant import resolve_quant
+    from unift.inference.gguf_quant import resolve_quant
 
     config = AutoConfig.from_pretrained(str(folder))
     found: dict[str, Any] = {"quant": quant or "auto", "quantized": resolve_quant(quant, False).lossy}

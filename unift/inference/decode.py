@@ -1,4 +1,4 @@
-"""unift's own decode loop over the KV cache, for continuous batching (unift.engine.batching drives it).
+"""unift's own decode loop over the KV cache, for continuous batching (unift.inference.batching drives it).
 
 A `RunningBatch` holds the rows being decoded: their KV cache (a transformers `DynamicCache`, one row
 per answer, all rows aligned at the right with left padding), the attention mask over the cache's
@@ -9,7 +9,7 @@ cut). Position ids come from the attention mask as `generate` computes them for 
 row sees the positions and keys it would see alone.
 
 `static_reason` says when this loop must not be used, because it would not decode as `model.generate`
-does: see the module docstring of unift.engine.batching.
+does: see the module docstring of unift.inference.batching.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from unift.engine.settings import GenerationSettings
-from unift.engine.streams import _Request
+from unift.inference.settings import GenerationSettings
+from unift.inference.streams import _Request
 
 
 class NotContinuous(Exception):
@@ -59,7 +59,7 @@ def _base_forward_params(model) -> set[str]:
 
 def static_reason(model, settings: GenerationSettings) -> str | None:
     """Why `settings` on `model` must decode through `model.generate` (None: the loop can decode them).
-    The Engine's own reasons (equal_lengths) and the cache check at the first prefill come on top."""
+    The Generator's own reasons (equal_lengths) and the cache check at the first prefill come on top."""
     if settings.seed is not None:
         return "a seed (its answer must be reproducible, so it runs alone)"
     if settings.num_beams != 1:

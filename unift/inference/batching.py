@@ -1,12 +1,12 @@
 """Streaming generation for many clients at once: concurrent requests are decoded together.
 
-Every streamed answer (web service, browser UI, terminal chat) goes through one Scheduler per Engine. A
+Every streamed answer (web service, browser UI, terminal chat) goes through one Scheduler per Generator. A
 worker thread takes the oldest waiting request and every other waiting request that decodes the same way
 (`_Request.key()`: adapter on/off and sampling settings), up to `max_batch`, and decodes them together;
 on a CPU, decoding 16 answers at once costs little more than decoding one (the weights are read once per
 step for the whole batch). Two paths:
 
-- Continuous batching (unift.engine.decode), the common case: unift's own decode loop over the KV cache.
+- Continuous batching (unift.inference.decode), the common case: unift's own decode loop over the KV cache.
   Between two decode steps, waiting requests with the running batch's key join it (prefilled, then merged
   into its cache), and rows that are done or whose reader left are dropped, so a request that arrives
   mid-answer waits one step rather than for the whole batch, and a short answer does not hold a row.
@@ -15,16 +15,16 @@ step for the whole batch). Two paths:
 - Static batching (`model.generate` over one left-padded batch, which then runs until its longest row
   ends), wherever the loop cannot be trusted to decode as `generate` does: a request with a seed (it runs
   alone, so its answer is reproducible), prompt-learning adapters (prompt/p-tuning need equal lengths,
-  see Engine.equal_lengths; prefix tuning puts its keys in the cache), beam search, a checkpoint whose
+  see Generator.equal_lengths; prefix tuning puts its keys in the cache), beam search, a checkpoint whose
   generation_config asks for a logits processor the loop does not implement, and a model whose forward
   takes no transformers `cache` or does not hand back a plain DynamicCache (remote-code ChatGLM/MOSS
   style models; found at the first prefill, then remembered). `decode.static_reason` has the list.
 
-A running batch holds `Engine.lock` (and the adapter state) until its last row ends; a waiting request
+A running batch holds `Generator.lock` (and the adapter state) until its last row ends; a waiting request
 that cannot join it (another key) stops further joins, so it is served when the batch drains instead of
 being overtaken for ever.
 
-Each answer streams on its own (unift.engine.streams): its tokens are decoded as they come, stop strings
+Each answer streams on its own (unift.inference.streams): its tokens are decoded as they come, stop strings
 and the row's own max_tokens end it early while the others go on, and a reader who goes away (client
 disconnect, Ctrl-C, the UI's Stop) ends only its own row. `stats` (shown by the service's /health):
 batches started, requests served, the largest number of rows decoded at once, requests that joined a
@@ -42,18 +42,18 @@ from typing import Any, Protocol
 
 import torch
 
-from unift.engine.decode import NotContinuous, RunningBatch, Sampler, static_reason
-from unift.engine.settings import GenerationSettings
-from unift.engine.streams import TextStream, _Request
+from unift.inference.decode import NotContinuous, RunningBatch, Sampler, static_reason
+from unift.inference.settings import GenerationSettings
+from unift.inference.streams import TextStream, _Request
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchingEngine", "Scheduler", "TextStream"]
+__all__ = ["BatchingGenerator", "Scheduler", "TextStream"]
 
 
-class BatchingEngine(Protocol):
-    """What the Scheduler uses of its Engine (unift.engine.engine), named here so that the engine imports
-    the scheduler and not the other way round."""
+class BatchingGenerator(Protocol):
+    """What the Scheduler uses of its Generator (unift.inference.generator), named here so that the
+    generator imports the scheduler and not the other way round."""
 
     model: Any
     tokenizer: Any
@@ -112,10 +112,10 @@ def _row_stops(requests: list[_Request], width: int):
 
 
 class Scheduler:
-    """Owns the generation thread of one Engine: `submit` queues a request and returns its stream."""
+    """Owns the generation thread of one Generator: `submit` queues a request and returns its stream."""
 
-    def __init__(self, engine: BatchingEngine, max_batch: int = 32) -> None:
-        self.engine = engine
+    def __init__(self, generator: BatchingGenerator, max_batch: int = 32) -> None:
+        self.generator = generator
         self.max_batch = max(1, max_batch)  # most rows decoded at once
         self._waiting: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
@@ -162,7 +162,7 @@ class Scheduler:
                 return []
             first = self._waiting.popleft()
             batch = [first]
-            same_length = self.engine.equal_lengths(first.adapter)  # see Engine.equal_lengths
+            same_length = self.generator.equal_lengths(first.adapter)  # see Generator.equal_lengths
             for request in list(self._waiting):
                 if len(batch) >= self.max_batch:
                     break
@@ -202,7 +202,7 @@ class Scheduler:
                     self._wake.wait()
             batch: list[_Request] = []  # every request this turn serves (the continuous path adds joiners)
             try:
-                with self.engine.lock:  # the batch is formed once the model is free
+                with self.generator.lock:  # the batch is formed once the model is free
                     batch = self._take_batch()
                     if batch:
                         self._serve(batch)
@@ -217,12 +217,12 @@ class Scheduler:
                 request.end()
 
     def _static_reason(self, first: _Request) -> str | None:
-        if self.engine.equal_lengths(first.adapter):
+        if self.generator.equal_lengths(first.adapter):
             return "prompt or p-tuning adapter (rows must share a length)"
-        return self._no_cache.get(first.adapter) or static_reason(self.engine.model, first.settings)
+        return self._no_cache.get(first.adapter) or static_reason(self.generator.model, first.settings)
 
     def _serve(self, batch: list[_Request]) -> None:
-        """Decode `batch` (engine.lock is held) by the continuous loop where it can, else by generate()."""
+        """Decode `batch` (generator.lock is held) by the continuous loop where it can, else by generate()."""
         reason = self._static_reason(batch[0])
         if reason is None:
             first = list(batch)
@@ -238,11 +238,11 @@ class Scheduler:
         self._generate(batch)
 
     def _continuous(self, batch: list[_Request]) -> None:
-        engine = self.engine
+        generator = self.generator
         key = batch[0].key()
-        with torch.inference_mode(), engine._adapter_state(batch[0].adapter):
-            running = RunningBatch(engine.model, Sampler(batch[0].settings), engine.tokenizer.pad_token_id,
-                                   set(engine.eos_ids), engine.tokenizer)
+        with torch.inference_mode(), generator._adapter_state(batch[0].adapter):
+            running = RunningBatch(generator.model, Sampler(batch[0].settings), generator.tokenizer.pad_token_id,
+                                   set(generator.eos_ids), generator.tokenizer)
             running.admit(batch)
             while True:
                 gone = running.drop_done()
@@ -260,22 +260,22 @@ class Scheduler:
                 running.step()
 
     def _generate(self, batch: list[_Request]) -> None:
-        engine = self.engine
+        generator = self.generator
         width = max(len(r.ids) for r in batch)
-        pad = engine.tokenizer.pad_token_id
+        pad = generator.tokenizer.pad_token_id
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, request in enumerate(batch):
             ids[i, width - len(request.ids):] = torch.tensor(request.ids)
             mask[i, width - len(request.ids):] = 1
         settings = replace(batch[0].settings, max_new_tokens=max(r.settings.max_new_tokens for r in batch))
-        streamer = _BatchStreamer(batch, engine.tokenizer, set(engine.eos_ids))
-        device = engine.model.device
-        with torch.inference_mode(), engine._adapter_state(batch[0].adapter):  # engine.lock is held
+        streamer = _BatchStreamer(batch, generator.tokenizer, set(generator.eos_ids))
+        device = generator.model.device
+        with torch.inference_mode(), generator._adapter_state(batch[0].adapter):  # generator.lock is held
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            engine.model.generate(
+            generator.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer,
-                pad_token_id=pad, eos_token_id=engine.eos_ids,
+                pad_token_id=pad, eos_token_id=generator.eos_ids,
                 stopping_criteria=[_row_stops(batch, width)], **settings.generate_kwargs())
         streamer.settle()

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from unift.data import Message
-from unift.engine.engine import Engine
-from unift.engine.settings import GenerationSettings
 from unift.errors import UniftError
+from unift.inference.generator import Generator
+from unift.inference.settings import Completion, GenerationSettings
 from unift.models.hub import is_hub_adapter
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class PredictSummary:
 
 
 def predict(
-    engine: Engine,
+    generator: Generator,
     input_path: str | Path,
     result_dir: str | Path,
     settings: GenerationSettings,
@@ -246,10 +246,7 @@ def predict(
     rows = read_rows(input_path, max_samples)
     result_dir.mkdir(parents=True, exist_ok=True)
     out = result_dir / PREDICTIONS
-    state = {"input": str(input_path.resolve()),
-             "model": engine.name if not adapter_dir or is_hub_adapter(adapter_dir) else str(Path(adapter_dir).resolve()),
-             "decoding": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
-             "max_prompt_tokens": max_prompt_tokens, "dtype": str(getattr(engine.model, "dtype", ""))}
+    state = run_state(generator, input_path, settings, max_prompt_tokens, adapter_dir)
     if overwrite:
         out.unlink(missing_ok=True)
         (result_dir / STATE).unlink(missing_ok=True)
@@ -266,29 +263,7 @@ def predict(
     bar = tqdm(total=len(rows), initial=len(rows) - len(pending), unit="row", desc="predict",
                disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
-    tokens = 0
-    with open(out, "a", encoding="utf-8") as handle:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
-            completions = engine.generate([r.messages for r in batch], settings, batch_size=len(batch),
-                                          max_prompt_tokens=max_prompt_tokens)
-            lines = []
-            for row, completion in zip(batch, completions):
-                record: dict[str, Any] = {"id": row.id, "prompt": row.prompt, "prediction": completion.text}
-                if len(row.messages) > 1:
-                    record["messages"] = row.messages
-                if row.reference is not None:
-                    record["reference"] = row.reference
-                record.update(finish_reason=completion.finish_reason, completion_tokens=completion.completion_tokens)
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-                tokens += completion.completion_tokens
-            # One write per batch, flushed to disk: a crash loses at most the batch being generated.
-            handle.write("".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-            bar.update(len(batch))
-            elapsed = time.perf_counter() - started
-            bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s")
+    tokens = answer_rows(generator, pending, out, settings, batch_size, max_prompt_tokens, bar)
     bar.close()
     summary = PredictSummary(out, len(rows), len(rows) - len(pending), len(pending),
                              time.perf_counter() - started, tokens)
@@ -298,3 +273,47 @@ def predict(
     else:
         log.info("all %d rows are already in %s; nothing to do", len(rows), out)
     return summary
+
+
+def run_state(generator: Generator, input_path: Path, settings: GenerationSettings,
+              max_prompt_tokens: int | None, adapter_dir: str | None) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the rows already there (check_resume)."""
+    local_run = adapter_dir and not is_hub_adapter(adapter_dir)
+    return {"input": str(input_path.resolve()),
+            "model": str(Path(adapter_dir).resolve()) if local_run else generator.name,
+            "decoding": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+            "max_prompt_tokens": max_prompt_tokens, "dtype": str(getattr(generator.model, "dtype", ""))}
+
+
+def answer_rows(generator: Generator, pending: list[Row], out: Path, settings: GenerationSettings,
+                batch_size: int, max_prompt_tokens: int | None, bar: Any) -> int:
+    """Answer `pending` batch by batch, appending each batch to `out` and advancing the progress `bar`;
+    returns the tokens generated."""
+    started = time.perf_counter()
+    tokens = 0
+    with open(out, "a", encoding="utf-8") as handle:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            completions = generator.generate([r.messages for r in batch], settings, batch_size=len(batch),
+                                             max_prompt_tokens=max_prompt_tokens)
+            records = [prediction_record(row, completion) for row, completion in zip(batch, completions)]
+            tokens += sum(c.completion_tokens for c in completions)
+            # One write per batch, flushed to disk: a crash loses at most the batch being generated.
+            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            handle.flush()
+            os.fsync(handle.fileno())
+            bar.update(len(batch))
+            elapsed = time.perf_counter() - started
+            bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s")
+    return tokens
+
+
+def prediction_record(row: Row, completion: Completion) -> dict[str, Any]:
+    """One line of predictions.jsonl: the row's id and prompt, the answer, and how it ended."""
+    record: dict[str, Any] = {"id": row.id, "prompt": row.prompt, "prediction": completion.text}
+    if len(row.messages) > 1:
+        record["messages"] = row.messages
+    if row.reference is not None:
+        record["reference"] = row.reference
+    record.update(finish_reason=completion.finish_reason, completion_tokens=completion.completion_tokens)
+    return record

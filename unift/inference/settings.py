@@ -1,4 +1,4 @@
-"""What a generation is asked for and what it answers, shared by the Engine and its batching Scheduler
+"""What a generation is asked for and what it answers, shared by the Generator and its batching Scheduler
 (which must not import each other): decoding settings and presets, a finished answer, stop strings and
 the bounded queue's refusal."""
 
@@ -64,7 +64,7 @@ class Completion:
 
 
 class QueueFull(UniftError):
-    """More requests are waiting for the model than the engine admits."""
+    """More requests are waiting for the model than the generator admits."""
 
 
 def truncate_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:

@@ -1,4 +1,4 @@
-"""One streamed answer, as both decoding paths of the Scheduler (unift.engine.batching) see it: the request
+"""One streamed answer, as both decoding paths of the Scheduler (unift.inference.batching) see it: the request
 with its settings and the tokens generated so far, the bookkeeping that turns each new token into text
 pieces (stop strings, max_new_tokens, EOS, half multi-byte characters held back), and the reader's end,
 `TextStream`."""
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from unift.engine.settings import GenerationSettings, truncate_at_stop
+from unift.inference.settings import GenerationSettings, truncate_at_stop
 
 _END = object()
 

@@ -1,11 +1,12 @@
-"""The inference engine shared by generate, chat, eval, predict and serve: a base model plus (optionally)
-an adapter from a run folder, the run's template, and batched or streaming generation.
+"""The generator shared by generate, chat, eval, predict and serve: a base model plus (optionally) an
+adapter from a run folder, the run's template, and batched or streaming generation.
 
-Thread safety: one generation at a time per model (`Engine.lock`); the adapter is switched on or off
+Thread safety: one generation at a time per model (`Generator.lock`); the adapter is switched on or off
 inside that lock, so concurrent "base" and "tuned" requests never see each other's state. Streamed
-answers of concurrent callers are batched by the engine's Scheduler (unift.engine.batching). `admit()` bounds
-how many requests may wait for the model at once (the web service answers 429 beyond it). Settings,
-presets and Completion live in unift.engine.settings, which the scheduler shares without importing this.
+answers of concurrent callers are batched by the generator's Scheduler (unift.inference.batching).
+`admit()` bounds how many requests may wait for the model at once (the web service answers 429 beyond
+it). Settings, presets and Completion live in unift.inference.settings, which the scheduler shares
+without importing this.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from unift import compat, loader
 from unift.data import Message, encode_prompt
 from unift.data.templates import end_of_turn
 from unift.data.tokenize import bos_to_add
-from unift.engine.batching import Scheduler, TextStream
-from unift.engine.settings import PRESETS, Completion, GenerationSettings, QueueFull, truncate_at_stop
 from unift.errors import UniftError
+from unift.inference.batching import Scheduler, TextStream
+from unift.inference.settings import PRESETS, Completion, GenerationSettings, QueueFull, truncate_at_stop
 from unift.models.runcard import MERGED_CARD, RunCard, read_merged_card  # noqa: F401 (both were defined here)
 
 # A prompt is a conversation ending with a user turn (rendered with the template), or raw text
@@ -31,7 +32,7 @@ from unift.models.runcard import MERGED_CARD, RunCard, read_merged_card  # noqa:
 Prompt = list[Message] | str
 
 
-class Engine:
+class Generator:
     def __init__(self, model, tokenizer, template, card: RunCard | None = None, name: str = "model",
                  max_queue: int = 256, max_batch: int = 32) -> None:
         self.model = model.eval()
@@ -65,7 +66,7 @@ class Engine:
         allow_reward: bool = False,
         rope_scaling: str | None = None,
         attn_implementation: str | None = None,
-    ) -> Engine:
+    ) -> Generator:
         """A run folder (adapter + card) or any PEFT adapter folder, a merged or base model folder, or the
         embedded model, placed on --device (default: the first GPU, else the CPU) in that device's dtype
         unless `dtype` is given (unift.loader, unift.models.dtypes); --rope_scaling and --attn_implementation
@@ -75,9 +76,9 @@ class Engine:
                              trust_remote_code=trust_remote_code, dtype=dtype, device=device,
                              allow_reward=allow_reward, rope_scaling=rope_scaling,
                              attn_implementation=attn_implementation)
-        engine = cls(loaded.model, loaded.tokenizer, loaded.template, loaded.card, name=loaded.name)
-        engine.merged = merge_in_memory(loaded.model, loaded.card)
-        return engine
+        generator = cls(loaded.model, loaded.tokenizer, loaded.template, loaded.card, name=loaded.name)
+        generator.merged = merge_in_memory(loaded.model, loaded.card)
+        return generator
 
     def _eos_ids(self) -> list[int]:
         """The tokenizer's EOS, the generation config's, and the template's end-of-turn token: a base
@@ -268,7 +269,7 @@ class Engine:
     def open_stream(self, prompt: Prompt, settings: GenerationSettings = PRESETS["chat"], *,
                     adapter: bool | None = None, max_prompt_tokens: int | None = None) -> TextStream:
         """Like stream(), but the returned object also reports token counts and the finish reason. Streams
-        of concurrent callers are generated together (unift.engine.batching)."""
+        of concurrent callers are generated together (unift.inference.batching)."""
         settings = replace(settings, stop=self.stops(settings))
         return self.scheduler.submit(self.prompt_ids(prompt, max_prompt_tokens), settings,
                                      self._adapter_default if adapter is None else adapter)
@@ -294,4 +295,4 @@ def merge_in_memory(model, card: RunCard | None) -> bool:
     return True
 
 
-__all__ = ["Engine", "Prompt"]
+__all__ = ["Generator", "Prompt"]
