@@ -130,20 +130,8 @@ def test_no_module_over_400_lines():
     assert long == {}
 
 
-
 MAX_FUNCTION_LINES = 60
 LONG_MARK = "# long:"  # `# long: <reason>` opening a body (after its docstring): a function kept long on purpose
-# Functions over MAX_FUNCTION_LINES in folders being split now, with their length (def line to last line)
-# when listed. This list must only shrink: an entry goes once its function is split or given a `# long:`
-# reason, and none may grow meanwhile.
-LONG_FUNCTIONS_BEING_SPLIT: dict[str, int] = {
-    "unift/engine/merge.py::merge": 128,
-    "unift/engine/predict.py::predict": 72,
-    "unift/serve/api.py::create_api": 151,
-    "unift/serve/ui.py::build_ui": 76,
-}
-
-
 def long_reason(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str:
     """The reason a `# long: <reason>` comment line gives between the function's docstring (or its def
     line) and its first statement; '' when there is none."""
@@ -200,15 +188,7 @@ def test_the_long_function_checker_counts_from_def_to_end_and_reads_the_reason()
 def test_no_function_over_60_lines_without_a_reason():
     """A function over 60 lines is split into named helpers, or opens its body (after the docstring) with
     `# long: <why>` where splitting would read worse (a flat table-like sequence, a hot loop)."""
-    unexplained = {name: n for name, n in package_long_functions().items() if name not in LONG_FUNCTIONS_BEING_SPLIT}
-    assert unexplained == {}
-
-
-def test_the_functions_being_split_only_shrink():
-    found = package_long_functions()
-    done = sorted(set(LONG_FUNCTIONS_BEING_SPLIT) - set(found))  # split or explained: take them off the list
-    grown = {name: (n, found[name]) for name, n in LONG_FUNCTIONS_BEING_SPLIT.items() if found.get(name, 0) > n}
-    assert done == [] and grown == {}
+    assert package_long_functions() == {}
 
 
 def test_every_command_is_a_module_with_an_options_dataclass():
