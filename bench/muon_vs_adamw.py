@@ -2,7 +2,7 @@
 the same steps, batch and schedule, one process per run, over several seeds (each a round: the seed sets the
 LoRA initialisation and the data order, the same for both optimizers within a round).
 
-    nice -n 10 python bench/muon_vs_adamw.py [--steps 20] [--seeds 1,2,3] [--lr 3e-4]
+    nice -n 10 python bench/muon_vs_adamw.py [--steps 20] [--seeds 1,2,3] [--lr 3e-4] [--optims muon]
 
 Per run: the loss at step N, the mean loss over the last 5 steps, and the median step time (steps 2..N). The
 table goes to stdout as markdown, every round shown (docs/full_and_freeze.md)."""
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--optims", default=",".join(OPTIMS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: optim,seed -> train, print JSON
     parser.add_argument("--out", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -71,12 +72,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="unift-muon-") as folder:
         for seed in opts.seeds.split(","):
-            for optim in OPTIMS:
+            for optim in opts.optims.split(","):
                 print(f"{optim}, seed {seed} ...", file=sys.stderr, flush=True)
+                # PYTHONPATH: this checkout's unift, not an editable install the environment may point elsewhere
                 proc = subprocess.run([sys.executable, __file__, "--one", f"{optim},{seed}", "--out",
                                        f"{folder}/{optim}-{seed}", "--steps", str(opts.steps), "--batch",
                                        str(opts.batch), "--lr", str(opts.lr)], capture_output=True, text=True,
-                                      cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                      cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
                 found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode or not found:
                     sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
