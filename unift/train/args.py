@@ -117,8 +117,9 @@ class RunArgs(ConfigFlags, ModelFlags):
     optim: str | None = opt(None, "optimizer, by transformers' name: adamw_torch, adamw_torch_fused, adafactor, "
                             "sgd, adagrad, rmsprop, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, ...; "
                             "full/freeze on little memory: galore_adamw, galore_adamw_layerwise, apollo_adamw, ... "
-                            "and unift's badam (--peft_type full) (default: transformers' own, adamw_torch_fused; "
-                            "qlora on a GPU: paged_adamw_32bit; --stage grpo: sgd, docs/stages.md)", group="training",
+                            "and unift's badam (--peft_type full) and muon (Muon for the hidden layers' matrices, "
+                            "AdamW for the rest) (default: transformers' own, adamw_torch_fused; qlora on a GPU: "
+                            "paged_adamw_32bit; --stage grpo: sgd, docs/stages.md)", group="training",
                             check=check_optim)
     optim_args: str | None = opt(None, "the optimizer's own settings as key=value,key=value (sgd: momentum, "
                                  "nesterov; rmsprop: alpha, centered; galore_*: rank, update_proj_gap, scale, "

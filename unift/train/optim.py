@@ -7,8 +7,9 @@ adafactor, sgd, adagrad, rmsprop and bitsandbytes' adamw_8bit, paged_adamw_8bit,
 lion_8bit/32bit, ademamix(_8bit), rmsprop_bnb_8bit all step a model (bitsandbytes has a CPU backend; "paged"
 changes nothing there). GaLore (galore-torch 1.0) and APOLLO (apollo-torch 1.0.3) step a model once
 transformers gets `optim_target_modules` (--optim_target_modules, or the decoder layers' linear layers);
-BAdam (badam 1.4) is unift's own name, built in unift.train.badam. The others need libraries that are not
-installed here; they are refused with the package to install."""
+BAdam (badam 1.4) and Muon (torch's, with AdamW beside it) are unift's own names, built in unift.train.badam
+and unift.train.muon. The others need libraries that are not installed here; they are refused with the
+package to install."""
 
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ NEEDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
 # into a low-rank space (GaLore, APOLLO)
 TARGETED = ("galore_", "apollo_")
 LAYERWISE = "_layerwise"
-# unift's own optimizer names, built by unift rather than transformers (unift.train.badam), and their flags
-OWN = ("badam",)
+# unift's own optimizer names, built by unift rather than transformers (unift.train.badam, unift.train.muon),
+# and their flags
+OWN = ("badam", "muon")
 BADAM_FLAGS = ("badam_switch_every", "badam_switch_mode")
 GALORE_ARGS = ("rank", "update_proj_gap", "scale", "proj_type")
 APOLLO_ARGS = ("rank", "proj", "scale_type", "update_proj_gap", "scale", "proj_type")
@@ -57,7 +59,7 @@ ARG_VALUES: dict[str, type | tuple[str, ...]] = {
 ARGS_READ: dict[str, tuple[str, ...]] = {
     "adamw_torch": (), "adamw_torch_fused": (), "adafactor": (), "adamw_bnb_8bit": (), "adamw_8bit": (),
     "paged_adamw_8bit": (), "paged_adamw_32bit": (), "lion_8bit": (), "lion_32bit": (), "paged_lion_8bit": (),
-    "paged_lion_32bit": (), "badam": (),
+    "paged_lion_32bit": (), "badam": (), "muon": (),
     **{name: GALORE_ARGS for name in ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
                                       "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise")},
     "apollo_adamw": APOLLO_ARGS, "apollo_adamw_layerwise": APOLLO_ARGS,
@@ -114,6 +116,12 @@ def check_optim(value: str | None) -> str | None:
         return None
     if value not in optimizer_names():
         raise UniftError(f"unknown --optim {value!r}; known: {', '.join(optimizer_names())}")
+    if value == "muon":
+        import torch
+
+        if not hasattr(torch.optim, "Muon"):  # unift builds on torch's own Muon; older torch has none
+            raise UniftError(f"--optim muon needs torch.optim.Muon, which torch {torch.__version__} does not have "
+                             "(pip install -U torch)")
     for prefixes, module, package in NEEDS:
         if value.startswith(prefixes):
             if importlib.util.find_spec(module) is None:
@@ -217,6 +225,12 @@ def check_optim_engine(args: Any, engine: str) -> None:
     if name.endswith(LAYERWISE) and engine != "single":
         raise UniftError(f"--optim {name} steps each weight inside the backward pass, which transformers does not "
                          f"support across processes; use --optim {name[:-len(LAYERWISE)]} or one process")
+    if name == "muon" and engine in ("deepspeed", "fsdp"):
+        # ZeRO hands the optimizer flat 1-D partitions (torch's Muon refuses them); FSDP a shard of each
+        # matrix, on which Muon's whole-matrix step was not checked
+        raise UniftError(f"--optim muon under {'DeepSpeed' if engine == 'deepspeed' else 'FSDP'} is not supported: "
+                         "Muon orthogonalises each weight matrix whole, and the engine gives the optimizer pieces "
+                         "of them; use DDP (torchrun) or one process")
     if name == "badam" and engine != "single":
         # Measured: under DDP the blocks that take over later are not averaged across processes (their
         # weights differ between ranks after a switch); under ZeRO-2 the active block gets no gradients.

@@ -248,6 +248,11 @@ def estimate(args: Any, prepared: PreparedRun, model: Any, *, padding_free: bool
     opt_state = optimizer_bytes(optimizer) * trainable
     if optimizer == "badam":  # AdamW over one block (decoder layer) at a time
         opt_state = 8.0 * trainable / max(1, _cfg(model.config, "num_hidden_layers", "n_layer", default=1))
+    elif optimizer == "muon":  # one momentum buffer per Muon matrix, AdamW's two moments for the other tensors
+        from unift.train.muon import split_parameters
+
+        matrices, others = split_parameters(model)
+        opt_state = 4.0 * sum(p.numel() for _, p in matrices) + 8.0 * sum(p.numel() for _, p in others)
     scaling = prepared.scaling
     name, world = scaling.engine, scaling.world_size
     extra = 0.0

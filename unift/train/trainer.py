@@ -12,7 +12,7 @@ from unift.options import trainer_fields
 from unift.runtime import world_size
 from unift.train.checkpoints import AtomicCheckpoints
 from unift.train.hooks import UniftHooks
-from unift.train.optim import low_rank_targets
+from unift.train.optim import OWN, low_rank_targets
 from unift.train.prepared import PreparedRun
 from unift.train.progress import progress_callback, report_targets
 
@@ -48,7 +48,7 @@ def build_trainer(args: Any, prepared: PreparedRun, model, card: RunCard,
     # these are computed from several flags, the run, or fixed for every unift run
     settings = dict(
         trainer_fields(args),
-        optim="adamw_torch" if optim == "badam" else optim,  # badam is unift's (below), AdamW inside
+        optim="adamw_torch" if optim in OWN else optim,  # badam, muon: unift's (below), AdamW inside
         optim_target_modules=low_rank_targets(args, model),  # GaLore, APOLLO: the layers they project
         logging_steps=max(1, args.logging_steps),
         save_strategy=save_strategy,
@@ -75,6 +75,10 @@ def build_trainer(args: Any, prepared: PreparedRun, model, card: RunCard,
 
         # Set on the built trainer, so every stage's trainer (unift's or TRL's) builds it in create_optimizer.
         trainer.optimizer_cls_and_kwargs = badam_optimizer(args)
+    elif optim == "muon":
+        from unift.train.muon import muon_optimizer
+
+        trainer.optimizer_cls_and_kwargs = muon_optimizer(trainer)  # the same way, from the trainer's settings
     # Every checkpoint-N folder gets the run card before it appears, so generate/eval/merge can use it.
     trainer.before_publish = [card.save]
     trainer.progress = progress_callback(lambda: trainer.tokens_seen * world_size())
