@@ -236,17 +236,17 @@ def test_a_torch_without_muon_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_deepspeed_and_fsdp_are_refused_before_loading(data_file, tmp_path, monkeypatch):
-    from unift.train.scaling import check_engine
+    from unift.train.scaling import decide_scaling
 
     with pytest.raises(UniftError, match="--optim muon under DeepSpeed is not supported"):
         train(args_for(tmp_path / "never-loaded", data_file, tmp_path / "run",
                        deepspeed=str(REPO / "configs/deepspeed/zero2.json")))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UniftError, match="--optim muon under FSDP is not supported"):
-        check_engine(TrainArgs(optim="muon"))
+        decide_scaling(TrainArgs(optim="muon"))
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: DDP, where every process steps whole matrices
-    assert check_engine(TrainArgs(optim="muon")) == "ddp"
+    assert decide_scaling(TrainArgs(optim="muon")).engine == "ddp"
 
 
 def test_a_method_without_weight_matrices_is_one_line(tiny_model, data_file, tmp_path):
