@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIMS = ("adamw_torch", "adamw_8bit", "galore_adamw", "galore_adamw_layerwise", "apollo_adamw", "badam")
+OPTIMS = ("adamw_torch", "adamw_8bit", "galore_adamw", "galore_adamw_layerwise", "apollo_adamw", "badam", "muon")
 MIB = 2**20
 
 
