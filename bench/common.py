@@ -67,6 +67,19 @@ def measured_run(python: str, script: str, args: list[str], env: dict | None = N
     return out, peaks[-1] if peaks else float("nan")
 
 
+def child_result(script: str, args: list[str], label: str) -> dict:
+    """Run `script args` in a child Python that prints `RESULT <json>`; that JSON. PYTHONPATH: this checkout's
+    unift, not the one an editable install in the environment may point at (another worktree). Fails loudly
+    with the output's tail, naming `label`."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not found:
+        sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
+        raise SystemExit(f"{label}: failed ({proc.returncode})")
+    return json.loads(found[-1][len("RESULT "):])
+
+
 def matmul_peak_gflops(dtype: str = "bf16", seconds: float = 2.0) -> float:
     """This machine's matmul throughput now: 512x2048 by 2048x2048, all threads, best of short bursts."""
     import torch

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,23 +65,16 @@ def main() -> None:
         print("RESULT " + json.dumps(found), flush=True)
         return
     sys.path.insert(0, str(REPO / "bench"))
-    from common import machine
+    from common import child_result, machine
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="unift-muon-") as folder:
         for seed in opts.seeds.split(","):
             for optim in opts.optims.split(","):
                 print(f"{optim}, seed {seed} ...", file=sys.stderr, flush=True)
-                # PYTHONPATH: this checkout's unift, not an editable install the environment may point elsewhere
-                proc = subprocess.run([sys.executable, __file__, "--one", f"{optim},{seed}", "--out",
-                                       f"{folder}/{optim}-{seed}", "--steps", str(opts.steps), "--batch",
-                                       str(opts.batch), "--lr", str(opts.lr)], capture_output=True, text=True,
-                                      cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
-                found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode or not found:
-                    sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
-                    raise SystemExit(f"{optim}, seed {seed}: failed ({proc.returncode})")
-                rows.append(json.loads(found[-1][len("RESULT "):]))
+                rows.append(child_result(__file__, ["--one", f"{optim},{seed}", "--out", f"{folder}/{optim}-{seed}",
+                                                    "--steps", str(opts.steps), "--batch", str(opts.batch),
+                                                    "--lr", str(opts.lr)], f"{optim}, seed {seed}"))
                 print("  " + json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"LoRA on the embedded SmolLM2-135M, --data arith, {opts.steps} steps of {opts.batch} examples, lr "
           f"{opts.lr:g} (cosine, unift's defaults otherwise), compute {rows[0]['compute_dtype']}; {machine()}, "

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -145,20 +143,14 @@ def main() -> None:
         print("RESULT " + json.dumps(one(opts.one, opts.steps, opts.batch, Path(opts.out), opts.model)), flush=True)
         return
     sys.path.insert(0, str(REPO / "bench"))
-    from common import machine
+    from common import child_result, machine
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="unift-optim-mem-") as folder:
         for i, optim in enumerate(opts.optims.split(",")):
             print(f"{optim} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", optim, "--out", f"{folder}/run{i}", "--steps",
-                                   str(opts.steps), "--batch", str(opts.batch), "--model", opts.model], capture_output=True, text=True,
-                                  cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not found:
-                sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
-                raise SystemExit(f"{optim}: failed ({proc.returncode})")
-            rows.append(json.loads(found[-1][len("RESULT "):]))
+            rows.append(child_result(__file__, ["--one", optim, "--out", f"{folder}/run{i}", "--steps", str(opts.steps),
+                                                "--batch", str(opts.batch), "--model", opts.model], optim))
             print("  " + json.dumps(rows[-1]), file=sys.stderr, flush=True)
     first = rows[0]
     what = "the embedded SmolLM2-135M" if opts.model == "embedded" else "a random SmolLM2-360M-shaped decoder"
