@@ -156,6 +156,18 @@ def memorisation_rows(n: int = 8) -> list[dict]:
             for i in range(n)]
 
 
+def tiny_run_args(folder, data_file, out, **values):
+    """TrainArgs for a few fp32 steps on a tiny model and the memorisation data: constant learning rate 1e-2,
+    no warm-up, a log line every step, no checkpoint; `values` override or add flags."""
+    from unift.train.args import TrainArgs
+
+    base = dict(model_name_or_path=str(folder), data=[str(data_file)], output_dir=str(out), max_steps=4,
+                per_gpu_train_batch_size=4, cutoff_len=64, learning_rate=1e-2, warmup_ratio=0.0,
+                lr_scheduler_type="constant", logging_steps=1, save_steps=1000, report_to="none",
+                compute_dtype="fp32")
+    return TrainArgs(**{**base, **values})
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI a skipped test is a failure: a missing browser or library must not pass silently."""

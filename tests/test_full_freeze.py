@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from after_training_helpers import cli_result
+from conftest import tiny_run_args
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from unift.errors import UniftError
@@ -32,11 +33,7 @@ def data_file(memorisation_file):
 
 
 def args_for(folder, data_file, out, **extra) -> TrainArgs:
-    values = dict(model_name_or_path=str(folder), data=[str(data_file)], output_dir=str(out), max_steps=2,
-                  per_gpu_train_batch_size=4, cutoff_len=64, learning_rate=1e-2, warmup_ratio=0.0,
-                  lr_scheduler_type="constant", logging_steps=1, save_steps=1000, report_to="none",
-                  compute_dtype="fp32")
-    return TrainArgs(**{**values, **extra})
+    return tiny_run_args(folder, data_file, out, **{"max_steps": 2, **extra})
 
 
 def base_weights(folder) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 from after_training_helpers import REPO, cli_result
-from conftest import tiny_config
+from conftest import tiny_config, tiny_run_args
 from transformers import AutoModelForCausalLM, Trainer
 
 import unift.train.run as run_module
@@ -40,11 +40,7 @@ def data_file(memorisation_file):
 
 
 def args_for(folder, data_file, out, **extra) -> TrainArgs:
-    values = dict(model_name_or_path=str(folder), data=[str(data_file)], output_dir=str(out), max_steps=4,
-                  per_gpu_train_batch_size=4, cutoff_len=64, learning_rate=1e-2, warmup_ratio=0.0,
-                  lr_scheduler_type="constant", logging_steps=1, save_steps=1000, report_to="none",
-                  compute_dtype="fp32", optim="muon", weight_decay=0.01)
-    return TrainArgs(**{**values, **extra})
+    return tiny_run_args(folder, data_file, out, **{"optim": "muon", "weight_decay": 0.01, **extra})
 
 
 def halves(optimizer, model) -> tuple[set[str], set[str]]:

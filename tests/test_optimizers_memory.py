@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 from after_training_helpers import REPO, cli_result
+from conftest import tiny_run_args
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from unift.errors import UniftError
@@ -30,11 +31,7 @@ def data_file(memorisation_file):
 
 
 def args_for(folder, data_file, out, **extra) -> TrainArgs:
-    values = dict(model_name_or_path=str(folder), data=[str(data_file)], output_dir=str(out), max_steps=4,
-                  per_gpu_train_batch_size=4, cutoff_len=64, learning_rate=1e-2, warmup_ratio=0.0,
-                  lr_scheduler_type="constant", logging_steps=1, save_steps=1000, report_to="none",
-                  compute_dtype="fp32", peft_type="full")
-    return TrainArgs(**{**values, **extra})
+    return tiny_run_args(folder, data_file, out, **{"peft_type": "full", **extra})
 
 
 def moved(folder, model) -> set[str]:
