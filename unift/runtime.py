@@ -3,11 +3,14 @@ unift.models.dtypes; devices: unift.models.devices)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
         json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
         handle.write("\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` that replaces it when the block ends, and is removed if the block
+    fails: the folder appears whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def library_versions() -> dict[str, str]:

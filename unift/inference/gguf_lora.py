@@ -13,7 +13,6 @@ before the folder appears.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -121,7 +120,7 @@ def export_adapter(out: Path, model: Any, tokenizer: Any, template: Any, *, quan
                    card: dict[str, Any]) -> Path:
     """Write `out`: adapter.gguf, base.gguf (the base at `quant`), a Modelfile and `card`; whole or not at all."""
     from unift.models.runcard import MERGED_CARD
-    from unift.runtime import write_json_atomic
+    from unift.runtime import atomic_folder, write_json_atomic
 
     why = lora_refusal(model.peft_config[model.active_adapter])
     if why:
@@ -131,9 +130,7 @@ def export_adapter(out: Path, model: Any, tokenizer: Any, template: Any, *, quan
     install_chat_template(tokenizer, template)  # the base file's chat template is the run's
     weights = lora_weights(model)
     base = model.unload()  # the base model's own weights, the LoRA layers taken out (not merged)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         alpha = write_lora_gguf(tmp / ADAPTER_NAME, weights, base.config, out.name)
         off = read_back(tmp / ADAPTER_NAME, weights, base.config)
         if not off <= READBACK_RTOL:
@@ -147,12 +144,6 @@ def export_adapter(out: Path, model: Any, tokenizer: Any, template: Any, *, quan
         card = {**card, "export": "gguf-lora", "quant": quant or "auto", "lora_alpha_written": alpha,
                 "adapter_readback_max_rel_diff": off, "modules": len(weights)}
         write_json_atomic(tmp / MERGED_CARD, card)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (%d LoRA modules, alpha %g, read back to %.1g of ΔW), %s and a Modelfile to %s "
              "(ollama create NAME -f %s)", ADAPTER_NAME, len(weights), alpha, off, BASE_NAME, out,
              out / "Modelfile")

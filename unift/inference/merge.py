@@ -12,12 +12,8 @@ the base's 4-bit rounding, which the check measures and reports; docs/after_trai
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +29,7 @@ from unift.models.dtypes import merge_plan, saved_dtype, torch_dtype
 from unift.models.hub import is_hub_adapter, resolve_adapter_dir
 from unift.models.loading import first_line
 from unift.models.runcard import MERGED_CARD, RunCard
+from unift.runtime import atomic_folder
 
 if TYPE_CHECKING:
     import torch
@@ -234,22 +231,6 @@ def prepare_for_saving(merged: Any, tokenizer: Any, template: Any, saved_dtype: 
     stop_on_end_of_turn(merged, tokenizer, template)
     tokenizer.padding_side = "left"  # what batched generation with a causal LM wants
     return merged
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` that replaces it when the block ends, and is removed if the block
-    fails: the folder appears whole or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_merged(folder: Path, merged: Any, tokenizer: Any, template: Any, *, export: str | None,
