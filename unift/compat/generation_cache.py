@@ -13,15 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-_APPLIED = False
-
 
 def apply() -> None:
-    """Patch peft's PeftModelForCausalLM.generate (imports peft; idempotent)."""
-    global _APPLIED
-    if _APPLIED:
-        return
-    _APPLIED = True
+    """Patch peft's PeftModelForCausalLM.generate (imports peft; idempotent: the patched method says so)."""
     from peft import PeftModelForCausalLM
     from peft.utils import PeftType
 
