@@ -104,3 +104,22 @@ def test_like_keeps_the_groups_definition_and_changes_only_what_it_says():
     assert required.metadata["required"] and not field(ModelFlags, "adapter_dir").metadata["required"]
     assert {k: v for k, v in required.metadata.items() if k != "required"} == {
         k: v for k, v in field(ModelFlags, "adapter_dir").metadata.items() if k != "required"}
+
+
+def test_the_flags_passed_to_training_arguments_are_its_current_fields(tmp_path):
+    """Every `opt(..., trainer=NAME)` names a TrainingArguments field by its current name: a deprecated alias
+    (transformers 5.23 renamed gradient_checkpointing to activation_checkpointing) would print a FutureWarning
+    into every run's log."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from unift.options import trainer_fields
+    from unift.train.args import TrainArgs
+
+    passed = trainer_fields(TrainArgs(output_dir=str(tmp_path)))
+    assert "activation_checkpointing" in passed and passed.keys() <= {f.name for f in dataclasses.fields(TrainingArguments)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TrainingArguments(use_cpu=True, **passed)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []

@@ -326,3 +326,17 @@ def test_config_file_values_are_checked_like_flags(tmp_path, capsys):
     config.write_text("truncation: sideways\n")
     code, _, err = cli_result(["train", "--config", str(config)], capsys)
     assert code == 2 and "--truncation: 'sideways' is not one of drop, keep, split" in err
+
+
+def test_gradient_checkpointing_reaches_the_model(tiny_model, data_file, tmp_path):
+    """--gradient_checkpointing goes to TrainingArguments by its current name (activation_checkpointing) and
+    the Trainer turns it on in the model it trains."""
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.append((args.activation_checkpointing, model.is_gradient_checkpointing))
+
+    train(args_for(tiny_model("llama"), data_file, tmp_path / "run", peft_type="lora", gradient_checkpointing=True),
+          callbacks=[Watch()])
+    assert seen == [(True, True)]

@@ -145,7 +145,7 @@ class RunArgs(ConfigFlags, ModelFlags):
     weight_decay: float = opt(0.0, "weight decay", group="training", range=NON_NEGATIVE, trainer="weight_decay")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, "
                                        "about a third slower", group="training",
-                                       trainer="gradient_checkpointing")
+                                       trainer="activation_checkpointing")  # transformers 5.23+ name
     optimizations: str = opt("all", "speed-ups to use: all, none, or a comma-separated subset of base_dtype, "
                              "bf16_storage, padding_free, label_loss, fused_lora, fast_dropout, lean_layers, "
                              "cpu_attention, merged_sampling (docs/performance.md)",
