@@ -245,8 +245,43 @@ def test_deepspeed_and_fsdp_are_refused_before_loading(data_file, tmp_path, monk
     assert decide_scaling(TrainArgs(optim="muon")).engine == "ddp"
 
 
-def test_a_method_without_weight_matrices_is_one_line(tiny_model, data_file, tmp_path):
-    """IA3 trains one scale per channel: (n, 1) and (1, n) tensors, vectors for Muon."""
+@pytest.mark.parametrize("peft_type", ["ia3", "vera", "prefix", "prompt"])
+def test_a_method_without_weight_matrices_is_one_line_before_anything_loads(peft_type, tmp_path, capsys):
+    """IA3 and VeRA train scaling vectors, prefix and prompt tuning embeddings: nothing Muon steps."""
+    code, out, err = cli_result(["train", "--model_name_or_path", str(tmp_path / "never-loaded"), "--optim", "muon",
+                                 "--peft_type", peft_type], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"--optim muon steps weight matrices, and --peft_type {peft_type} trains none" in err, err
+
+
+def test_every_methods_trains_matrices_fact_is_what_muon_finds(tiny_model):
+    """MethodSpec.trains_matrices, checked when the arguments are built, against the split Muon makes of each
+    method's wrapped tiny llama (a method that trains a matrix somewhere has it stepped by Muon)."""
+    from unift.models import get_model_spec, load_tokenizer
+    from unift.peft.registry import get_method, method_names, wrap_model
+
+    folder = tiny_model("llama")
+    tokenizer = load_tokenizer(str(folder))
+    for name in method_names():
+        method = get_method(name)
+        if method.quantization_bit:  # qlora: LoRA's layers over a 4-bit base
+            continue
+        model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), tokenizer.pad_token_id))
+        options = TrainArgs(peft_type=name)
+        options.total_steps = 10  # AdaLoRA schedules its rank budget over the run's steps
+        wrapped = wrap_model(model, method, options, get_model_spec("llama"))
+        matrices, _ = split_parameters(wrapped)
+        assert bool(matrices) == method.trains_matrices, (name, [n for n, _ in matrices][:3])
+
+
+def test_the_optimizer_still_refuses_a_model_without_weight_matrices(tiny_model, data_file, tmp_path, monkeypatch):
+    """The builder's own check, for whatever reaches it without a method's word (here IA3 let past the
+    argument check): it names what the model trains."""
+    import dataclasses
+
+    from unift.peft import registry
+
+    monkeypatch.setitem(registry.METHODS, "ia3", dataclasses.replace(registry.METHODS["ia3"], trains_matrices=True))
     with pytest.raises(UniftError, match=r"--optim muon: .* trains no weight matrix of its hidden layers \(it "
                                          r"trains .*ia3_l"):
         train(args_for(tiny_model("llama"), data_file, tmp_path / "run", peft_type="ia3"))

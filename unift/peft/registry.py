@@ -42,6 +42,9 @@ class MethodSpec:
     quantization_bits: tuple[int, ...] = ()  # base widths it trains over (--quantization_bit / --load_in_8bit)
     quantization_note: str = ""  # a limit on those widths worth showing in the support table
     prompt_learning: bool = False  # virtual tokens instead of wrapped layers (prefix, p-tuning, prompt)
+    # It trains 2-D weight matrices (--optim muon steps those): not IA3's or VeRA's scaling vectors, not a
+    # prefix or soft prompt (embeddings)
+    trains_matrices: bool = True
     # Optimizer for transformers' TrainingArguments.optim when a GPU is present (QLoRA: paged AdamW).
     gpu_optim: str | None = None
     # Why merging may be refused for some settings, checked on the adapter config (e.g. a non-linearity).

@@ -210,6 +210,9 @@ def check_optim_run(args: Any) -> None:
             # transformers builds them with the learning rate only; the optimizers' own default is 0
             raise UniftError(f"--weight_decay is not passed to --optim {name} by transformers; drop it or pick "
                              "another optimizer")
+    if name == "muon" and not method.trains_matrices:
+        raise UniftError(f"--optim muon steps weight matrices, and --peft_type {method.name} trains none (its "
+                         f"weights are vectors or embeddings); use another --optim such as adamw_torch")
     if name == "badam" and method.name != "full":
         raise UniftError(f"--optim badam chooses which decoder layers train, one block at a time: it needs "
                          f"--peft_type full, not {method.name}")

@@ -38,6 +38,6 @@ def _ia3_config(options: Any, spec: ModelSpec):
 
 
 register_method(MethodSpec(
-    name="ia3", build=_ia3_config, flags=IA3Flags, quantization_bits=(4, 8), order=40,
+    name="ia3", build=_ia3_config, flags=IA3Flags, quantization_bits=(4, 8), order=40, trains_matrices=False,
     description="learned rescaling vectors on keys, values and the MLP (IA3)",
 ))

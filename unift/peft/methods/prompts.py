@@ -60,7 +60,7 @@ def _prompt_config(options: Any, spec: ModelSpec):
 
 
 register_method(MethodSpec(
-    name="prefix", build=_prefix_config, flags=PrefixFlags, prompt_learning=True, order=30,
+    name="prefix", build=_prefix_config, flags=PrefixFlags, prompt_learning=True, order=30, trains_matrices=False,
     mergeable=False, merge_note=PROMPT_NOTE, aliases=("prefix_tuning",),
     description="trained key/value prefixes in every attention layer",
 ))
@@ -70,7 +70,7 @@ register_method(MethodSpec(
     description="virtual tokens produced by a small prompt encoder (MLP)",
 ))
 register_method(MethodSpec(
-    name="prompt", build=_prompt_config, flags=PromptFlags, prompt_learning=True, order=32,
+    name="prompt", build=_prompt_config, flags=PromptFlags, prompt_learning=True, order=32, trains_matrices=False,
     mergeable=False, merge_note=PROMPT_NOTE, aliases=("prompt_tuning",),
     description="trained soft-prompt embeddings before the input",
 ))

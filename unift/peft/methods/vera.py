@@ -26,6 +26,6 @@ def _vera_config(options: Any, spec: ModelSpec):
 
 
 register_method(MethodSpec(
-    name="vera", build=_vera_config, flags=VeraFlags, order=44, additive_merge=True,
+    name="vera", build=_vera_config, flags=VeraFlags, order=44, additive_merge=True, trains_matrices=False,
     description="shared random low-rank matrices with trained scaling vectors (VeRA)",
 ))
