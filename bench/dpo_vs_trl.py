@@ -11,6 +11,11 @@ shuffled file both sides read).
   kernel for every new shape).
 - unift: `unift train --stage STAGE` with its defaults and the same steps, batch, learning rate, LoRA and
   seed (--unift_args adds flags, e.g. to bisect: --unift_args="--lr_scheduler_type cosine").
+- The same batches (dpo): TRL trains unift's training rows in unift's order (what unift's data pipeline
+  keeps and shuffles for that seed; the two Trainers' samplers, seeded alike, then draw the same batches, as
+  tests/test_dpo_vs_trl.py checks step by step), so a round differs only in the LoRA start's random draw.
+  --own_order gives TRL the file's order and rows instead. kto: one shuffled file, read in order by both;
+  orpo: each tool its own order (TRL's experimental ORPOTrainer names its tokenized columns otherwise).
 Scoring (one scorer for the base and both adapters, on data/arith_pairs/test.jsonl): the summed
 log-probability of the chosen answer minus the rejected one after the same prompt, in fp32; preference
 accuracy is how often that margin is positive. Each pair is rendered twice, by the tokenizer's chat template
@@ -20,7 +25,8 @@ minus the base's: what training added (the implicit reward margin of DPO, in nat
 reference); the last lines give unift's gain over TRL's, per round and the median.
 Rounds run the contenders interleaved (one seed per round); every round is printed, then the medians.
 
-    python bench/dpo_vs_trl.py [--stage dpo|kto|orpo] [--rounds 3] [--steps 40] [--unift_args "..."] [--json OUT]
+    python bench/dpo_vs_trl.py [--stage dpo|kto|orpo] [--rounds 3] [--steps 40] [--unift_args "..."] [--own_order]
+                               [--json OUT]
 """
 
 from __future__ import annotations
@@ -62,8 +68,30 @@ def unpaired_file(folder: Path, seed: int) -> Path:
     return path
 
 
-def trl_child(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None) -> None:
-    """Plain TRL, in this (child) process: its tokenization, its config defaults, a PeftModel."""
+def unift_rows(unift_argv: list[str]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(prompt ids, chosen ids) of the rows `unift train unift_argv` trains, in its order (before sampling)."""
+    from unift.cli import options_and_run, parse
+    from unift.train.prepared import prepare
+
+    options, _ = options_and_run(parse(["train", *unift_argv]))
+    return [(tuple(r["prompt_ids"]), tuple(r["chosen_ids"])) for r in prepare(options).train]
+
+
+def in_unift_order(dataset, order: list[tuple[tuple[int, ...], tuple[int, ...]]]):
+    """TRL's tokenized rows, those unift trains only, in unift's order; fails if the token ids differ."""
+    position = {row: i for i, row in enumerate(order)}
+    rows = [(tuple(r["prompt_ids"]), tuple(r["chosen_ids"])) for r in dataset]
+    missing = set(order) - set(rows)
+    if missing:
+        raise SystemExit(f"{len(missing)} of unift's rows are not among TRL's (another rendering): no shared order")
+    keep = [i for i in range(len(rows)) if rows[i] in position]
+    return dataset.select(sorted(keep, key=lambda i: position[rows[i]]))
+
+
+def trl_child(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None,
+              unift_argv: list[str] | None) -> None:
+    """Plain TRL, in this (child) process: its tokenization, its config defaults, a PeftModel; with
+    unift_argv, unift's training rows in unift's order."""
     import dataclasses
 
     import torch
@@ -98,28 +126,37 @@ def trl_child(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_
                     logging_steps=5, gradient_checkpointing=False, **speed)
     trainer = Trainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                       processing_class=AutoTokenizer.from_pretrained(model_dir))
+    if unift_argv is not None:
+        trainer.train_dataset = in_unift_order(trainer.train_dataset, unift_rows(unift_argv))
+        print(f"TRL trains unift's {len(trainer.train_dataset)} rows in unift's order", flush=True)
     trainer.train()
     model.save_pretrained(out, selected_adapters=["default"])
     (out / "log.json").write_text(json.dumps(trainer.state.log_history))
 
 
-def train_trl(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None) -> dict:
-    measured_run(sys.executable, __file__, ["--trl_child", str(out), "--model", model_dir, "--seed", str(seed),
-                                            "--steps", str(steps), "--stage", stage,
-                                            *(["--kto_rows", str(kto_rows)] if kto_rows else [])],
-                 env={"HF_HUB_OFFLINE": "1"})
-    return {"adapter": str(out), "seed": seed}
+def train_trl(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None,
+              unift_argv: list[str] | None) -> dict:
+    order = ["--unift_argv", shlex.join(unift_argv)] if unift_argv is not None else []
+    out_text, _ = measured_run(sys.executable, __file__, [
+        "--trl_child", str(out), "--model", model_dir, "--seed", str(seed), "--steps", str(steps), "--stage", stage,
+        *(["--kto_rows", str(kto_rows)] if kto_rows else []), *order], env={"HF_HUB_OFFLINE": "1"})
+    shared = [line for line in out_text.splitlines() if line.startswith("TRL trains unift's")]
+    return {"adapter": str(out), "seed": seed, "order": shared[-1] if shared else "its own"}
 
 
-def train_unift(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None,
-                extra: list[str]) -> dict:
+def unift_argv(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None,
+               extra: list[str]) -> list[str]:
     data = ["--data", str(kto_rows)] if kto_rows else ["--data", "arith_pairs", "--dataset_dir", str(REPO / "data")]
-    args = ["--stage", stage, "--model_name_or_path", model_dir, *data,
+    return ["--stage", stage, "--model_name_or_path", model_dir, *data,
             "--output_dir", str(out), "--max_steps", str(steps),
             "--per_gpu_train_batch_size", str(BATCH), "--learning_rate", str(LR), "--pref_beta", str(BETA),
             "--lora_r", str(RANK), "--lora_alpha", str(ALPHA), "--compute_dtype", "fp32", "--seed", str(seed),
             "--logging_steps", "5", "--save_steps", "100000", "--save_total_limit", "1", *extra]
-    measured_run(sys.executable, str(REPO / "uniform_finetune.py"), args, env={"HF_HUB_OFFLINE": "1"})
+
+
+def train_unift(argv: list[str], out: Path, seed: int) -> dict:
+    measured_run(sys.executable, str(REPO / "uniform_finetune.py"), [*argv, "--output_dir", str(out)],
+                 env={"HF_HUB_OFFLINE": "1"})
     return {"adapter": str(out), "seed": seed}
 
 
@@ -191,14 +228,19 @@ def main() -> None:
     parser.add_argument("--model", help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--trl_child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--own_order", action="store_true",
+                        help="dpo: TRL trains the file's rows in its own order, not unift's rows in unift's")
     parser.add_argument("--kto_rows", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--unift_argv", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     model = model_path(ns.model)
     if ns.trl_child:
-        return trl_child(model, ns.trl_child, ns.seed, ns.steps, ns.stage, ns.kto_rows)
+        order = shlex.split(ns.unift_argv) if ns.unift_argv is not None else None
+        return trl_child(model, ns.trl_child, ns.seed, ns.steps, ns.stage, ns.kto_rows, order)
     extra = shlex.split(ns.unift_args)
     print(f"{ns.stage.upper()} on arith_pairs, TRL {TRAINERS[ns.stage]} vs unift --stage {ns.stage}: {Path(model).name} fp32, LoRA r={RANK} alpha {ALPHA} all linear, {ns.steps} steps, "
-          f"batch {BATCH}, lr {LR}, beta {BETA}; unift extra flags: {' '.join(extra) or 'none'}; {machine()}; "
+          f"batch {BATCH}, lr {LR}, beta {BETA}; unift extra flags: {' '.join(extra) or 'none'}; "
+          f"batches: {'each tool its own' if ns.stage == 'orpo' or ns.own_order and ns.stage == 'dpo' else 'the same on both sides'}; {machine()}; "
           f"{date.today()}\n{versions(sys.executable)}\n", flush=True)
     runs: dict[str, list[dict]] = {TRL: [], UNIFT: []}
     rows: list[dict] = []
@@ -207,8 +249,10 @@ def main() -> None:
         for round_ in range(ns.rounds):
             seed = ns.seed + round_
             kto_rows = unpaired_file(folder, seed) if ns.stage == "kto" else None
-            jobs = {TRL: lambda out, s=seed, k=kto_rows: train_trl(model, out, s, ns.steps, ns.stage, k),
-                    UNIFT: lambda out, s=seed, k=kto_rows: train_unift(model, out, s, ns.steps, ns.stage, k, extra)}
+            argv = unift_argv(model, folder / "unift", seed, ns.steps, ns.stage, kto_rows, extra)
+            order = argv if ns.stage == "dpo" and not ns.own_order else None
+            jobs = {TRL: lambda out, s=seed, k=kto_rows, o=order: train_trl(model, out, s, ns.steps, ns.stage, k, o),
+                    UNIFT: lambda out, s=seed, a=argv: train_unift(a, out, s)}
             run_round(jobs, runs, round_, ns.rounds, folder)
             scored = score(model, {"base": None, **{name: runs[name][-1]["adapter"] for name in runs}})
             rows.append({"round": round_ + 1, "seed": seed, **scored})

@@ -116,6 +116,9 @@ def test_two_processes_killed_and_resumed_train_as_one_and_save_the_adapter_whol
     card = json.loads((out / "unift_run.json").read_text())["scaling"]
     assert card["engine"] == expected and card["world_size"] == 2 and card["nodes"] == 1
     assert len(card["peak_rss_mib"]) == 2 and all(peak > 100 for peak in card["peak_rss_mib"])
+    if engine == "fsdp":  # each decoder layer its own unit (not one unit gathered whole at every step)
+        layers = json.loads((Path(flags[flags.index("--model_name_or_path") + 1]) / "config.json").read_text())
+        assert card["fsdp_units"] >= layers["num_hidden_layers"] + 2, card
 
     # Plain peft loads it and holds exactly the saved tensors.
     base = AutoModelForCausalLM.from_pretrained(flags[flags.index("--model_name_or_path") + 1])

@@ -53,19 +53,51 @@ def engine_optimizations(args: Any, scaling: Scaling, wanted: tuple[str, ...]) -
 
 
 def prepare_engine(trainer: Any, model: Any, scaling: Scaling) -> None:
-    """After the Trainer is built, before it trains. FSDP gets PEFT's auto-wrap policy: each layer with
-    trainable weights becomes its own unit, so FSDP never groups frozen and trained weights (or bf16 and
-    fp32 ones) together; its checkpoints get the whole adapter beside the sharded state."""
+    """After the Trainer is built, before it trains. FSDP1 gets PEFT's auto-wrap policy (its flat parameters
+    cannot mix frozen and trained weights, so each layer with trainable weights becomes its own unit); FSDP2
+    keeps the config's policy, one unit per decoder layer. Its checkpoints get the whole adapter beside the
+    sharded state."""
     if scaling.engine == "fsdp" and not scaling.accelerator and scaling.world_size > 1:
         from unift.compat import accelerate_fsdp
 
         accelerate_fsdp.use_fsdp_state(trainer)
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is not None:
-        from peft.utils.other import fsdp_auto_wrap_policy
+        if plugin.fsdp_version == 1:
+            from peft.utils.other import fsdp_auto_wrap_policy
 
-        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+            plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        else:
+            # FSDP2 (accelerate 1.16) applies only a transformer-layer or size-based policy and silently drops
+            # any other, such as PEFT's: the whole model was then one unit, gathered whole at every step
+            # (measured: a per-process peak above DDP's). Its parameters are per-tensor, so a unit may mix
+            # frozen and trained weights and dtypes.
+            if not plugin.cpu_ram_efficient_loading:  # with it (GPUs), accelerate loads rank 0's whole weights itself
+                shard_layers(model, plugin)
         trainer.save_whole = lambda folder: save_adapter(trainer, model, folder, scaling)
+
+
+def shard_layers(model: Any, plugin: Any) -> int:
+    """FSDP2: shard each unit of the plugin's policy (the decoder layers) now, one at a time, so that each
+    layer's whole weights are freed as soon as its shard exists; accelerate then shards the rest (embeddings,
+    head, root). Left to accelerate, every whole weight stays referenced until the last layer is sharded: the
+    whole model and all its shards at once. Returns how many units were sharded here."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    if policy is None:
+        return 0
+    settings = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+                "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    units = [m for m in model.modules() if m is not model and policy(m) and not isinstance(m, FSDPModule)]
+    for unit in units:
+        fully_shard(unit, **settings)
+    # Done: accelerate shards the embeddings, head and root itself (it would look the layers up by a class name
+    # that sharding has changed)
+    plugin.auto_wrap_policy = None
+    return len(units)
 
 
 def _gathered_adapter(model: Any) -> dict[str, Any]:
@@ -121,6 +153,13 @@ def node_count() -> int:
     return max(1, world_size() // int(per_node)) if per_node.isdigit() and int(per_node) > 0 else 1
 
 
+def fsdp_units(model: Any) -> int:
+    """The FSDP units in a prepared model: FSDP2's sharded modules (in place) or FSDP1's wrappers."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return sum(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 def scaling_record(trainer: Any, resumed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine, world size, node count and every process's resident memory in MiB, by rank: its peak
     (reached while the whole model loads) and what it holds after training (the engine's sharded share). The
@@ -146,6 +185,8 @@ def scaling_record(trainer: Any, resumed: dict[str, Any] | None = None) -> dict[
               "peak_rss_mib": [peak for peak, _ in every], "rss_mib_after_training": [now for _, now in every]}
     if key.startswith("zero"):
         record["zero_stage"] = int(key[len("zero"):])
+    if key == "fsdp":  # how finely it sharded: one unit per decoder layer, plus the root and its head and embeddings
+        record["fsdp_units"] = fsdp_units(getattr(trainer, "model_wrapped", None) or trainer.model)
     if resumed:
         record["resumed_from"] = resumed
     return record
