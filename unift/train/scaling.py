@@ -123,7 +123,7 @@ def decide_scaling(args: Any) -> Scaling:
 def _refuse(args: Any, scaling: Scaling) -> None:
     name = scaling.engine
     if name == "fsdp" and args.method.holds_model:
-        # unift's FSDP path wraps and gathers adapters (PEFT's auto-wrap policy, the adapter's tensors)
+        # unift's FSDP path gathers and saves adapters (their tensors whole from the shards), not whole models
         raise UniftError(f"--peft_type {args.method.name} under FSDP is not supported; use DDP (torchrun) or "
                          "DeepSpeed (--deepspeed)")
     check_optim_engine(args, name)  # optimizers that cannot run under DeepSpeed, or across processes
