@@ -67,37 +67,11 @@ def prepare_engine(trainer: Any, model: Any, scaling: Scaling) -> None:
             from peft.utils.other import fsdp_auto_wrap_policy
 
             plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-        else:
-            # FSDP2 (accelerate 1.16) applies only a transformer-layer or size-based policy and silently drops
-            # any other, such as PEFT's: the whole model was then one unit, gathered whole at every step
-            # (measured: a per-process peak above DDP's). Its parameters are per-tensor, so a unit may mix
-            # frozen and trained weights and dtypes.
-            if not plugin.cpu_ram_efficient_loading:  # with it (GPUs), accelerate loads rank 0's whole weights itself
-                shard_layers(model, plugin)
+        # FSDP2 keeps the config's policy: accelerate 1.16 applies only a transformer-layer or size-based one
+        # there and silently drops any other, such as PEFT's (the whole model was then one unit, gathered whole
+        # at every step: measured, a per-process peak above DDP's). FSDP2 shards tensor by tensor, so a layer's
+        # unit may hold frozen and trained weights of different dtypes.
         trainer.save_whole = lambda folder: save_adapter(trainer, model, folder, scaling)
-
-
-def shard_layers(model: Any, plugin: Any) -> int:
-    """FSDP2: shard each unit of the plugin's policy (the decoder layers) now, one at a time, so that each
-    layer's whole weights are freed as soon as its shard exists; accelerate then shards the rest (embeddings,
-    head, root). Left to accelerate, every whole weight stays referenced until the last layer is sharded: the
-    whole model and all its shards at once. Returns how many units were sharded here."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    plugin.set_auto_wrap_policy(model)
-    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
-    if policy is None:
-        return 0
-    settings = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
-                "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
-    units = [m for m in model.modules() if m is not model and policy(m) and not isinstance(m, FSDPModule)]
-    for unit in units:
-        fully_shard(unit, **settings)
-    # Done: accelerate shards the embeddings, head and root itself (it would look the layers up by a class name
-    # that sharding has changed)
-    plugin.auto_wrap_policy = None
-    return len(units)
 
 
 def _gathered_adapter(model: Any) -> dict[str, Any]:
