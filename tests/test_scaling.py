@@ -27,7 +27,7 @@ def accelerate_env(config: Path) -> dict[str, str]:
     return prepare_multi_gpu_env(args)
 
 
-def test_fsdp_config_builds_accelerates_fsdp2_plugin_and_takes_peft_wrap_policy(monkeypatch, tiny_model):
+def test_fsdp_config_builds_accelerates_fsdp2_plugin_with_one_unit_per_decoder_layer(monkeypatch, tiny_model):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -61,14 +61,26 @@ def test_fsdp_config_builds_accelerates_fsdp2_plugin_and_takes_peft_wrap_policy(
     trainer = SimpleNamespace(args=TrainArgs(), accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no FSDP state to set
     prepare_engine(trainer, model, scaling)
-    policy = plugin.auto_wrap_policy
+    assert callable(trainer.save_whole)  # FSDP checkpoints get the whole adapter
     lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
     decoder = model.base_model.model.model.layers[0]
     embed = model.base_model.model.model.embed_tokens
-    wraps = {name: policy(module=m, recurse=False, nonwrapped_numel=0)
+    # FSDP2: the config's transformer-layer policy, as accelerate's FSDP2 path reads it (it drops any other
+    # policy, PEFT's among them, which left the whole model one unit): each decoder layer, adapter inside
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert policy is not None
+    assert {"lora": policy(lora_a), "decoder": policy(decoder), "embed": policy(embed)} == \
+        {"lora": False, "decoder": True, "embed": False}
+    # FSDP1: PEFT's policy (flat parameters cannot mix frozen and trained weights): the adapter's layers too
+    plugin1 = FullyShardedDataParallelPlugin(fsdp_version=1)
+    prepare_engine(SimpleNamespace(args=trainer.args, accelerator=SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin1))), model, scaling)
+    wraps = {name: plugin1.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0)
              for name, m in (("lora", lora_a), ("decoder", decoder), ("embed", embed))}
     assert wraps == {"lora": True, "decoder": True, "embed": False}
-    assert callable(trainer.save_whole)  # FSDP checkpoints get the whole adapter
 
 
 def test_ddp_config_is_plain_multi_gpu_ddp():
