@@ -144,11 +144,11 @@ def train_trl(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_
     return {"adapter": str(out), "seed": seed, "order": shared[-1] if shared else "its own"}
 
 
-def unift_argv(model_dir: str, out: Path, seed: int, steps: int, stage: str, kto_rows: Path | None,
+def unift_argv(model_dir: str, seed: int, steps: int, stage: str, kto_rows: Path | None,
                extra: list[str]) -> list[str]:
+    """`unift train`'s flags for a round, all but --output_dir (each run's own)."""
     data = ["--data", str(kto_rows)] if kto_rows else ["--data", "arith_pairs", "--dataset_dir", str(REPO / "data")]
-    return ["--stage", stage, "--model_name_or_path", model_dir, *data,
-            "--output_dir", str(out), "--max_steps", str(steps),
+    return ["--stage", stage, "--model_name_or_path", model_dir, *data, "--max_steps", str(steps),
             "--per_gpu_train_batch_size", str(BATCH), "--learning_rate", str(LR), "--pref_beta", str(BETA),
             "--lora_r", str(RANK), "--lora_alpha", str(ALPHA), "--compute_dtype", "fp32", "--seed", str(seed),
             "--logging_steps", "5", "--save_steps", "100000", "--save_total_limit", "1", *extra]
@@ -249,7 +249,7 @@ def main() -> None:
         for round_ in range(ns.rounds):
             seed = ns.seed + round_
             kto_rows = unpaired_file(folder, seed) if ns.stage == "kto" else None
-            argv = unift_argv(model, folder / "unift", seed, ns.steps, ns.stage, kto_rows, extra)
+            argv = unift_argv(model, seed, ns.steps, ns.stage, kto_rows, extra)
             order = argv if ns.stage == "dpo" and not ns.own_order else None
             jobs = {TRL: lambda out, s=seed, k=kto_rows, o=order: train_trl(model, out, s, ns.steps, ns.stage, k, o),
                     UNIFT: lambda out, s=seed, a=argv: train_unift(a, out, s)}
